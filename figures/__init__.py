@@ -1,0 +1,3 @@
+"""Paper-style figures and the report behind ``saf figures``."""
+
+__all__: list[str] = []

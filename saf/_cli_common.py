@@ -1,0 +1,107 @@
+"""Shared pieces of the ``saf`` command line: errors, exit codes, argument types.
+
+Exit codes: 0 success, 2 bad input (one line on stderr, no traceback, nothing
+written), 3 finished but something was skipped (each skip named on stderr),
+130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_SKIPPED = 3
+
+
+class UsageError(ValueError):
+    """Bad input from the user; the CLI prints it as one line and exits 2."""
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (``saf train: error: ...``), exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    return _number(text, float, lambda v: v > 0, "a number > 0")
+
+
+def nonneg_float(text: str) -> float:
+    """argparse type: a finite number >= 0."""
+    return _number(text, float, lambda v: v >= 0, "a number >= 0")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    return _number(text, int, lambda v: v >= 1, "an integer >= 1")
+
+
+def nonneg_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def unit_float(text: str) -> float:
+    """argparse type: a number in [0, 1)."""
+    return _number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def _number(text, kind, ok, what):
+    try:
+        v = kind(text)
+    except (TypeError, ValueError):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if isinstance(v, float) and not math.isfinite(v) or not ok(v):
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+    return v
+
+
+def existing_dir(text: str) -> Path:
+    """argparse type: a directory that exists."""
+    p = Path(text)
+    if not p.is_dir():
+        raise argparse.ArgumentTypeError(f"no such directory: {text}")
+    return p
+
+
+def existing_path(text: str) -> Path:
+    """argparse type: a file or directory that exists."""
+    p = Path(text)
+    if not p.exists():
+        raise argparse.ArgumentTypeError(f"no such file or directory: {text}")
+    return p
+
+
+def writable_dir(path: str | Path) -> Path:
+    """Create ``path`` if needed and check it is writable, else raise UsageError."""
+    import os
+
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"cannot create output folder {p}: {e.strerror}") from None
+    if not os.access(p, os.W_OK | os.X_OK):
+        raise UsageError(f"output folder {p} is not writable")
+    return p
+
+
+def device(text: str) -> str:
+    """argparse type: 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (cuda if available)."""
+    import torch
+
+    if text == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        d = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r} (try cpu, cuda, cuda:0)") from None
+    if d.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"device {text!r} asked for, but CUDA is not available")
+    return str(d)

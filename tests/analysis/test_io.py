@@ -1,0 +1,48 @@
+"""Atomic writes and safe loading: the shared I/O promises."""
+
+import os
+
+import pytest
+import torch
+
+from analysis import CheckpointError, atomic_torch_save, atomic_write_text, load_state_dict
+
+
+def test_atomic_write_leaves_old_file_on_failure(tmp_path):
+    p = tmp_path / "a.txt"
+    atomic_write_text(p, "old")
+    from analysis import atomic_open
+
+    with pytest.raises(RuntimeError), atomic_open(p, "w") as f:
+        f.write("half")
+        raise RuntimeError("crash")
+    assert p.read_text() == "old"
+    assert os.listdir(tmp_path) == ["a.txt"]
+
+
+def test_load_state_dict_unwraps_and_strips_prefix(tmp_path):
+    sd = {"module.w": torch.arange(3.0)}
+    atomic_torch_save({"state_dict": sd, "epoch": 3}, tmp_path / "c.pt")
+    out = load_state_dict(tmp_path / "c.pt")
+    assert list(out) == ["w"] and torch.equal(out["w"], sd["module.w"])
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_malicious_pickle_refused_and_nothing_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    torch.save({"x": _Evil()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="evil.pt"):
+        load_state_dict(tmp_path / "evil.pt")
+    assert not (tmp_path / "pwned").exists()
+
+
+@pytest.mark.parametrize("content", [b"", b"\x00\x01garbage"])
+def test_corrupt_or_empty_named(tmp_path, content):
+    p = tmp_path / "bad.pt"
+    p.write_bytes(content)
+    with pytest.raises(CheckpointError, match="bad.pt"):
+        load_state_dict(p)
