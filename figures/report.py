@@ -1,0 +1,143 @@
+"""The single-page report (``index.html``): every figure, every table, the settings.
+
+The page is static and works offline. A small inline script counts the images
+that loaded and writes the counts on ``<body>`` (``data-images-ok``,
+``data-images-broken``) so a headless browser can check that it renders.
+"""
+
+from __future__ import annotations
+
+import html
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from analysis._io import atomic_write_text
+from figures._results import check_curves, mean_std
+from figures._save import label, method_order, save_table
+
+FINAL_METRICS = ("test_acc", "train_ce", "sam_sharpness", "lambda_max", "trace")
+
+
+@dataclass
+class Section:
+    """One figure of the report: its PNG, the other formats, and a caption."""
+
+    title: str
+    png: Path
+    caption: str = ""
+    links: list[Path] = field(default_factory=list)
+
+
+def final_metrics(curves: pd.DataFrame, metrics: Sequence[str] = FINAL_METRICS) -> pd.DataFrame:
+    """Mean and std over seeds of each metric at each run's last epoch, one row per method."""
+    c = check_curves(curves)
+    c = c[c["metric"].isin(metrics)].dropna(subset=["value"])
+    last = c.groupby(["method", "seed", "metric"])["epoch"].transform("max")
+    stats = mean_std(c[c["epoch"] == last], ["method", "metric"])
+    wide = stats.pivot(index="method", columns="metric", values=["mean", "std"])
+    rows = []
+    for m in method_order(wide.index):
+        row = {"method": label(m), "seeds": int(stats[stats.method == m]["n"].max())}
+        for k in metrics:
+            if ("mean", k) in wide.columns:
+                row[f"{k}_mean"] = wide.loc[m, ("mean", k)]
+                row[f"{k}_std"] = wide.loc[m, ("std", k)]
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def findings(final: pd.DataFrame) -> list[str]:
+    """Plain sentences comparing SAF (and SAM, MESA) with SGD at the last epoch, in numbers."""
+    f = final.set_index("method")
+    if "SGD" not in f.index:
+        return []
+    out = []
+    for k, what in (
+        ("sam_sharpness", "one-step SAM sharpness (rho=0.05)"),
+        ("lambda_max", "Hessian lambda_max"),
+        ("trace", "Hessian trace"),
+        ("test_acc", "test accuracy"),
+    ):
+        if f"{k}_mean" not in f.columns:
+            continue
+        base = f.loc["SGD", f"{k}_mean"]
+        parts = [
+            f"{m} {f.loc[m, f'{k}_mean']:.4g} ± {f.loc[m, f'{k}_std']:.2g}"
+            + (f" ({f.loc[m, f'{k}_mean'] / base:.2f}× SGD)" if k != "test_acc" and base else "")
+            for m in f.index
+            if m != "SGD"
+        ]
+        out.append(
+            f"Final {what}: SGD {base:.4g} ± {f.loc['SGD', f'{k}_std']:.2g}; " + "; ".join(parts)
+        )
+    return out
+
+
+def _table_html(df: pd.DataFrame) -> str:
+    return df.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, classes="t")
+
+
+_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}
+img{max-width:100%;border:1px solid #ddd} figure{margin:1.5em 0} figcaption{color:#555}
+table.t{border-collapse:collapse;font-size:90%} table.t td,table.t th{padding:3px 8px;
+border-bottom:1px solid #ddd;text-align:right} code{background:#f4f4f4;padding:1px 4px}"""
+
+_SCRIPT = """<script>
+window.addEventListener('load', function () {
+  var ok = 0, bad = 0;
+  document.querySelectorAll('img').forEach(function (i) {
+    if (i.complete && i.naturalWidth > 0) { ok++; } else { bad++; }
+  });
+  document.body.setAttribute('data-images-ok', ok);
+  document.body.setAttribute('data-images-broken', bad);
+});
+</script>"""
+
+
+def write_report(
+    out: str | os.PathLike,
+    sections: Sequence[Section],
+    tables: Mapping[str, pd.DataFrame],
+    settings: Mapping[str, object],
+    notes: Sequence[str] = (),
+    title: str = "Does SAF flatten minima like SAM?",
+) -> Path:
+    """Write ``<out>/index.html`` with relative links to the figures (atomic write)."""
+    out = Path(out)
+    esc = html.escape
+    rel = lambda p: esc(os.path.relpath(p, out).replace(os.sep, "/"))  # noqa: E731
+    body = [f"<h1>{esc(title)}</h1>"]
+    if notes:
+        body.append("<h2>What the numbers say</h2><ul>")
+        body += [f"<li>{esc(n)}</li>" for n in notes]
+        body.append("</ul>")
+    for name, df in tables.items():
+        body.append(f"<h2>{esc(name)}</h2>{_table_html(df)}")
+    for s in sections:
+        links = " · ".join(f'<a href="{rel(p)}">{esc(p.suffix[1:].upper())}</a>' for p in s.links)
+        body.append(
+            f'<figure><h2>{esc(s.title)}</h2><img src="{rel(s.png)}" alt="{esc(s.title)}">'
+            f"<figcaption>{esc(s.caption)} {links}</figcaption></figure>"
+        )
+    rows = "".join(
+        f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in settings.items()
+    )
+    body.append(f'<h2>Settings</h2><table class="t">{rows}</table>')
+    page = (
+        f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        f"<style>{_CSS}</style></head><body>\n" + "\n".join(body) + f"\n{_SCRIPT}</body></html>\n"
+    )
+    path = out / "index.html"
+    atomic_write_text(path, page)
+    return path
+
+
+def write_final_table(curves: pd.DataFrame, out: str | os.PathLike) -> pd.DataFrame:
+    """Write ``final_metrics.csv/.md`` (last-epoch metrics per method) and return the table."""
+    final = final_metrics(curves)
+    save_table(final, Path(out) / "final_metrics")
+    return final
