@@ -1,0 +1,273 @@
+"""The stages of :func:`figures.pipeline.run_pipeline`, each cached on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from torch import nn
+
+from analysis._io import atomic_write_text, load_state_dict
+from figures import recipes
+from figures._results import CURVE_COLUMNS, Grid, melt_metrics
+from figures._save import label
+from figures.pipeline import Settings, run_name, say, scaled_hparams
+from figures.report import Section, findings, write_final_table, write_report
+
+LOSS = nn.CrossEntropyLoss()
+
+
+def _csv(df: pd.DataFrame, path: Path) -> None:
+    atomic_write_text(path, df.to_csv(index=False, lineterminator="\n"))
+
+
+def _data(s: Settings, split: str, limit: int | None, device: str, batch_size: int = 256):
+    from saf.data import data_batches
+
+    return data_batches(s.data, split, batch_size, limit, s.data_dir, device)
+
+
+# -- 1. training -------------------------------------------------------------------------
+
+
+def train_config(s: Settings, method: str, seed: int, run_dir: Path, device: str, progress: bool):
+    """The trainer's config for one run: the same settings for every method and seed."""
+    from saf import TrainConfig
+    from saf.data import load_dataset
+
+    n = s.train_limit or len(load_dataset(s.data, "train", s.data_dir))
+    h = scaled_hparams(s, -(-n // s.batch_size))
+    lam = {"saf": h["saf_lambda"], "mesa": h["mesa_lambda"]}.get(method, 0.0)
+    return TrainConfig(
+        method=method,
+        data=s.data,
+        data_dir=s.data_dir,
+        model=s.model,
+        model_kwargs=dict(s.model_kwargs),
+        epochs=s.epochs,
+        batch_size=s.batch_size,
+        lr=s.lr,
+        seed=seed,
+        train_limit=s.train_limit,
+        rho=h["rho"],
+        lam=lam,
+        tau=h["tau"],
+        lag=h["lag"],
+        start_epoch=h["start_epoch"],
+        ema_beta=h["ema_beta"],
+        out=str(run_dir),
+        device=device,
+        progress=progress,
+    )
+
+
+def _finished(run_dir: Path, epochs: int) -> bool:
+    from saf.runs import read_metrics
+
+    m = read_metrics(run_dir)
+    return len(m) > 0 and int(m["epoch"].max()) >= epochs
+
+
+def train_all(s: Settings, out: Path, device: str, progress: bool) -> dict[tuple[str, int], Path]:
+    """Train every method x seed; skip finished runs, resume unfinished ones."""
+    from saf import train
+
+    runs = {}
+    todo = [(m, k) for m in s.methods for k in range(s.seeds)]
+    for i, (method, seed) in enumerate(todo, 1):
+        run_dir = out / "runs" / run_name(method, seed)
+        runs[method, seed] = run_dir
+        if _finished(run_dir, s.epochs):
+            say(f"[train {i}/{len(todo)}] {run_dir.name}: finished, reused")
+            continue
+        resume = (run_dir / "state.pt").is_file()
+        say(f"[train {i}/{len(todo)}] {run_dir.name}: {'resuming' if resume else 'training'}")
+        train(train_config(s, method, seed, run_dir, device, progress), resume=resume)
+    return runs
+
+
+# -- 2. analysis per checkpoint ------------------------------------------------------------
+
+
+def _model_factory(run_dir: Path):
+    from saf.runs import model_from_run, read_run
+
+    run = read_run(run_dir)
+    return lambda: model_from_run(run)
+
+
+def analyse_all(s: Settings, out: Path, runs: dict, device: str, progress: bool) -> pd.DataFrame:
+    """SAM sharpness every epoch, Hessian lambda_max/trace every ``hessian_every`` epochs."""
+    from analysis import analyze_run
+    from saf.runs import read_metrics
+
+    data = _data(s, "train", s.analysis_samples, device)
+    parts = []
+    for i, ((method, seed), run_dir) in enumerate(runs.items(), 1):
+        say(f"[analyse {i}/{len(runs)}] {run_dir.name}")
+        for metrics, every in (("sam_sharpness", 1), ("lambda_max,trace", s.hessian_every)):
+            tag = metrics.split(",")[0]
+            df = analyze_run(
+                run_dir,
+                metrics.split(","),
+                model_factory=_model_factory(run_dir),
+                loss_fn=LOSS,
+                data=data,
+                every=every,
+                out=out / "analysis" / f"{run_dir.name}-{tag}.csv",
+                device=device,
+                progress=progress,
+            )
+            parts.append(df.assign(method=method, seed=seed)[list(CURVE_COLUMNS)])
+        parts.append(melt_metrics(read_metrics(run_dir), method, seed))
+    curves = pd.concat(parts, ignore_index=True)
+    _csv(curves, out / "analysis" / "curves.csv")
+    return curves
+
+
+# -- 3. m-sharpness of the final models ------------------------------------------------------
+
+
+def _final_model(run_dir: Path, device: str) -> nn.Module:
+    from saf.runs import list_checkpoints
+
+    model = _model_factory(run_dir)()
+    model.load_state_dict(load_state_dict(list_checkpoints(run_dir)[-1][1]))
+    return model.to(device).eval()
+
+
+def m_sharpness_all(s: Settings, out: Path, runs: dict, device: str, progress: bool):
+    """m-sharpness (rho=0.05) of each final model for each m (cached CSV)."""
+    from analysis import m_sharpness
+
+    path = out / "analysis" / "m_sharpness.csv"
+    if path.is_file():
+        return pd.read_csv(path)
+    say("m-sharpness of the final models")
+    data = _data(s, "train", s.analysis_samples, device, batch_size=max(s.m_values))
+    rows = []
+    for (method, seed), run_dir in runs.items():
+        model = _final_model(run_dir, device)
+        for m in s.m_values:
+            r = m_sharpness(model, LOSS, data, rho=0.05, m=m, device=device, progress=False)
+            rows.append((method, seed, m, float(getattr(r, "value", r))))
+    df = pd.DataFrame(rows, columns=["method", "seed", "m", "value"])
+    _csv(df, path)
+    return df
+
+
+# -- 4. surfaces -------------------------------------------------------------------------
+
+
+def surfaces_all(s: Settings, out: Path, runs: dict, device: str, progress: bool) -> dict:
+    """2D surfaces of the seed-0 final models; the same Gaussian draw for every method."""
+    from landscape import Surface, random_direction, surface_2d
+
+    data = _data(s, "train", s.analysis_samples, device)
+    xs = np.linspace(-s.surface_span, s.surface_span, s.surface_points)
+    grids = {}
+    for method in s.methods:
+        path = out / "surfaces" / f"{run_name(method, 0)}.npz"
+        if path.is_file() and Surface.load(path).complete:
+            surf = Surface.load(path)
+        else:
+            say(f"2D surface of {run_name(method, 0)} ({s.surface_points}x{s.surface_points})")
+            model = _final_model(runs[method, 0], device)
+            dirs = (random_direction(model, seed=1), random_direction(model, seed=2))
+            surf = surface_2d(model, LOSS, data, dirs, xs, xs, path=path, progress=progress)
+        grids[method] = Grid(surf.coords[0], surf.coords[1], np.asarray(surf.loss).T)
+    return grids
+
+
+def interpolation(s: Settings, out: Path, runs: dict, device: str, progress: bool):
+    """Train and test loss along the line from the SGD to the SAF minimum (seed 0)."""
+    from landscape import interpolation_directions, surface_1d
+
+    a, b = ("sgd", "saf") if {"sgd", "saf"} <= set(s.methods) else s.methods[:2]
+    path = out / "analysis" / f"interpolation_{a}_{b}.csv"
+    if path.is_file():
+        return pd.read_csv(path)
+    say(f"interpolation {label(a)} -> {label(b)}")
+    start = load_state_dict(_last(runs[a, 0]))
+    end = load_state_dict(_last(runs[b, 0]))
+    (d,) = interpolation_directions(start, end)
+    model = _final_model(runs[a, 0], device)
+    alphas = np.linspace(-0.5, 1.5, s.interp_points)
+    rows = []
+    for split, limit in (("train", s.analysis_samples), ("test", None)):
+        data = _data(s, split, limit, device)
+        surf = surface_1d(model, LOSS, data, d, alphas, origin=start, progress=progress)
+        rows.append(
+            pd.DataFrame(
+                {"alpha": alphas, "split": split, "loss": surf.loss, "accuracy": surf.accuracy}
+            )
+        )
+    df = pd.concat(rows, ignore_index=True).assign(a=a, b=b)
+    _csv(df, path)
+    return df
+
+
+def _last(run_dir: Path) -> Path:
+    from saf.runs import list_checkpoints
+
+    return list_checkpoints(run_dir)[-1][1]
+
+
+# -- 5. outputs --------------------------------------------------------------------------
+
+
+def runs_table(s: Settings, runs: dict) -> pd.DataFrame:
+    """One row per run: final test accuracy, mean images/s and the method's store memory."""
+    from saf.runs import read_metrics, read_run
+
+    rows = []
+    for (method, seed), run_dir in runs.items():
+        m = read_metrics(run_dir)
+        rows.append(
+            {
+                "method": method,
+                "seed": seed,
+                "test_acc": float(m["test_acc"].iloc[-1]),
+                "images_per_s": float(m["images_per_s"].median()),
+                "store_mb": _store_mb(read_run(run_dir)),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def _store_mb(run: dict) -> float:
+    """Extra memory the method keeps: SAF's output store, MESA's EMA weights, else 0."""
+    for k in ("store_bytes", "memory_bytes", "extra_memory_bytes"):
+        v = run.get(k, run.get("hparams", {}).get(k))
+        if v is not None:
+            return float(v) / 2**20
+    return float("nan")
+
+
+def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, device: str) -> Path:
+    """All figures, the tables and ``index.html``."""
+    figs = out / "figures"
+    a, b = interp["a"].iloc[0], interp["b"].iloc[0]
+    made = {
+        "Training cross-entropy (Fig. 4a)": recipes.training_ce(curves, figs),
+        "SAM sharpness, rho = 0.05 (Fig. 4b)": recipes.sam_sharpness(curves, figs),
+        "Hessian lambda_max and trace": recipes.hessian(curves, figs),
+        "2D loss surfaces, shared colour scale (Figs. 2, 5)": recipes.surfaces_2d(surfaces, figs),
+        "1D slices of the 2D surfaces": recipes.surface_slices(surfaces, figs),
+        f"Interpolation {label(a)} -> {label(b)}": recipes.interpolation(interp, figs, a, b),
+        "m-sharpness of the final models": recipes.m_sharpness(msharp, figs),
+    }
+    table, _ = recipes.table3(runs_table(s, runs), out / "tables")
+    final = write_final_table(curves, out / "tables")
+    sections = [
+        Section(
+            t,
+            next(p for p in ps if p.suffix == ".png"),
+            "mean ± std over seeds",
+            [p for p in ps if p.suffix != ".png"],
+        )
+        for t, ps in made.items()
+    ]
+    tables = {"Table 3 (test accuracy, speed, memory)": table, "Final-epoch metrics": final}
+    return write_report(out, sections, tables, {**s.key(), "device": device}, findings(final))

@@ -1,0 +1,78 @@
+"""Argument plumbing of ``saf figures`` (nothing is trained here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from figures.pipeline import Settings, check_settings, scaled_hparams
+from saf._cli_common import UsageError
+from saf._cli_figures import build_settings
+from saf.cli import build_parser, main
+
+
+def _settings(*argv):
+    return build_settings(build_parser().parse_args(["figures", *argv]))
+
+
+def test_quick_and_full_defaults():
+    q = _settings("--quick", "--out", "x")
+    f = _settings("--out", "x")
+    assert q.quick and not f.quick and q.epochs < f.epochs
+    assert q.seeds == f.seeds == 3
+    assert q.methods == f.methods == ("sgd", "sam", "saf", "mesa")
+
+
+def test_paper_scale_cifar_plumbing(tmp_path):
+    s = _settings(
+        "--data", "cifar10", "--data-dir", str(tmp_path), "--model", "resnet18", "--out", "x"
+    )
+    assert (s.data, s.data_dir, s.model, s.epochs, s.batch_size) == (
+        "cifar10",
+        str(tmp_path),
+        "resnet18",
+        200,
+        128,
+    )
+    h = scaled_hparams(s, 391)  # CIFAR-10, batch 128: the paper's own schedule
+    assert (h["start_epoch"], h["lag"], h["saf_lambda"], h["tau"]) == (5, 3, 0.3, 5.0)
+    assert h["ema_beta"] == pytest.approx(0.9998, abs=1e-6)
+
+
+def test_cifar_needs_data_dir_and_digits_refuses_it(tmp_path):
+    with pytest.raises(UsageError, match="--data-dir"):
+        _settings("--data", "cifar100", "--out", "x")
+    with pytest.raises(UsageError, match="CIFAR only"):
+        _settings("--data-dir", str(tmp_path), "--out", "x")
+
+
+def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    assert main(["figures", "--out", str(tmp_path), "--seeds", "0"]) == 2
+    assert main(["figures", "--out", str(tmp_path), "--methods", "sgd,adam"]) == 2
+    assert main(["figures", "--out", str(tmp_path), "--m-values", "4,x"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 3 and all(": error: " in e and e.startswith("saf") for e in err)
+    assert "--seeds" in err[0] and "--methods" in err[1] and "--m-values" in err[2]
+
+
+def test_hidden_options_override(tmp_path):
+    s = _settings(
+        "--quick", "--out", "x", "--epochs", "2", "--train-limit", "100", "--m-values", "2,8"
+    )
+    assert (s.epochs, s.train_limit, s.m_values) == (2, 100, (2, 8))
+
+
+def test_scaled_hparams_short_schedule():
+    h = scaled_hparams(Settings(epochs=30), 23)
+    assert h["start_epoch"] == 1 and h["lag"] == 1
+    # EMA horizon 1/(1-beta) = 6.4% of the 690 steps
+    assert 1 / (1 - h["ema_beta"]) == pytest.approx(0.064 * 30 * 23)
+
+
+def test_settings_mismatch_refused(tmp_path):
+    check_settings(tmp_path, Settings(epochs=5))
+    assert json.loads((tmp_path / "settings.json").read_text())["epochs"] == 5
+    check_settings(tmp_path, Settings(epochs=5))  # same settings: fine
+    with pytest.raises(ValueError, match="epochs"):
+        check_settings(tmp_path, Settings(epochs=6))
