@@ -33,31 +33,30 @@ def _data(s: Settings, split: str, limit: int | None, device: str, batch_size: i
 
 def train_config(s: Settings, method: str, seed: int, run_dir: Path, device: str, progress: bool):
     """The trainer's config for one run: the same settings for every method and seed."""
-    from saf import TrainConfig
     from saf.data import load_dataset
+    from saf.train import TrainConfig
 
-    n = s.train_limit or len(load_dataset(s.data, "train", s.data_dir))
-    h = scaled_hparams(s, -(-n // s.batch_size))
-    lam = {"saf": h["saf_lambda"], "mesa": h["mesa_lambda"]}.get(method, 0.0)
+    n = len(load_dataset(s.data, "train", s.data_dir))
+    h = scaled_hparams(s, n // s.batch_size)
+    lam = {"saf": h["saf_lambda"], "mesa": h["mesa_lambda"]}.get(method)
     return TrainConfig(
         method=method,
-        data=s.data,
-        data_dir=s.data_dir,
         model=s.model,
         model_kwargs=dict(s.model_kwargs),
+        data=s.data,
+        data_dir=s.data_dir,
         epochs=s.epochs,
         batch_size=s.batch_size,
         lr=s.lr,
-        seed=seed,
-        train_limit=s.train_limit,
-        rho=h["rho"],
+        rho=h["rho"] if method == "sam" else None,
         lam=lam,
         tau=h["tau"],
         lag=h["lag"],
         start_epoch=h["start_epoch"],
-        ema_beta=h["ema_beta"],
-        out=str(run_dir),
+        ema_decay=h["ema_beta"] if method == "mesa" else None,
+        seed=seed,
         device=device,
+        out=str(run_dir),
         progress=progress,
     )
 
@@ -71,7 +70,7 @@ def _finished(run_dir: Path, epochs: int) -> bool:
 
 def train_all(s: Settings, out: Path, device: str, progress: bool) -> dict[tuple[str, int], Path]:
     """Train every method x seed; skip finished runs, resume unfinished ones."""
-    from saf import train
+    from saf.train import train
 
     runs = {}
     todo = [(m, k) for m in s.methods for k in range(s.seeds)]

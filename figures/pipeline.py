@@ -45,9 +45,8 @@ class Settings:
     methods: tuple[str, ...] = METHODS
     seeds: int = 3
     epochs: int = 30
-    batch_size: int = 64
+    batch_size: int = 128
     lr: float = 0.05
-    train_limit: int | None = None
     analysis_samples: int = 512
     hessian_every: int = 3
     surface_points: int = 21
@@ -66,7 +65,6 @@ def quick_settings(**overrides) -> Settings:
     """Small settings for ``--quick`` (minutes on 2 CPU cores)."""
     base = Settings(
         epochs=6,
-        train_limit=600,
         analysis_samples=256,
         hessian_every=2,
         surface_points=9,

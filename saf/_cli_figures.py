@@ -50,7 +50,6 @@ def add_parser(subparsers) -> None:
     p.add_argument("--methods", default=None, help=hidden)
     p.add_argument("--batch-size", type=positive_int, help=hidden)
     p.add_argument("--lr", type=positive_float, help=hidden)
-    p.add_argument("--train-limit", type=positive_int, help=hidden)
     p.add_argument("--analysis-samples", type=positive_int, help=hidden)
     p.add_argument("--hessian-every", type=positive_int, help=hidden)
     p.add_argument("--surface-points", type=positive_int, help=hidden)
@@ -79,7 +78,7 @@ def build_settings(args: argparse.Namespace):
     if args.data_dir and not args.data.startswith("cifar"):
         raise UsageError(f"--data-dir is for CIFAR only; {args.data} is embedded")
     over = dict(_DATA_DEFAULTS[args.data], data=args.data, data_dir=args.data_dir, seeds=args.seeds)
-    for k in ("model", "epochs", "batch_size", "lr", "train_limit", "analysis_samples",
+    for k in ("model", "epochs", "batch_size", "lr", "analysis_samples",
               "hessian_every", "surface_points", "surface_span", "interp_points"):  # fmt: skip
         if getattr(args, k) is not None:
             over[k] = getattr(args, k)
@@ -91,7 +90,7 @@ def build_settings(args: argparse.Namespace):
     if args.m_values:
         over["m_values"] = _ints(args.m_values, "--m-values")
     if args.quick and args.data.startswith("cifar"):
-        over.update(epochs=args.epochs or 2, train_limit=args.train_limit or 2048)
+        over.update(epochs=args.epochs or 2)
     return (quick_settings if args.quick else full_settings)(**over)
 
 

@@ -58,9 +58,9 @@ def test_bad_input_is_one_line_exit_2(tmp_path, capsys):
 
 def test_hidden_options_override(tmp_path):
     s = _settings(
-        "--quick", "--out", "x", "--epochs", "2", "--train-limit", "100", "--m-values", "2,8"
+        "--quick", "--out", "x", "--epochs", "2", "--surface-points", "5", "--m-values", "2,8"
     )
-    assert (s.epochs, s.train_limit, s.m_values) == (2, 100, (2, 8))
+    assert (s.epochs, s.surface_points, s.m_values) == (2, 5, (2, 8))
 
 
 def test_scaled_hparams_short_schedule():
