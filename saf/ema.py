@@ -1,0 +1,89 @@
+r"""Exponential moving average of the weights: MESA's teacher (timm ``ModelEmaV2`` style).
+
+After every optimizer step, for every parameter and floating-point buffer,
+
+.. math:: v \leftarrow \beta v + (1-\beta)\,\theta
+
+(integer buffers such as BatchNorm's ``num_batches_tracked`` are copied). The update
+uses one ``torch._foreach_lerp_`` over all tensors: no per-tensor Python loop.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+
+class EMA:
+    r"""EMA copy of a model, :math:`v \leftarrow \beta v + (1-\beta)\theta` after each step.
+
+    Args:
+        model: the model being trained (its current weights initialise the average).
+        decay: :math:`\beta \in [0, 1)`.
+
+    The teacher (:attr:`module`) is kept in eval mode and never needs gradients.
+
+    >>> m = nn.Linear(1, 1, bias=False)
+    >>> _ = m.weight.data.fill_(1.0)
+    >>> ema = EMA(m, decay=0.75)
+    >>> _ = m.weight.data.fill_(3.0)
+    >>> ema.update(m)
+    >>> float(ema.module.weight)  # 0.75 * 1 + 0.25 * 3
+    1.5
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = float(decay)
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self._pairs(model)  # check the structures match
+
+    def _pairs(self, model: nn.Module):
+        ema_sd, sd = self.module.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
+        if ema_sd.keys() != sd.keys():
+            raise ValueError("EMA.update got a model with a different structure")
+        floats = [(ema_sd[k], sd[k]) for k in sd if sd[k].is_floating_point()]
+        ints = [(ema_sd[k], sd[k]) for k in sd if not sd[k].is_floating_point()]
+        return floats, ints
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """One step of :math:`v \\leftarrow \\beta v + (1-\\beta)\\theta`."""
+        if not hasattr(self, "_cache") or self._cache[0] is not model:
+            self._cache = (model, *self._pairs(model))
+        _, floats, ints = self._cache
+        if floats:
+            ema_t, model_t = zip(*floats, strict=True)
+            torch._foreach_lerp_(
+                [t.data for t in ema_t], [t.data for t in model_t], 1.0 - self.decay
+            )
+        for e, m in ints:
+            e.copy_(m)
+
+    def state_dict(self) -> dict:
+        """The teacher's state dict (tensors only) and the decay."""
+        return {"module": self.module.state_dict(), "decay": self.decay}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore from :meth:`state_dict`."""
+        self.module.load_state_dict(state["module"])
+        self.decay = float(state["decay"])
+
+
+def scaled_ema_decay(steps_per_epoch: int) -> float:
+    r"""EMA decay for a run with ``steps_per_epoch`` steps: an averaging horizon of one epoch.
+
+    timm's :math:`\beta = 0.9998` (used by MESA on ImageNet) has a horizon
+    :math:`1/(1-\beta) = 5000` steps, i.e. one ImageNet epoch at batch size 256 (5,005
+    steps). We keep that horizon, one epoch, on any data set:
+    :math:`\beta = 1 - 1/\text{steps\_per\_epoch}`, capped at 0.9998.
+
+    >>> scaled_ema_decay(5005) == 0.9998, round(scaled_ema_decay(12), 4)
+    (True, 0.9167)
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    return min(0.9998, 1.0 - 1.0 / steps_per_epoch)

@@ -1,0 +1,140 @@
+"""The run directory: a self-describing record of one training run.
+
+Layout (format ``saf-run/1``)::
+
+    RUN_DIR/
+      run.json                 method, every hyperparameter, model {"name", "kwargs"},
+                               data {"name", "data_dir", "num_classes", "in_shape"}, seed,
+                               device, package versions, "format": "saf-run/1"
+      metrics.csv              one row per completed epoch (columns: METRIC_COLUMNS)
+      checkpoints/epoch_0000.pt  initial weights; epoch_000e.pt after e completed epochs:
+                               ``model.state_dict()`` only (loadable with weights_only=True)
+      state.pt                 resume state (optimizer, scheduler, store, EMA, RNG, epoch);
+                               plain tensors/dicts/lists/numbers, weights_only-loadable
+
+Every file is written atomically (``analysis._io``); at an epoch boundary the checkpoint
+and metrics are written before ``state.pt``, so a crash leaves a consistent resume point.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+from torch import nn
+
+from analysis._io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
+
+FORMAT = "saf-run/1"
+METRIC_COLUMNS = (
+    "epoch", "train_ce", "traj_loss", "train_loss", "train_acc",
+    "test_loss", "test_acc", "lr", "seconds", "images_per_s",
+)  # fmt: skip
+_REQUIRED = ("format", "method", "model", "data", "seed", "hparams")
+
+
+def checkpoint_path(run_dir, epoch: int) -> Path:
+    """``RUN_DIR/checkpoints/epoch_{epoch:04d}.pt``."""
+    return Path(run_dir) / "checkpoints" / f"epoch_{epoch:04d}.pt"
+
+
+def is_run_dir(path) -> bool:
+    """True when ``path`` is a folder holding a ``run.json`` of this format."""
+    try:
+        return json.loads((Path(path) / "run.json").read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def read_run(run_dir) -> dict:
+    """Read and validate ``RUN_DIR/run.json``.
+
+    Raises:
+        ValueError: missing, unreadable or incomplete file (the message names it).
+    """
+    path = Path(run_dir) / "run.json"
+    try:
+        run = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(
+            f"{path}: not found; is {run_dir} a run directory of `saf train`?"
+        ) from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: unreadable ({e})") from None
+    if not isinstance(run, dict) or run.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a {FORMAT} run description")
+    missing = [k for k in _REQUIRED if k not in run]
+    if missing or not {"name", "kwargs"} <= set(run["model"]):
+        raise ValueError(f"{path}: missing fields {missing or ['model.name/kwargs']}")
+    if not {"name", "num_classes", "in_shape"} <= set(run["data"]):
+        raise ValueError(f"{path}: data needs name, num_classes and in_shape")
+    return run
+
+
+def write_run(run_dir, run: dict) -> None:
+    """Write ``run.json`` atomically (adds the format tag)."""
+    atomic_write_json(Path(run_dir) / "run.json", {**run, "format": FORMAT})
+
+
+def model_from_run(run: dict | str | Path) -> nn.Module:
+    """The run's architecture, freshly built (weights are *not* loaded).
+
+    Args:
+        run: a dict from :func:`read_run`, or a run directory.
+    """
+    from saf.models import build_model
+
+    run = run if isinstance(run, dict) else read_run(run)
+    d = run["data"]
+    return build_model(
+        run["model"]["name"], d["num_classes"], tuple(d["in_shape"]), **run["model"]["kwargs"]
+    )
+
+
+def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
+    """``[(epoch, path), ...]`` of ``RUN_DIR/checkpoints/epoch_*.pt``, sorted by epoch."""
+    out = []
+    for p in (Path(run_dir) / "checkpoints").glob("epoch_*.pt"):
+        try:
+            out.append((int(p.stem.split("_", 1)[1]), p))
+        except ValueError:
+            continue
+    return sorted(out)
+
+
+def read_metrics(run_dir) -> pd.DataFrame:
+    """``metrics.csv`` as a DataFrame (an empty frame with the columns if none yet)."""
+    path = Path(run_dir) / "metrics.csv"
+    if not path.is_file():
+        return pd.DataFrame(columns=list(METRIC_COLUMNS))
+    return pd.read_csv(path)
+
+
+def write_metrics(run_dir, rows: list[dict]) -> None:
+    """Rewrite ``metrics.csv`` atomically from all rows so far."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(METRIC_COLUMNS), lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: r[k] for k in METRIC_COLUMNS})
+    atomic_write_text(Path(run_dir) / "metrics.csv", buf.getvalue())
+
+
+def save_checkpoint(run_dir, epoch: int, model: nn.Module) -> Path:
+    """Write the weights after ``epoch`` completed epochs (CPU tensors, state dict only)."""
+    path = checkpoint_path(run_dir, epoch)
+    atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, path)
+    return path
+
+
+def save_state(run_dir, state: dict) -> None:
+    """Write the resume state ``state.pt`` atomically."""
+    atomic_torch_save(state, Path(run_dir) / "state.pt")
+
+
+def load_state(run_dir) -> dict:
+    """Read ``state.pt`` with ``weights_only=True``."""
+    return safe_torch_load(Path(run_dir) / "state.pt")

@@ -1,0 +1,398 @@
+"""The training loop: SGD, SAM, ASAM, SAF and MESA in one loop, on one data order.
+
+Reads top to bottom: configuration, setup (data, model, optimizer, schedule, store/EMA),
+resume, then the epoch loop (train, evaluate, checkpoint). See :mod:`saf.runs` for what a
+run directory holds.
+
+Determinism. The model is initialised from ``torch.manual_seed(seed)``; the data order
+comes from a dedicated generator seeded with ``seed`` (and augmentation from another), so
+every method sees the same batches in the same order for a given seed. On CPU a run is
+bitwise reproducible, and ``train(cfg, resume=True)`` after an interruption ends bitwise
+equal to an uninterrupted run: all RNG states are saved at epoch boundaries.
+
+Hot path. Per-step metrics stay on the device and are synchronised once per epoch.
+A non-finite epoch loss stops training (:class:`TrainingDiverged`); the checkpoints of the
+epochs before it are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from saf import runs
+from saf._distributed import DistInfo, local_device
+from saf.data import DATASETS, load_dataset
+from saf.ema import EMA, scaled_ema_decay
+from saf.methods import METHODS, Stepper
+from saf.models import MODELS, build_model
+from saf.sam import SAM
+from saf.trajectory import OutputStore
+
+DEFAULT_LAM = {"saf": 0.3, "mesa": 0.8}  # paper §4.1
+DEFAULT_RHO = {"sam": 0.05, "asam": 0.5}  # SAM paper; ASAM paper (CIFAR)
+
+
+class TrainingDiverged(ValueError):
+    """The training loss became NaN or Inf; the last good checkpoint is kept."""
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run (stored in ``run.json``; ``None`` = method default).
+
+    ``rho``: 0.05 (sam) / 0.5 (asam). ``lam``: 0.3 (saf) / 0.8 (mesa). ``ema_decay``:
+    ``1 - 1/steps_per_epoch`` (see :func:`saf.ema.scaled_ema_decay`). ``start_epoch``: first
+    0-based epoch with the trajectory loss. ``out``: ``runs/{method}-s{seed}``.
+    """
+
+    method: str = "saf"
+    model: str = "resnet_small"
+    model_kwargs: dict = field(default_factory=dict)
+    data: str = "digits"
+    data_dir: str | None = None
+    epochs: int = 30
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: int = 0
+    rho: float | None = None
+    lam: float | None = None
+    tau: float = 5.0
+    lag: int = 3
+    start_epoch: int = 5
+    ema_decay: float | None = None
+    augment: bool = True
+    amp: bool = False
+    seed: int = 0
+    device: str = "cpu"
+    out: str | Path | None = None
+    progress: bool = True
+
+    def validate(self) -> TrainConfig:
+        """Check every field; raise ValueError saying what is wrong. Returns ``self``."""
+        for name, allowed in (("method", METHODS), ("model", MODELS), ("data", DATASETS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}"
+                )
+        for name in ("rho", "lam", "weight_decay", "momentum"):
+            if getattr(self, name) is not None and not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("tau", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        for name in ("epochs", "batch_size", "lag"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.start_epoch < 0 or self.warmup_epochs < 0:
+            raise ValueError("start_epoch and warmup_epochs must be >= 0")
+        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.data_dir is not None and not Path(self.data_dir).is_dir():
+            raise ValueError(f"data directory {self.data_dir} does not exist")
+        if self.data.startswith("cifar") and self.data_dir is None:
+            raise ValueError(f"data {self.data!r} needs a data_dir (python-format CIFAR folder)")
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return (
+            Path(self.out) if self.out is not None else Path("runs") / f"{self.method}-s{self.seed}"
+        )
+
+    def resolved(self, steps_per_epoch: int) -> dict:
+        """The hyperparameters with method defaults filled in."""
+        m = self.method
+        m, keys = self.method, ("epochs", "batch_size", "lr", "momentum", "weight_decay")
+        traj = m in DEFAULT_LAM
+        rho = self.rho if self.rho is not None else DEFAULT_RHO.get(m)
+        lam = self.lam if self.lam is not None else DEFAULT_LAM.get(m)
+        beta = self.ema_decay if self.ema_decay is not None else scaled_ema_decay(steps_per_epoch)
+        return {
+            **{k: getattr(self, k) for k in (*keys, "warmup_epochs", "augment", "amp")},
+            "rho": rho if m in DEFAULT_RHO else None,
+            "lam": lam if traj else None,
+            "tau": self.tau if traj else None,
+            "lag": self.lag if m == "saf" else None,
+            "start_epoch": self.start_epoch if traj else None,
+            "ema_decay": beta if m == "mesa" else None,
+            "steps_per_epoch": steps_per_epoch,
+        }
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator, rank=0, world=1):
+    """This rank's index batches of one shuffled epoch; a final batch < 2*world is dropped
+    (BatchNorm needs 2 samples). Ranks split each global batch: ``batch[rank::world]``."""
+    chunks = torch.randperm(n, generator=generator).split(batch_size)
+    if len(chunks[-1]) < 2 * world:
+        chunks = chunks[:-1]
+    return [c[rank::world] for c in chunks]
+
+
+def _cosine(total_steps: int, warmup_steps: int):
+    def factor(t: int) -> float:
+        if t < warmup_steps:
+            return (t + 1) / warmup_steps
+        return 0.5 * (
+            1.0 + math.cos(math.pi * (t - warmup_steps) / max(1, total_steps - warmup_steps))
+        )
+
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model, dataset, device, batch_size: int = 1024) -> tuple[float, float]:
+    """(mean cross-entropy, accuracy) of ``model`` on ``dataset`` in eval mode."""
+    model.eval()
+    loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
+    for idx in torch.arange(len(dataset)).split(batch_size):
+        x, y, _ = dataset.get_batch(idx)
+        logits = model(x.to(device)).float()
+        loss += F.cross_entropy(logits, y.to(device), reduction="sum")
+        correct += (logits.argmax(1) == y.to(device)).sum()
+    model.train()
+    return loss.item() / len(dataset), correct.item() / len(dataset)
+
+
+def _versions() -> dict:
+    import numpy
+    import sklearn
+
+    import saf
+
+    return {
+        "saf": getattr(saf, "__version__", "0.1.0"),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "sklearn": sklearn.__version__,
+    }
+
+
+def train(config: TrainConfig, resume: bool = False) -> Path:
+    """Train one run and write its run directory; returns the run directory.
+
+    Args:
+        config: the run's configuration. With ``resume=True`` only ``out`` (the run
+            directory), ``device`` and ``progress`` are used; the rest comes from its
+            ``run.json``.
+        resume: continue an interrupted run from its ``state.pt``.
+
+    Raises:
+        ValueError: bad configuration, an existing run directory without ``resume``, or
+            nothing to resume.
+        TrainingDiverged: the loss became NaN/Inf (checkpoints so far are kept).
+    """
+    run_dir = config.run_dir
+    if resume:
+        run = runs.read_run(run_dir)
+        config = TrainConfig(
+            **{
+                **run["config"],
+                "out": str(run_dir),
+                "device": config.device,
+                "progress": config.progress,
+            }
+        )
+        state = runs.load_state(run_dir)
+    else:
+        if (run_dir / "run.json").exists() or (run_dir / "state.pt").exists():
+            raise ValueError(
+                f"{run_dir} already holds a run; pass --resume to continue it "
+                "or choose another --out"
+            )
+        state = None
+    cfg = config.validate()
+    dist = DistInfo.current(cfg.device)
+    device = torch.device(local_device(cfg.device) if dist.world > 1 else cfg.device)
+
+    # --- data, model, optimizer, schedule ---------------------------------------------------
+    train_ds = load_dataset(cfg.data, "train", cfg.data_dir, augment=cfg.augment)
+    test_ds = load_dataset(cfg.data, "test", cfg.data_dir)
+    sampler_gen, augment_gen = (
+        torch.Generator().manual_seed(cfg.seed),
+        torch.Generator().manual_seed(cfg.seed + 1),
+    )
+    steps = len(_batches(len(train_ds), cfg.batch_size, torch.Generator(), 0, dist.world))
+    hp = cfg.resolved(steps)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.model, train_ds.num_classes, train_ds.in_shape, **cfg.model_kwargs).to(
+        device
+    )
+    if dist.world > 1:
+        model = torch.nn.parallel.DistributedDataParallel(model)
+    net = model.module if dist.world > 1 else model
+    sgd_kw = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.method in ("sam", "asam"):
+        optimizer = SAM(
+            model.parameters(),
+            torch.optim.SGD,
+            rho=hp["rho"],
+            adaptive=cfg.method == "asam",
+            **sgd_kw,
+        )
+    else:
+        optimizer = torch.optim.SGD(model.parameters(), **sgd_kw)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _cosine(steps * cfg.epochs, steps * cfg.warmup_epochs)
+    )
+    store = (
+        OutputStore(len(train_ds), train_ds.num_classes, cfg.lag, device=device)
+        if cfg.method == "saf"
+        else None
+    )
+    ema = EMA(net, hp["ema_decay"]) if cfg.method == "mesa" else None
+    use_amp = cfg.amp and device.type == "cuda"
+    autocast = (
+        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
+        if use_amp
+        else contextlib.nullcontext
+    )
+    stepper = Stepper(
+        cfg.method,
+        model,
+        optimizer,
+        hp["lam"] or 0.0,
+        cfg.tau,
+        cfg.start_epoch,
+        store,
+        ema,
+        autocast,
+        dist.gather if dist.world > 1 else None,
+    )
+
+    # --- fresh start or resume ------------------------------------------------------------------
+    if state is None:
+        rows, first_epoch = [], 0
+        if dist.rank == 0:
+            runs.write_run(run_dir, _describe(cfg, hp, train_ds))
+            runs.save_checkpoint(run_dir, 0, net)
+            runs.save_state(
+                run_dir, _state(0, rows, optimizer, scheduler, store, ema, sampler_gen, augment_gen)
+            )
+    else:
+        first_epoch, rows = int(state["epoch"]), list(state["metrics"])
+        net.load_state_dict(runs.safe_torch_load(runs.checkpoint_path(run_dir, first_epoch)))
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if store is not None:
+            store.load_state_dict(state["store"])
+        if ema is not None:
+            ema.load_state_dict(state["ema"])
+        sampler_gen.set_state(state["rng"]["sampler"])
+        augment_gen.set_state(state["rng"]["augment"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if device.type == "cuda" and state["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+
+    # --- the epoch loop -------------------------------------------------------------------------
+    model.train()
+    for epoch in range(first_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        sums = torch.zeros(4, device=device)  # ce*b, traj*b, correct, samples
+        batches = _batches(len(train_ds), cfg.batch_size, sampler_gen, dist.rank, dist.world)
+        bar = tqdm(
+            batches,
+            desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
+            leave=False,
+            disable=not cfg.progress or dist.rank > 0,
+        )
+        for idx in bar:
+            x, y, idx = train_ds.get_batch(idx, augment_gen)
+            x, y, idx = (
+                x.to(device, non_blocking=True),
+                y.to(device, non_blocking=True),
+                idx.to(device),
+            )
+            ce, traj, logits = stepper(x, y, idx, epoch)
+            scheduler.step()
+            b = len(y)
+            sums += torch.stack(
+                [ce * b, traj * b, (logits.argmax(1) == y).sum().to(ce.dtype), ce.new_tensor(b)]
+            )
+        sums = dist.all_reduce(sums)
+        train_s = time.perf_counter() - t0
+        ce_m, traj_m, acc, n = (sums[:3] / sums[3]).tolist() + [sums[3].item()]
+        if not (math.isfinite(ce_m) and math.isfinite(traj_m)):
+            last = runs.checkpoint_path(run_dir, epoch)
+            raise TrainingDiverged(
+                f"training diverged: non-finite loss in epoch {epoch + 1} (ce={ce_m}, "
+                f"traj={traj_m}); last good checkpoint: {last}; try a smaller --lr"
+            )
+        test_loss, test_acc = evaluate(net, test_ds, device)
+        seconds = time.perf_counter() - t0
+        rows.append(
+            {
+                "epoch": epoch + 1,
+                "train_ce": ce_m,
+                "traj_loss": traj_m,
+                "train_loss": ce_m + traj_m,
+                "train_acc": acc,
+                "test_loss": test_loss,
+                "test_acc": test_acc,
+                "lr": scheduler.get_last_lr()[0],
+                "seconds": seconds,
+                "images_per_s": n / train_s,
+            }
+        )
+        if cfg.progress and dist.rank == 0:
+            tqdm.write(
+                f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}: ce {ce_m:.4f} "
+                f"traj {traj_m:.4f} acc {acc:.3f} test {test_acc:.3f} ({seconds:.1f}s)"
+            )
+        if dist.rank == 0:  # checkpoint first, then metrics, then the resume state
+            runs.save_checkpoint(run_dir, epoch + 1, net)
+            runs.write_metrics(run_dir, rows)
+            runs.save_state(
+                run_dir,
+                _state(epoch + 1, rows, optimizer, scheduler, store, ema, sampler_gen, augment_gen),
+            )
+    return run_dir
+
+
+def _state(epoch, rows, optimizer, scheduler, store, ema, sampler_gen, augment_gen) -> dict:
+    """The resume state: plain tensors, dicts, lists and numbers (weights_only-loadable)."""
+    return {
+        "epoch": epoch,
+        "metrics": rows,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "store": None if store is None else store.state_dict(),
+        "ema": None if ema is None else ema.state_dict(),
+        "rng": {
+            "sampler": sampler_gen.get_state(),
+            "augment": augment_gen.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        },
+    }
+
+
+def _describe(cfg: TrainConfig, hp: dict, ds) -> dict:
+    """The content of ``run.json``."""
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
+    return {
+        "method": cfg.method,
+        "hparams": hp,
+        "model": {"name": cfg.model, "kwargs": dict(cfg.model_kwargs)},
+        "data": {
+            "name": cfg.data,
+            "data_dir": cfg.data_dir,
+            "num_classes": ds.num_classes,
+            "in_shape": list(ds.in_shape),
+            "num_train": len(ds),
+        },
+        "seed": cfg.seed,
+        "device": cfg.device,
+        "versions": _versions(),
+        "config": config,
+    }
