@@ -1,3 +1,45 @@
-"""Loss surfaces on any PyTorch model: filter-normalized directions, 1D/2D slices, plots."""
+"""Loss surfaces on any PyTorch model: filter-normalized directions, 1D/2D slices, plots.
 
-__all__: list[str] = []
+Directions are ``dict[str, Tensor]`` keyed by parameter (and optionally buffer)
+names; a state dict is a point (``origin``). See README "Loss surfaces".
+"""
+
+from landscape._directions import (
+    Direction,
+    PCAResult,
+    filter_normalize,
+    hessian_directions,
+    interpolation_directions,
+    model_weights,
+    pca_directions,
+    random_direction,
+)
+from landscape._fast import fold_batchnorm
+from landscape._surface import (
+    Surface,
+    evaluate_grid,
+    fingerprint,
+    make_point_evaluator,
+    surface_1d,
+    surface_2d,
+)
+
+__all__ = [
+    # directions
+    "Direction",
+    "PCAResult",
+    "filter_normalize",
+    "hessian_directions",
+    "interpolation_directions",
+    "model_weights",
+    "pca_directions",
+    "random_direction",
+    # surfaces
+    "Surface",
+    "evaluate_grid",
+    "fingerprint",
+    "fold_batchnorm",
+    "make_point_evaluator",
+    "surface_1d",
+    "surface_2d",
+]

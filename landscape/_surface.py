@@ -1,0 +1,434 @@
+r"""1D and 2D loss surfaces: evaluated with functional_call, resumable, distributed.
+
+A surface point is
+
+.. math::
+    L(\alpha, \beta) = \frac{1}{N}\sum_{(x, y)}
+    \ell\big(f(x;\, o + \alpha d_1 + \beta d_2), y\big)
+
+over every batch of ``data`` (batch losses weighted by batch size), with the
+model in eval mode (Li et al. 2018). The model itself is never copied nor
+modified: each point is one :func:`torch.func.functional_call` with the
+perturbed tensors, so the model's state is bit-identical afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+from tqdm.auto import tqdm
+
+from analysis._io import atomic_write_json, atomic_write_with
+from landscape._fast import fold_batchnorm
+
+FORMAT = "saf-surface/1"
+
+
+@dataclass
+class Surface:
+    """A 1D or 2D loss surface.
+
+    Attributes:
+        coords: ``[xs]`` or ``[xs, ys]``, the grid along each direction.
+        loss: shape ``(len(xs),)`` or ``(len(xs), len(ys))``; ``loss[i, j]`` is at
+            ``(xs[i], ys[j])`` ("ij" indexing: transpose it for ``plt.contour``).
+        accuracy: same shape; NaN where the outputs are not class scores.
+        done: which points have been evaluated (all of them once complete).
+        metadata: settings and provenance (JSON-serialisable).
+    """
+
+    coords: list[np.ndarray]
+    loss: np.ndarray
+    accuracy: np.ndarray
+    done: np.ndarray | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.coords = [np.asarray(c, dtype=float) for c in self.coords]
+        if self.done is None:
+            self.done = np.ones(self.loss.shape, dtype=bool)
+
+    @property
+    def dim(self) -> int:
+        """1 or 2."""
+        return len(self.coords)
+
+    @property
+    def complete(self) -> bool:
+        """True when every grid point has been evaluated."""
+        return bool(self.done.all())
+
+    def save(self, path: str | Path) -> Path:
+        """Write ``path`` (``.npz``, metadata inside) and ``path.json``, each atomically."""
+        path = Path(path)
+        meta = {**self.metadata, "format": FORMAT, "complete": self.complete}
+        arrays = {f"coords{i}": c for i, c in enumerate(self.coords)}
+        arrays.update(loss=self.loss, accuracy=self.accuracy, done=self.done)
+        arrays["metadata"] = np.array(json.dumps(meta, sort_keys=True))
+        atomic_write_with(path, lambda f: np.savez(f, **arrays))
+        atomic_write_json(path.with_suffix(".json"), _json_view(self, meta))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> Surface:
+        """Read a surface written by :meth:`save` (no pickles are loaded)."""
+        with np.load(Path(path), allow_pickle=False) as z:
+            meta = json.loads(str(z["metadata"]))
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path}: not a surface file (format {meta.get('format')!r})")
+            coords = [z[f"coords{i}"] for i in range(sum(k.startswith("coords") for k in z))]
+            return cls(coords, z["loss"], z["accuracy"], z["done"].astype(bool), meta)
+
+
+def _json_view(s: Surface, meta: dict) -> dict:
+    tolist = lambda a: [None if not np.isfinite(v) else float(v) for v in np.ravel(a)]  # noqa: E731
+    return {
+        "metadata": meta,
+        "shape": list(s.loss.shape),
+        "coords": [c.tolist() for c in s.coords],
+        "loss": tolist(s.loss),
+        "accuracy": tolist(s.accuracy),
+    }
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module):
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, t in flags:
+            m.training = t
+
+
+def _dist_info(distributed: bool | None) -> tuple[int, int, Any]:
+    import torch.distributed as dist
+
+    on = dist.is_available() and dist.is_initialized()
+    if distributed and not on:
+        raise ValueError("distributed=True but torch.distributed is not initialized (torchrun?)")
+    if on and distributed is not False:
+        return dist.get_rank(), dist.get_world_size(), dist
+    return 0, 1, None
+
+
+def _batch_size(y: Any, x: Any) -> int:
+    t = y if isinstance(y, torch.Tensor) and y.dim() > 0 else x
+    return int(t.shape[0]) if isinstance(t, torch.Tensor) and t.dim() > 0 else 1
+
+
+def make_point_evaluator(
+    model: nn.Module,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    data: Iterable,
+    directions: Sequence[Mapping[str, torch.Tensor]],
+    origin: Mapping[str, torch.Tensor] | None = None,
+    device: str | torch.device | None = None,
+    fast: bool = True,
+) -> Callable[[Sequence[float]], tuple[float, float]]:
+    r"""``f(coeffs) -> (loss, accuracy)`` at :math:`o + \sum_j c_j d_j`, averaged over ``data``.
+
+    Args:
+        model: any module; never modified (tensors are swapped in by functional_call).
+        loss_fn: ``loss_fn(outputs, targets)``, mean over the batch.
+        data: re-iterable batches ``(inputs, targets)`` (a list or a DataLoader).
+        directions: one direction per coordinate.
+        origin: base point (name -> tensor, e.g. a state dict); default the model's own.
+        device: where to evaluate; default the model's device. The model is not moved.
+        fast: fold BatchNorm into convolutions (exact up to float rounding), feed
+            image batches channels-last when something was folded, and run under
+            ``torch.inference_mode``.
+    """
+    if iter(data) is data:
+        raise ValueError("data is a one-shot iterator; pass a list of batches or a DataLoader")
+    first = next(iter(model.parameters()), None)
+    device = (
+        torch.device(device)
+        if device is not None
+        else (first.device if first is not None else torch.device("cpu"))
+    )
+    state = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
+    if origin is not None:
+        unknown = [k for k in origin if k not in state]
+        if unknown:
+            raise ValueError(f"origin has tensor {unknown[0]!r} that the model does not have")
+        state.update({k: v.detach().to(state[k].dtype) for k, v in origin.items()})
+    base = {k: v.to(device) for k, v in state.items()}
+    dirs = [{k: v.detach().to(device, base[k].dtype) for k, v in d.items()} for d in directions]
+    for d in dirs:
+        bad = [k for k in d if k not in base or d[k].shape != base[k].shape]
+        if bad:
+            raise ValueError(f"direction tensor {bad[0]!r} does not match the model's shapes")
+    keys = sorted(set().union(*dirs)) if dirs else []
+    net = fold_batchnorm(model)[0] if fast else model
+    known = set(net.state_dict(keep_vars=True)) if net is not model else set(state)
+    prep = (lambda t: _to(t, device, fast)) if net is not model else (lambda t: _to(t, device))
+    cached = [(prep(x), _to(y, device)) for x, y in data] if isinstance(data, Sequence) else None
+
+    def point(coeffs: Sequence[float]) -> tuple[float, float]:
+        params = {k: v for k, v in base.items() if k in known}
+        for k in keys:
+            t = base[k]
+            for c, d in zip(coeffs, dirs, strict=True):
+                if k in d and c != 0:
+                    t = t + c * d[k]
+            params[k] = t
+        tot = correct = n = 0.0
+        classes = True
+        ctx = torch.inference_mode() if fast else torch.no_grad()
+        with _eval_mode(model), ctx:
+            for x, y in cached if cached is not None else data:
+                x, y = prep(x), _to(y, device)
+                out = functional_call(net, params, (x,))
+                b = _batch_size(y, x)
+                tot += float(loss_fn(out, y)) * b
+                n += b
+                classes = classes and _is_class(out, y)
+                if classes:
+                    correct += float((out.argmax(-1) == y).sum())
+        if n == 0:
+            raise ValueError("data yielded no batches")
+        return tot / n, (correct / n if classes else float("nan"))
+
+    return point
+
+
+def _to(t: Any, device: torch.device, channels_last: bool = False) -> Any:
+    if not isinstance(t, torch.Tensor):
+        return t
+    t = t.to(device, non_blocking=True)
+    if channels_last and t.dim() == 4 and t.is_floating_point():
+        t = t.contiguous(memory_format=torch.channels_last)
+    return t
+
+
+def _is_class(out: Any, y: Any) -> bool:
+    return (
+        isinstance(out, torch.Tensor)
+        and isinstance(y, torch.Tensor)
+        and out.dim() == 2
+        and y.dim() == 1
+        and not y.is_floating_point()
+        and out.shape[0] == y.shape[0]
+    )
+
+
+def _digest(tensors: Mapping[str, torch.Tensor] | None, h) -> None:
+    for k in sorted(tensors or {}):
+        t = tensors[k].detach().to("cpu").contiguous()
+        h.update(k.encode())
+        h.update(str(t.dtype).encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+
+
+def fingerprint(coords, directions, origin, extra: Mapping[str, Any] | None = None) -> str:
+    """SHA-256 of the grid, the directions, the origin and ``extra`` settings (resume key)."""
+    h = hashlib.sha256()
+    for c in coords:
+        h.update(np.asarray(c, dtype=np.float64).tobytes())
+    for d in directions:
+        _digest(d, h)
+    _digest(origin, h)
+    h.update(json.dumps(extra or {}, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def _load_partials(path: Path | None, fp: str, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    loss = np.full(shape, np.nan)
+    acc = np.full(shape, np.nan)
+    done = np.zeros(shape, dtype=bool)
+    if path is None:
+        return loss, acc, done
+    for p in [path, *sorted(path.parent.glob(path.name + ".rank*.npz"))]:
+        if not p.is_file():
+            continue
+        try:
+            s = Surface.load(p)
+        except Exception:  # unreadable partial: recompute its points
+            continue
+        if s.metadata.get("fingerprint") != fp or s.loss.shape != tuple(shape):
+            continue
+        new = s.done & ~done
+        loss[new], acc[new], done[new] = s.loss[new], s.accuracy[new], True
+    return loss, acc, done
+
+
+def evaluate_grid(
+    point: Callable[[Sequence[float]], tuple[float, float]],
+    coords: Sequence[Sequence[float]],
+    path: str | Path | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    fp: str | None = None,
+    save_every: int = 10,
+    progress: bool = True,
+    distributed: bool | None = None,
+) -> Surface:
+    """Evaluate ``point`` on the grid ``coords``, resuming from ``path`` and sharing across ranks.
+
+    Points already saved under ``path`` (or its per-rank partial files) with the
+    same fingerprint are not recomputed. Partial progress is saved atomically
+    every ``save_every`` points. Under ``torch.distributed`` the missing points
+    are dealt round-robin to the ranks and gathered with one all-reduce; rank 0
+    writes the final file.
+    """
+    coords = [np.asarray(c, dtype=float) for c in coords]
+    shape = tuple(len(c) for c in coords)
+    rank, world, dist = _dist_info(distributed)
+    path = Path(path) if path is not None else None
+    fp = fp or fingerprint(coords, [], None, dict(metadata or {}))
+    meta = {**(metadata or {}), "fingerprint": fp, "dim": len(shape)}
+    loss, acc, done = _load_partials(path, fp, shape)
+    todo = np.flatnonzero(~done.ravel())
+    mine = todo[rank::world]
+    part = path if world == 1 else (path and path.with_name(f"{path.name}.rank{rank}.npz"))
+    new_l, new_a, new_d = np.zeros(loss.size), np.zeros(loss.size), np.zeros(loss.size)
+    t0 = time.perf_counter()
+    bar = tqdm(mine, desc="surface", disable=not progress or rank != 0, leave=False)
+    for count, flat in enumerate(bar, 1):
+        idx = np.unravel_index(flat, shape)
+        l, a = point([float(c[i]) for c, i in zip(coords, idx, strict=True)])
+        new_l[flat], new_a[flat], new_d[flat] = l, a, 1.0
+        loss.flat[flat], acc.flat[flat], done.flat[flat] = l, a, True
+        if part is not None and count % save_every == 0 and count < len(mine):
+            Surface(coords, loss, acc, done, meta).save(part)
+    if dist is not None:
+        loss, acc, done = _gather(dist, loss, acc, done, new_l, new_a, new_d, shape)
+    meta["seconds"] = round(time.perf_counter() - t0, 3)
+    meta["evaluated_points"] = int(len(todo))
+    s = Surface(coords, loss, acc, done, meta)
+    if path is not None and rank == 0:
+        s.save(path)
+        for p in path.parent.glob(path.name + ".rank*.npz"):
+            p.unlink(missing_ok=True)
+            p.with_suffix(".json").unlink(missing_ok=True)
+    if dist is not None:
+        dist.barrier()
+    return s
+
+
+def _gather(dist, loss, acc, done, new_l, new_a, new_d, shape):
+    backend = dist.get_backend()
+    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+    t = torch.tensor(np.stack([new_l, new_a, new_d]), dtype=torch.float64, device=dev)
+    dist.all_reduce(t)
+    nl, na, nd = (v.reshape(shape) for v in t.cpu().numpy())
+    mask = nd > 0.5
+    loss, acc = np.where(mask, nl, loss), np.where(mask, na, acc)
+    return loss, acc, done | mask
+
+
+def _grid_meta(directions, origin, extra) -> dict[str, Any]:
+    norms = [
+        float(torch.sqrt(sum((v.double() ** 2).sum() for v in d.values()))) for d in directions
+    ]
+    return {"direction_norms": norms, "custom_origin": origin is not None, **(extra or {})}
+
+
+def surface_1d(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Iterable,
+    direction: Mapping[str, torch.Tensor],
+    coords: Sequence[float],
+    *,
+    origin: Mapping[str, torch.Tensor] | None = None,
+    path: str | Path | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    fast: bool = True,
+    save_every: int = 10,
+    progress: bool = True,
+    distributed: bool | None = None,
+) -> Surface:
+    r"""Loss and accuracy along :math:`o + \alpha d` for each :math:`\alpha` in ``coords``.
+
+    See :func:`surface_2d` for the arguments. With an interpolation direction
+    (:func:`landscape.interpolation_directions`) and ``origin=start``,
+    :math:`\alpha = 0` and :math:`\alpha = 1` are the two checkpoints.
+
+    Example:
+        >>> lin = torch.nn.Linear(1, 1, bias=False)
+        >>> _ = lin.weight.data.fill_(0.0)
+        >>> data = [(torch.ones(4, 1), torch.zeros(4, 1))]
+        >>> s = surface_1d(lin, torch.nn.functional.mse_loss, data,
+        ...                {"weight": torch.ones(1, 1)}, [-1, 0, 2], progress=False)
+        >>> s.loss.tolist()
+        [1.0, 0.0, 4.0]
+    """
+    return _surface(
+        model, loss_fn, data, [direction], [coords], origin, path, metadata, device, fast,
+        save_every, progress, distributed,
+    )  # fmt: skip
+
+
+def surface_2d(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Iterable,
+    directions: tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]],
+    xs: Sequence[float],
+    ys: Sequence[float],
+    *,
+    origin: Mapping[str, torch.Tensor] | None = None,
+    path: str | Path | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    device: str | torch.device | None = None,
+    fast: bool = True,
+    save_every: int = 10,
+    progress: bool = True,
+    distributed: bool | None = None,
+) -> Surface:
+    r"""Loss and accuracy on the plane :math:`o + \alpha d_1 + \beta d_2` (Li et al. 2018).
+
+    Args:
+        model: any ``nn.Module``; evaluated in eval mode, never copied nor modified.
+        loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean.
+        data: re-iterable ``(inputs, targets)`` batches (list or DataLoader).
+        directions: ``(d1, d2)``, e.g. from :func:`landscape.random_direction`.
+        xs, ys: grid coordinates along ``d1`` and ``d2``.
+        origin: base point (e.g. a state dict); default the model's current tensors.
+        path: ``.npz`` file to save to and resume from (same settings only:
+            grid, directions, origin and ``metadata`` form the resume key).
+        metadata: extra JSON-serialisable settings stored with the surface.
+        device: where to evaluate (default the model's device).
+        fast: BatchNorm folding and inference mode (exact up to float rounding).
+        save_every: save partial progress every this many points.
+        progress: show a tqdm bar on stderr.
+        distributed: split points across ``torch.distributed`` ranks (default:
+            when initialized).
+
+    Returns:
+        A :class:`Surface` with ``loss[i, j]`` at ``(xs[i], ys[j])``.
+    """
+    if len(directions) != 2:
+        raise ValueError(f"surface_2d needs 2 directions, got {len(directions)}")
+    return _surface(
+        model, loss_fn, data, list(directions), [xs, ys], origin, path, metadata, device, fast,
+        save_every, progress, distributed,
+    )  # fmt: skip
+
+
+def _surface(model, loss_fn, data, dirs, coords, origin, path, metadata, device, fast, save_every,
+             progress, distributed) -> Surface:  # fmt: skip
+    coords = [np.asarray(c, dtype=float).ravel() for c in coords]
+    for c in coords:
+        if c.size == 0 or not np.isfinite(c).all():
+            raise ValueError("grid coordinates must be a non-empty list of finite numbers")
+    if save_every < 1:
+        raise ValueError(f"save_every must be >= 1, got {save_every}")
+    point = make_point_evaluator(model, loss_fn, data, dirs, origin, device, fast)
+    meta = _grid_meta(dirs, origin, metadata)
+    fp = fingerprint(coords, dirs, origin, metadata)
+    return evaluate_grid(point, coords, path, meta, fp, save_every, progress, distributed)
