@@ -1,0 +1,229 @@
+"""Surfaces: closed-form quadratic slice, interpolation endpoints, state safety, resume, ranks."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import landscape as L
+
+
+class LinReg(nn.Module):
+    def __init__(self, p: int):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(p, dtype=torch.float64))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+def _cnn(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1, bias=False),
+        nn.BatchNorm2d(6),
+        nn.ReLU(),
+        nn.Conv2d(6, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Dropout(0.5),
+        nn.Linear(8, 4),
+    )
+    m.train()
+    with torch.no_grad():
+        for _ in range(3):  # non-trivial running statistics
+            m(torch.randn(16, 3, 8, 8) * 2 + 1)
+    return m
+
+
+def _images(n_batches=2, bs=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (torch.randn(bs + i, 3, 8, 8, generator=g), torch.randint(0, 4, (bs + i,), generator=g))
+        for i in range(n_batches)
+    ]
+
+
+def test_quadratic_slice_matches_closed_form():
+    g = torch.Generator().manual_seed(0)
+    model = LinReg(6)
+    data = [
+        (torch.randn(n, 6, dtype=torch.float64, generator=g), torch.randn(n, dtype=torch.float64))
+        for n in (5, 7, 3)
+    ]
+    d1 = {"w": torch.randn(6, dtype=torch.float64, generator=g)}
+    d2 = {"w": torch.randn(6, dtype=torch.float64, generator=g)}
+    xs, ys = np.linspace(-1, 1, 5), np.linspace(-2, 0.5, 4)
+    s = L.surface_2d(model, F.mse_loss, data, (d1, d2), xs, ys, progress=False)
+    X = torch.cat([x for x, _ in data])
+    y = torch.cat([t for _, t in data])
+    r0, u, v = X @ model.w.detach() - y, X @ d1["w"], X @ d2["w"]
+    m = lambda t: float(t.mean())  # noqa: E731
+    a, b = np.meshgrid(xs, ys, indexing="ij")
+    oracle = (
+        m(r0**2)
+        + 2 * a * m(r0 * u)
+        + 2 * b * m(r0 * v)
+        + a**2 * m(u * u)
+        + 2 * a * b * m(u * v)
+        + b**2 * m(v * v)
+    )
+    np.testing.assert_allclose(s.loss, oracle, rtol=1e-12)
+    assert s.loss.shape == (5, 4) and np.isnan(s.accuracy).all() and s.complete
+
+
+def test_model_state_bit_identical_and_mode_restored():
+    model = _cnn()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    d = [L.random_direction(model, seed=s, ignore=None) for s in (1, 2)]
+    L.surface_2d(model, F.cross_entropy, _images(), d, [-1, 0.5], [0, 1], progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_center_point_is_eval_mode_loss_and_accuracy():
+    model, data = _cnn(), _images()
+    d = L.random_direction(model, seed=1)
+    s = L.surface_1d(model, F.cross_entropy, data, d, [0.0], progress=False)
+    model.eval()
+    with torch.no_grad():
+        n = sum(len(y) for _, y in data)
+        loss = sum(float(F.cross_entropy(model(x), y)) * len(y) for x, y in data) / n
+        acc = sum(float((model(x).argmax(1) == y).sum()) for x, y in data) / n
+    np.testing.assert_allclose(s.loss[0], loss, rtol=1e-5)
+    assert s.accuracy[0] == pytest.approx(acc)
+
+
+def test_fast_path_folds_batchnorm_and_matches_plain():
+    model = _cnn()
+    folded, n = L.fold_batchnorm(model)
+    assert n == 2
+    d = [L.random_direction(model, seed=s, ignore=None) for s in (1, 2)]
+    grid = np.linspace(-1, 1, 3)
+    fast = L.surface_2d(model, F.cross_entropy, _images(), d, grid, grid, progress=False)
+    plain = L.surface_2d(
+        model, F.cross_entropy, _images(), d, grid, grid, progress=False, fast=False
+    )
+    np.testing.assert_allclose(fast.loss, plain.loss, rtol=1e-5)
+    np.testing.assert_array_equal(fast.accuracy, plain.accuracy)
+
+
+def test_interpolation_endpoints_equal_checkpoint_losses():
+    m0, m1 = _cnn(0), _cnn(1)
+    s0, s1 = m0.state_dict(), m1.state_dict()
+    (d,) = L.interpolation_directions(s0, s1)
+    data = _images()
+    s = L.surface_1d(m0, F.cross_entropy, data, d, [0.0, 0.5, 1.0], origin=s0, progress=False)
+    n = sum(len(y) for _, y in data)
+    for m, loss in ((m0, s.loss[0]), (m1, s.loss[2])):
+        m.eval()
+        with torch.no_grad():
+            ref = sum(float(F.cross_entropy(m(x), y)) * len(y) for x, y in data) / n
+        np.testing.assert_allclose(loss, ref, rtol=1e-5)
+    assert s.loss[0] != pytest.approx(s.loss[2])
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def _counting_loss(limit=None):
+    calls = {"n": 0}
+
+    def loss(out, y):
+        calls["n"] += 1
+        if limit is not None and calls["n"] > limit:
+            raise _Interrupt
+        return F.cross_entropy(out, y)
+
+    return loss, calls
+
+
+def test_resume_after_interrupt_equals_uninterrupted(tmp_path):
+    model, data = _cnn(), _images(n_batches=1)
+    d = [L.random_direction(model, seed=s) for s in (1, 2)]
+    xs, ys = np.linspace(-1, 1, 4), np.linspace(-1, 1, 3)
+    full = L.surface_2d(model, F.cross_entropy, data, d, xs, ys, progress=False)
+    path = tmp_path / "s.npz"
+    loss, _ = _counting_loss(limit=7)
+    with pytest.raises(_Interrupt):
+        L.surface_2d(model, loss, data, d, xs, ys, path=path, save_every=3, progress=False)
+    partial = L.Surface.load(path)
+    assert not partial.complete and partial.done.sum() == 6
+    loss, calls = _counting_loss()
+    resumed = L.surface_2d(model, loss, data, d, xs, ys, path=path, save_every=3, progress=False)
+    assert calls["n"] == 12 - 6  # only the missing points
+    np.testing.assert_array_equal(resumed.loss, full.loss)
+    np.testing.assert_array_equal(resumed.accuracy, full.accuracy)
+    assert L.Surface.load(path).complete
+    # a rerun of a complete surface evaluates nothing; other settings start afresh
+    loss, calls = _counting_loss()
+    L.surface_2d(model, loss, data, d, xs, ys, path=path, progress=False)
+    assert calls["n"] == 0
+    L.surface_2d(model, loss, data, d[::-1], xs, ys, path=path, progress=False)
+    assert calls["n"] == 12
+
+
+def test_save_load_roundtrip(tmp_path):
+    s = L.Surface([[0.0, 1.0]], np.array([1.0, np.inf]), np.array([0.5, np.nan]), None, {"a": 1})
+    s.save(tmp_path / "x.npz")
+    t = L.Surface.load(tmp_path / "x.npz")
+    np.testing.assert_array_equal(t.loss, s.loss)
+    assert t.metadata["a"] == 1 and t.complete and (tmp_path / "x.json").is_file()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_bad_inputs_raise_value_error():
+    model = LinReg(2)
+    d = {"w": torch.ones(2, dtype=torch.float64)}
+    data = [(torch.ones(1, 2, dtype=torch.float64), torch.zeros(1, dtype=torch.float64))]
+    with pytest.raises(ValueError, match="one-shot"):
+        L.surface_1d(model, F.mse_loss, iter(data), d, [0.0], progress=False)
+    with pytest.raises(ValueError, match="finite"):
+        L.surface_1d(model, F.mse_loss, data, d, [0.0, float("nan")], progress=False)
+    with pytest.raises(ValueError, match="shapes"):
+        L.surface_1d(model, F.mse_loss, data, {"w": torch.ones(3)}, [0.0], progress=False)
+
+
+def _rank_worker(rank, world, store_path, out_dir):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    store = dist.FileStore(store_path, world)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    try:
+        model, data = _cnn(), _images()
+        d = [L.random_direction(model, seed=s) for s in (1, 2)]
+        grid = np.linspace(-1, 1, 3)
+        s = L.surface_2d(
+            model, F.cross_entropy, data, d, grid, grid, path=f"{out_dir}/dist.npz", progress=False
+        )
+        np.save(f"{out_dir}/rank{rank}.npy", s.loss)
+        np.save(f"{out_dir}/count{rank}.npy", s.metadata["evaluated_points"])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_distributed_gloo_two_ranks_equals_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # same kernels as the workers: results are then bit-identical
+    try:
+        mp.spawn(_rank_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
+        model, data = _cnn(), _images()
+        d = [L.random_direction(model, seed=s) for s in (1, 2)]
+        grid = np.linspace(-1, 1, 3)
+        single = L.surface_2d(model, F.cross_entropy, data, d, grid, grid, progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    gathered = L.Surface.load(tmp_path / "dist.npz")
+    np.testing.assert_array_equal(gathered.loss, single.loss)
+    for r in (0, 1):
+        np.testing.assert_array_equal(np.load(tmp_path / f"rank{r}.npy"), gathered.loss)
+    assert not list(tmp_path.glob("dist.npz.rank*"))
