@@ -86,6 +86,7 @@ class SAM(torch.optim.Optimizer):
                 if "old_p" in self.state[p]:
                     p.copy_(self.state[p].pop("old_p"))
         self.base_optimizer.step()
+        self._opt_called = True  # tells an LR scheduler on SAM that a step was taken
         if zero_grad:
             self.zero_grad()
 

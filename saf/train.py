@@ -73,6 +73,7 @@ class TrainConfig:
     ema_decay: float | None = None
     augment: bool = True
     amp: bool = False
+    threads: int | None = None
     seed: int = 0
     device: str = "cpu"
     out: str | Path | None = None
@@ -94,6 +95,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lag"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"threads must be >= 1, got {self.threads}")
         if self.start_epoch < 0 or self.warmup_epochs < 0:
             raise ValueError("start_epoch and warmup_epochs must be >= 0")
         if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
@@ -212,6 +215,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             )
         state = None
     cfg = config.validate()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     dist = DistInfo.current(cfg.device)
     device = torch.device(local_device(cfg.device) if dist.world > 1 else cfg.device)
 

@@ -72,7 +72,7 @@ class OutputStore:
     code keeps 4 fp32 slots, 16 bytes).
 
     **Never-written rows.** Besides the logits, each slot keeps the epoch that wrote each
-    row (int32, 4 bytes per sample per slot, initialised to -1). :meth:`read` returns a
+    row (int32, 4 bytes per sample per slot, initialised to INT32_MIN). :meth:`read` returns a
     mask that is ``True`` only where the row was written exactly at epoch ``e - lag``; a
     row never written (or stale, e.g. a sample skipped in that epoch) is masked out and
     contributes zero loss, instead of acting as a uniform target (zeros) or as another
@@ -105,7 +105,8 @@ class OutputStore:
             )
         self.lag = int(lag)
         self.logits = torch.zeros(lag, num_samples, num_classes, dtype=dtype, device=device)
-        self.epoch_of = torch.full((lag, num_samples), -1, dtype=torch.int32, device=device)
+        never = torch.iinfo(torch.int32).min  # never equals epoch - lag for epoch >= 0
+        self.epoch_of = torch.full((lag, num_samples), never, dtype=torch.int32, device=device)
 
     @property
     def nbytes_per_sample_per_class(self) -> int:

@@ -1,0 +1,138 @@
+"""SAM/ASAM against hand computations; BN frozen on the second pass; state round trips; EMA."""
+
+import copy
+
+import pytest
+import torch
+
+from saf import EMA, SAM, Stepper, scaled_ema_decay
+from saf.sam import disable_running_stats
+
+A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
+
+
+def _quad_sam(w0, rho, lr, adaptive=False, momentum=0.0, steps=1):
+    w = torch.nn.Parameter(w0.clone())
+    opt = SAM([w], torch.optim.SGD, rho=rho, adaptive=adaptive, lr=lr, momentum=momentum)
+
+    def closure():
+        opt.zero_grad()
+        loss = 0.5 * w @ A @ w
+        loss.backward()
+        return loss
+
+    for _ in range(steps):
+        opt.step(closure)
+    return w.detach()
+
+
+def test_sam_step_on_quadratic_equals_hand_computation():
+    w0, rho, lr = torch.tensor([1.0, -2.0], dtype=torch.float64), 0.1, 0.05
+    g = A @ w0
+    eps = rho * g / g.norm()
+    expect = w0 - lr * (A @ (w0 + eps))
+    torch.testing.assert_close(_quad_sam(w0, rho, lr), expect, rtol=1e-14, atol=1e-14)
+
+
+def test_asam_step_on_quadratic_equals_hand_computation():
+    w0, rho, lr = torch.tensor([1.0, -2.0], dtype=torch.float64), 0.5, 0.05
+    g = A @ w0
+    eps = rho * w0**2 * g / (w0.abs() * g).norm()  # T_w^2 g / ||T_w g||, T_w = |w|
+    expect = w0 - lr * (A @ (w0 + eps))
+    got = _quad_sam(w0, rho, lr, adaptive=True)
+    torch.testing.assert_close(got, expect, rtol=1e-14, atol=1e-14)
+
+
+def test_sam_two_steps_with_momentum():
+    w0, rho, lr, mu = torch.tensor([1.0, -2.0], dtype=torch.float64), 0.1, 0.05, 0.9
+    w, buf = w0.clone(), None
+    for _ in range(2):
+        g = A @ w
+        gp = A @ (w + rho * g / g.norm())
+        buf = gp if buf is None else mu * buf + gp
+        w = w - lr * buf
+    torch.testing.assert_close(_quad_sam(w0, rho, lr, momentum=mu, steps=2), w)
+
+
+def test_sam_rho_zero_is_sgd_bitwise():
+    w0 = torch.tensor([0.3, -0.7], dtype=torch.float64)
+    w = torch.nn.Parameter(w0.clone())
+    opt = torch.optim.SGD([w], lr=0.05, momentum=0.9)
+    for _ in range(3):
+        opt.zero_grad()
+        (0.5 * w @ A @ w).backward()
+        opt.step()
+    assert torch.equal(_quad_sam(w0, 0.0, 0.05, momentum=0.9, steps=3), w.detach())
+
+
+def _bn_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 3)
+    )
+
+
+def test_sam_second_pass_leaves_batchnorm_running_stats_alone():
+    net, x, y = _bn_net(), torch.randn(16, 4), torch.randint(0, 3, (16,))
+    ref = copy.deepcopy(net)
+    ref(x)  # one ordinary training forward: the expected running stats
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    Stepper("sam", net, opt)(x, y, torch.arange(16), 0)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(net[1], name), getattr(ref[1], name)), name
+    with disable_running_stats(net):
+        pass
+    assert net[1].track_running_stats
+
+
+def test_sam_state_dict_keeps_momentum_and_resumes_bitwise():
+    net, x, y = _bn_net(), torch.randn(16, 4), torch.randint(0, 3, (16,))
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    step = Stepper("sam", net, opt)
+    step(x, y, torch.arange(16), 0)
+    sd = opt.state_dict()
+    assert any("momentum_buffer" in s for s in sd["state"].values())
+    net2 = copy.deepcopy(net)
+    opt2 = SAM(net2.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    opt2.load_state_dict(copy.deepcopy(sd))
+    sched2 = torch.optim.lr_scheduler.StepLR(opt2, 1, gamma=0.5)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    for _ in range(2):
+        step(x, y, torch.arange(16), 0)
+        Stepper("sam", net2, opt2)(x, y, torch.arange(16), 0)
+        sched.step()
+        sched2.step()
+    for p, q in zip(net.state_dict().values(), net2.state_dict().values(), strict=True):
+        assert torch.equal(p, q)
+    assert opt2.base_optimizer.param_groups[0]["lr"] == 0.025  # scheduler drives the base
+
+
+def test_sam_validates():
+    with pytest.raises(ValueError, match="rho"):
+        SAM([torch.nn.Parameter(torch.zeros(1))], torch.optim.SGD, rho=-1, lr=0.1)
+    with pytest.raises(ValueError, match="closure"):
+        SAM([torch.nn.Parameter(torch.zeros(1))], torch.optim.SGD, lr=0.1).step()
+
+
+def test_ema_update_equals_formula_for_params_and_buffers():
+    net, beta = _bn_net(), 0.9
+    ema = EMA(net, beta)
+    v = {k: t.clone().double() for k, t in net.state_dict().items()}
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    for _ in range(3):
+        net(torch.randn(8, 4)).sum().backward()
+        opt.step()
+        ema.update(net)
+        for k, t in net.state_dict().items():
+            v[k] = beta * v[k] + (1 - beta) * t.double() if t.is_floating_point() else t.double()
+    for k, t in ema.module.state_dict().items():
+        torch.testing.assert_close(t.double(), v[k], rtol=1e-6, atol=1e-7)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+    assert not ema.module.training
+
+
+def test_ema_decay_scaling_and_validation():
+    assert scaled_ema_decay(5005) == 0.9998  # timm's ImageNet value: horizon ~ one epoch
+    assert scaled_ema_decay(12) == pytest.approx(1 - 1 / 12)
+    with pytest.raises(ValueError):
+        EMA(_bn_net(), 1.0)
