@@ -96,29 +96,52 @@ def _model_factory(run_dir: Path):
     return lambda: model_from_run(run)
 
 
+def checkpoint_metrics(model: nn.Module, data, hessian: bool, device: str) -> dict:
+    """SAM sharpness (rho=0.05, one step, per batch of ``data``), train loss; Hessian if asked."""
+    from analysis import hessian_eigenvalues, hessian_trace, sam_sharpness
+
+    r = sam_sharpness(model, LOSS, data, rho=0.05, device=device)
+    out = {"sam_sharpness": (r.value, r.stderr)}
+    if hessian:
+        ev = hessian_eigenvalues(model, LOSS, data, k=1, tol=1e-3, device=device, cache="auto")
+        tr = hessian_trace(model, LOSS, data, n_matvecs=30, device=device, cache="auto")
+        out["lambda_max"] = (float(ev.values[0]), float("nan"))
+        out["trace"] = (tr.value, tr.stderr)
+    return out
+
+
+def analyse_run(s: Settings, run_dir: Path, data, path: Path, device: str, progress: bool):
+    """Analyse every checkpoint of one run; rows are cached in ``path`` (resumable)."""
+    from tqdm.auto import tqdm
+
+    from saf.runs import list_checkpoints
+
+    cols = ["epoch", "metric", "value", "stderr"]
+    done = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=cols)
+    todo = [(e, p) for e, p in list_checkpoints(run_dir) if e not in set(done["epoch"])]
+    model = _model_factory(run_dir)().to(device)
+    for e, p in tqdm(todo, desc=f"analyse {run_dir.name}", disable=not progress, leave=False):
+        model.load_state_dict(load_state_dict(p))
+        hessian = e % s.hessian_every == 0 or e == s.epochs
+        vals = checkpoint_metrics(model, data, hessian, device)
+        rows = pd.DataFrame([(e, k, v, se) for k, (v, se) in vals.items()], columns=cols)
+        done = pd.concat([done, rows], ignore_index=True)
+        _csv(done, path)
+    return done
+
+
 def analyse_all(s: Settings, out: Path, runs: dict, device: str, progress: bool) -> pd.DataFrame:
     """SAM sharpness every epoch, Hessian lambda_max/trace every ``hessian_every`` epochs."""
-    from analysis import analyze_run
     from saf.runs import read_metrics
 
-    data = _data(s, "train", s.analysis_samples, device)
+    data = _data(s, "train", s.analysis_samples, device, batch_size=s.batch_size)
     parts = []
     for i, ((method, seed), run_dir) in enumerate(runs.items(), 1):
         say(f"[analyse {i}/{len(runs)}] {run_dir.name}")
-        for metrics, every in (("sam_sharpness", 1), ("lambda_max,trace", s.hessian_every)):
-            tag = metrics.split(",")[0]
-            df = analyze_run(
-                run_dir,
-                metrics.split(","),
-                model_factory=_model_factory(run_dir),
-                loss_fn=LOSS,
-                data=data,
-                every=every,
-                out=out / "analysis" / f"{run_dir.name}-{tag}.csv",
-                device=device,
-                progress=progress,
-            )
-            parts.append(df.assign(method=method, seed=seed)[list(CURVE_COLUMNS)])
+        df = analyse_run(
+            s, run_dir, data, out / "analysis" / f"{run_dir.name}.csv", device, progress
+        )
+        parts.append(df.assign(method=method, seed=seed)[list(CURVE_COLUMNS)])
         parts.append(melt_metrics(read_metrics(run_dir), method, seed))
     curves = pd.concat(parts, ignore_index=True)
     _csv(curves, out / "analysis" / "curves.csv")

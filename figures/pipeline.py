@@ -40,7 +40,7 @@ class Settings:
     """
 
     data: str = "digits"
-    model: str = "resnet_small"
+    model: str = "mlp"
     model_kwargs: dict = field(default_factory=dict)
     methods: tuple[str, ...] = METHODS
     seeds: int = 3
