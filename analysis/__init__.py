@@ -4,6 +4,10 @@ Imports point one way: ``landscape`` may import ``analysis``; ``analysis``
 never imports ``saf`` or ``landscape``.
 """
 
+from analysis._density import SpectralDensity, hessian_density, plot_density, slq
+from analysis._eigen import hessian_eigenvalues
+from analysis._functional import params_without_norm_and_bias
+from analysis._hvp import HessianOperator, hessian_operator
 from analysis._io import (
     CHECKPOINT_SUFFIXES,
     CheckpointError,
@@ -15,8 +19,35 @@ from analysis._io import (
     load_state_dict,
     safe_torch_load,
 )
+from analysis._lanczos import lanczos
+from analysis._linop import EigenResult
+from analysis._power import power_iteration
+from analysis._sharpness import SharpnessResult, m_sharpness, sam_sharpness
+from analysis._trace import TraceResult, hessian_trace, hutchinson, hutchpp
 
 __all__ = [
+    # Hessian operator
+    "HessianOperator",
+    "hessian_operator",
+    "params_without_norm_and_bias",
+    # eigen-solvers
+    "EigenResult",
+    "hessian_eigenvalues",
+    "lanczos",
+    "power_iteration",
+    # trace and density
+    "SpectralDensity",
+    "TraceResult",
+    "hessian_density",
+    "hessian_trace",
+    "hutchinson",
+    "hutchpp",
+    "plot_density",
+    "slq",
+    # sharpness
+    "SharpnessResult",
+    "m_sharpness",
+    "sam_sharpness",
     # safe I/O
     "CHECKPOINT_SUFFIXES",
     "CheckpointError",

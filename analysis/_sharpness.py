@@ -1,0 +1,215 @@
+r"""m-sharpness: worst-case (SAM-style ascent) and average-case, plain or adaptive.
+
+For disjoint batches :math:`B` of :math:`m` samples,
+
+.. math:: S_{\text{worst}} = \mathbb{E}_B \max_{\|T^{-1}\delta\| \le \rho}
+          L_B(w + \delta) - L_B(w), \qquad
+          S_{\text{avg}} = \mathbb{E}_B \mathbb{E}_{\delta \sim \mathcal N(0, \rho^2 T^2)}
+          L_B(w + \delta) - L_B(w),
+
+with :math:`T = \mathrm{diag}(|w|)` when adaptive (ASAM's scaling) and
+:math:`T = I` otherwise. References: Foret et al., "Sharpness-Aware
+Minimization", ICLR 2021 (m-sharpness); Kwon et al., "ASAM", ICML 2021;
+Andriushchenko et al., "A modern look at the relationship between sharpness
+and generalization", ICML 2023.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from analysis._distributed import gather_floats, is_distributed
+from analysis._functional import LossFn, ParamSpace, ParamSpec, model_mode
+
+
+@dataclass
+class SharpnessResult:
+    """Mean sharpness over batches, its standard error, and the per-batch values."""
+
+    value: float
+    stderr: float
+    n_batches: int
+    values: list[float]
+
+
+def m_sharpness(
+    model: nn.Module,
+    loss_fn: LossFn,
+    data: Iterable,
+    rho: float = 0.05,
+    m: int | None = None,
+    steps: int = 1,
+    kind: str = "worst",
+    adaptive: bool = False,
+    norm: str = "l2",
+    *,
+    step_size: float | None = None,
+    n_draws: int = 1,
+    seed: int = 0,
+    params: ParamSpec = None,
+    dtype: torch.dtype | None = None,
+    device=None,
+    distributed: bool = False,
+    progress: bool = False,
+) -> SharpnessResult:
+    r"""m-sharpness of ``model`` on ``data`` (see the module docstring for the formulas).
+
+    Worst case: ``steps`` of normalized gradient ascent on :math:`u = T^{-1}\delta`,
+    :math:`u \leftarrow \Pi_{\|u\|\le\rho}(u + \alpha\, Tg/\|Tg\|)` (``"l2"``) or
+    :math:`u \leftarrow \mathrm{clip}_\rho(u + \alpha\,\mathrm{sign}(Tg))` (``"linf"``),
+    starting at :math:`\delta = 0`; the batch value is the largest
+    :math:`L_B(w+\delta)-L_B(w)` over the iterates. ``steps=1`` with the default
+    :math:`\alpha=\rho` is SAM's one-step estimate
+    :math:`\hat\delta = \rho\, T^2 g / \|Tg\|`, the quantity of the SAF paper's Fig. 4b
+    (:math:`\rho = 0.05`).
+
+    Average case: ``n_draws`` Gaussian draws :math:`\delta = \rho\, T z`,
+    :math:`z \sim \mathcal N(0, I)` per batch (``rho`` is a per-coordinate standard
+    deviation here).
+
+    BatchNorm is in eval mode throughout, and the model's weights are never
+    written (``functional_call``), so they are bitwise unchanged afterwards.
+
+    Args:
+        model, loss_fn, params, dtype, device: as in :class:`HessianOperator`.
+        data: iterable of ``(inputs, targets)`` batches; re-cut into disjoint
+            batches of ``m`` samples (an incomplete last batch is dropped unless it
+            is the only one). ``m=None`` keeps the given batches.
+        rho: radius of the ball (worst) or standard deviation (average).
+        m: samples per batch.
+        steps: ascent steps (worst case).
+        kind: ``"worst"`` or ``"average"``.
+        adaptive: scale the ball by :math:`|w|` elementwise.
+        norm: ``"l2"`` or ``"linf"`` (worst case).
+        step_size: :math:`\alpha` (default :math:`\rho` for one step, :math:`2\rho/\text{steps}`
+            otherwise).
+        n_draws: Gaussian draws per batch (average case).
+        seed: seed of the Gaussian draws (draw ``j`` of batch ``i`` uses a fixed stream).
+        distributed: shard batches over ``torch.distributed`` ranks; every rank
+            gets the full result.
+        progress: show a tqdm bar on stderr.
+
+    Returns:
+        :class:`SharpnessResult` with the mean over batches and its standard error.
+    """
+    _validate(rho, m, steps, kind, norm, n_draws)
+    alpha = step_size if step_size is not None else (rho if steps == 1 else 2 * rho / steps)
+    space = ParamSpace(model, params, dtype, device)
+    T = space.theta.abs() if adaptive else torch.ones_like(space.theta)
+    vals = []
+    dist_on = is_distributed(distributed)
+    rank, world = _rank_world(dist_on)
+    with model_mode(model, "eval"):
+        for i, batch in enumerate(
+            tqdm(_rebatch(data, m), desc="m-sharpness", disable=not progress, leave=False)
+        ):
+            if i % world != rank:
+                continue
+            x, y, _ = space.batch(batch)
+            if kind == "worst":
+                vals.append(_worst(space, loss_fn, x, y, T, rho, alpha, steps, norm))
+            else:
+                vals.append(_average(space, loss_fn, x, y, T, rho, n_draws, seed + 7919 * i))
+    vals = gather_floats(vals, distributed)
+    if not vals:
+        raise ValueError("data has no batch of m samples; pass more data or a smaller m")
+    mean = math.fsum(vals) / len(vals)
+    var = math.fsum((v - mean) ** 2 for v in vals) / (len(vals) - 1) if len(vals) > 1 else math.nan
+    return SharpnessResult(mean, math.sqrt(var / len(vals)), len(vals), vals)
+
+
+def _worst(space, loss_fn, x, y, T, rho, alpha, steps, norm) -> float:
+    theta = space.theta
+    loss0, g = _loss_grad(space, loss_fn, x, y, theta)
+    u, best = torch.zeros_like(theta), -math.inf
+    for s in range(steps):
+        if s > 0:
+            g = _loss_grad(space, loss_fn, x, y, theta + T * u)[1]
+        tg = T * g
+        if norm == "l2":
+            u = u + alpha * tg / tg.norm().clamp_min(1e-30)
+            u = u * min(1.0, rho / max(float(u.norm()), 1e-30))
+        else:
+            u = (u + alpha * tg.sign()).clamp(-rho, rho)
+        with torch.no_grad():
+            best = max(best, float(space.loss(theta + T * u, loss_fn, x, y)) - loss0)
+    return best
+
+
+def _average(space, loss_fn, x, y, T, rho, n_draws, seed) -> float:
+    theta = space.theta
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        loss0 = float(space.loss(theta, loss_fn, x, y))
+        total = 0.0
+        for _ in range(n_draws):
+            z = torch.randn(theta.numel(), generator=gen, dtype=torch.float64)
+            delta = rho * T * z.to(theta.device, theta.dtype)
+            total += float(space.loss(theta + delta, loss_fn, x, y)) - loss0
+    return total / n_draws
+
+
+def _loss_grad(space, loss_fn, x, y, point) -> tuple[float, torch.Tensor]:
+    point = point.detach().requires_grad_(True)
+    with torch.enable_grad():
+        loss = space.loss(point, loss_fn, x, y)
+        (g,) = torch.autograd.grad(loss, point)
+    return float(loss), g
+
+
+def _rebatch(data: Iterable, m: int | None) -> Iterator[tuple]:
+    """Disjoint batches of exactly ``m`` samples (a short tail only if it is all there is)."""
+    if m is None:
+        yield from data
+        return
+    xs, ys, count, emitted = [], [], 0, False
+    for x, y in data:
+        xs.append(x)
+        ys.append(y)
+        count += len(y)
+        if count >= m:
+            X, Y = torch.cat(xs), torch.cat(ys)
+            for start in range(0, count - m + 1, m):
+                yield X[start : start + m], Y[start : start + m]
+                emitted = True
+            rest = count - count % m
+            xs, ys, count = [X[rest:]], [Y[rest:]], count % m
+    if count and not emitted:
+        yield torch.cat(xs), torch.cat(ys)
+
+
+def _rank_world(on: bool) -> tuple[int, int]:
+    if not on:
+        return 0, 1
+    import torch.distributed as dist
+
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _validate(rho, m, steps, kind, norm, n_draws) -> None:
+    if not (rho > 0 and math.isfinite(rho)):
+        raise ValueError(f"rho must be a finite number > 0, got {rho}")
+    if m is not None and m < 1:
+        raise ValueError(f"m must be >= 1 (samples per batch) or None, got {m}")
+    if steps < 1 or n_draws < 1:
+        raise ValueError(f"steps and n_draws must be >= 1, got {steps}, {n_draws}")
+    if kind not in ("worst", "average"):
+        raise ValueError(f"kind must be 'worst' or 'average', got {kind!r}")
+    if norm not in ("l2", "linf"):
+        raise ValueError(f"norm must be 'l2' or 'linf', got {norm!r}")
+
+
+def sam_sharpness(
+    model: nn.Module, loss_fn: LossFn, data: Iterable, rho: float = 0.05, **kwargs
+) -> SharpnessResult:
+    r"""SAM's one-step sharpness :math:`L_B(w+\hat\epsilon)-L_B(w)` per given batch, averaged.
+
+    :math:`\hat\epsilon = \rho\, g/\|g\|` (SAF paper, Fig. 4b, :math:`\rho=0.05`).
+    """
+    return m_sharpness(model, loss_fn, data, rho, None, 1, "worst", **kwargs)
