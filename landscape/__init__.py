@@ -15,6 +15,7 @@ from landscape._directions import (
     random_direction,
 )
 from landscape._fast import fold_batchnorm
+from landscape._plot import plot_1d, plot_2d, plot_trajectory, save_figure, write_html
 from landscape._surface import (
     Surface,
     evaluate_grid,
@@ -42,4 +43,10 @@ __all__ = [
     "make_point_evaluator",
     "surface_1d",
     "surface_2d",
+    # plots
+    "plot_1d",
+    "plot_2d",
+    "plot_trajectory",
+    "save_figure",
+    "write_html",
 ]
