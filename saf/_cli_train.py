@@ -61,6 +61,7 @@ def add_parser(subparsers) -> None:
     a("--model-kwargs", type=_json_dict, default={}, metavar="JSON", help="e.g. '{\"width\": 32}'")
     a("--data", choices=DATASETS, default="digits", help="data set (default: digits, embedded)")
     a("--data-dir", type=existing_dir, default=None, help="folder of the CIFAR python files")
+    a("--limit", type=positive_int, default=None, help="train on a balanced subset of N samples")
     a("--epochs", type=positive_int, default=30, help="number of epochs (default: 30)")
     a("--batch-size", type=positive_int, default=128, help="batch size (default: 128)")
     a("--lr", type=positive_float, default=0.05, help="peak learning rate, cosine decay")

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 
 from saf import runs
 from saf._distributed import DistInfo, local_device
-from saf.data import DATASETS, load_dataset
+from saf.data import DATASETS, IndexedDataset, _balanced, load_dataset
 from saf.ema import EMA, scaled_ema_decay
 from saf.methods import METHODS, Stepper
 from saf.models import MODELS, build_model
@@ -50,7 +50,8 @@ class TrainConfig:
     """Everything that defines a run (stored in ``run.json``; ``None`` = method default).
 
     ``rho``: 0.05 (sam) / 0.5 (asam). ``lam``: 0.3 (saf) / 0.8 (mesa). ``ema_decay``:
-    ``1 - 1/steps_per_epoch`` (see :func:`saf.ema.scaled_ema_decay`). ``start_epoch``: first
+    ``1 - 1/steps_per_epoch`` (see :func:`saf.ema.scaled_ema_decay`). ``limit``: train on a
+    fixed class-balanced subset of that many samples (quick runs). ``start_epoch``: first
     0-based epoch with the trajectory loss. ``out``: ``runs/{method}-s{seed}``.
     """
 
@@ -59,6 +60,7 @@ class TrainConfig:
     model_kwargs: dict = field(default_factory=dict)
     data: str = "digits"
     data_dir: str | None = None
+    limit: int | None = None
     epochs: int = 30
     batch_size: int = 128
     lr: float = 0.05
@@ -92,6 +94,8 @@ class TrainConfig:
         for name in ("tau", "lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.limit is not None and self.limit < 2:
+            raise ValueError(f"limit must be >= 2 training samples, got {self.limit}")
         for name in ("epochs", "batch_size", "lag"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -222,6 +226,11 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
 
     # --- data, model, optimizer, schedule ---------------------------------------------------
     train_ds = load_dataset(cfg.data, "train", cfg.data_dir, augment=cfg.augment)
+    if cfg.limit is not None:  # a fixed, class-balanced subset
+        keep = _balanced(train_ds.y, train_ds.num_classes, cfg.limit)
+        train_ds = IndexedDataset(
+            train_ds.x[keep], train_ds.y[keep], train_ds.num_classes, train_ds.augment
+        )
     test_ds = load_dataset(cfg.data, "test", cfg.data_dir)
     sampler_gen, augment_gen = (
         torch.Generator().manual_seed(cfg.seed),
@@ -327,13 +336,14 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         sums = dist.all_reduce(sums)
         train_s = time.perf_counter() - t0
         ce_m, traj_m, acc, n = (sums[:3] / sums[3]).tolist() + [sums[3].item()]
-        if not (math.isfinite(ce_m) and math.isfinite(traj_m)):
+        test_loss, test_acc = evaluate(net, test_ds, device)
+        if not all(map(math.isfinite, (ce_m, traj_m, test_loss))):
             last = runs.checkpoint_path(run_dir, epoch)
             raise TrainingDiverged(
-                f"training diverged: non-finite loss in epoch {epoch + 1} (ce={ce_m}, "
-                f"traj={traj_m}); last good checkpoint: {last}; try a smaller --lr"
+                f"training diverged: non-finite loss in epoch {epoch + 1} (train ce={ce_m}, "
+                f"traj={traj_m}, test={test_loss}); last good checkpoint: {last}; "
+                "try a smaller --lr"
             )
-        test_loss, test_acc = evaluate(net, test_ds, device)
         seconds = time.perf_counter() - t0
         rows.append(
             {
