@@ -290,31 +290,34 @@ def hessian_directions(
     loss_fn,
     data,
     k: int = 2,
+    params=None,
     **kwargs,
 ) -> tuple[list[Direction], np.ndarray]:
     r"""The top-``k`` Hessian eigenvectors :math:`H v = \lambda v` as directions.
 
-    Computed by :func:`analysis.hessian_eigenvalues` (Lanczos on
-    Hessian-vector products); extra keyword arguments go to it.
+    Lanczos on exact Hessian-vector products (:class:`analysis.HessianOperator`,
+    eval mode); the model is not modified.
+
+    Args:
+        model, loss_fn, data: as for :func:`landscape.surface_2d`.
+        k: number of eigenvectors.
+        params: which parameters (see :class:`analysis.HessianOperator`); default
+            all trainable ones. The other tensors get no direction.
+        **kwargs: ``tol``, ``max_iter``, ``seed``, ``progress`` go to
+            :func:`analysis.lanczos`; the rest to :class:`analysis.HessianOperator`.
 
     Returns:
-        ``(directions, eigenvalues)``, largest eigenvalue first; unit-norm directions.
+        ``(directions, eigenvalues)``, largest eigenvalue first; each direction
+        has unit norm over the chosen parameters (the sign is arbitrary).
     """
-    from analysis import hessian_eigenvalues
+    from analysis import HessianOperator, lanczos
 
-    res = hessian_eigenvalues(model, loss_fn, data, k=k, return_eigenvectors=True, **kwargs)
-    evals, vecs = res
-    names = [n for n, p in model.named_parameters() if p.requires_grad]
-    return [_unflatten(v, model, names) for v in vecs], np.asarray(evals, dtype=float)
-
-
-def _unflatten(v, model: nn.Module, names: Sequence[str]) -> Direction:
-    if isinstance(v, Mapping):
-        return {k: t.detach() for k, t in v.items()}
-    params = dict(model.named_parameters())
-    out, i = {}, 0
-    for n in names:
-        p = params[n]
-        out[n] = torch.as_tensor(v[i : i + p.numel()]).reshape(p.shape).to(p)
-        i += p.numel()
-    return out
+    solver = {n: kwargs.pop(n) for n in ("tol", "max_iter", "seed", "progress") if n in kwargs}
+    H = HessianOperator(model, loss_fn, data, params, **kwargs)
+    res = lanczos(H, k, which="largest", **solver)
+    dtypes = dict(model.named_parameters())
+    dirs = []
+    for v in res.vectors:
+        d = H.space.unflatten(v.detach())
+        dirs.append({n: t.to(dtypes[n].dtype).clone() for n, t in d.items()})
+    return dirs, res.values.detach().cpu().double().numpy()

@@ -125,3 +125,20 @@ def test_pca_off_plane_residuals_and_variance():
 def test_pca_needs_enough_checkpoints():
     with pytest.raises(ValueError, match="at least 3"):
         L.pca_directions([{"w": torch.zeros(3)}] * 2, keys=["w"])
+
+
+def test_hessian_directions_match_dense_eigenvectors():
+    # Linear model with MSE: H = 2 X^T X / N (closed form); compare up to sign.
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(40, 5, dtype=torch.float64, generator=g) * torch.arange(1, 6)
+    model = nn.Linear(5, 1, bias=False).double()
+    data = [
+        (X[:25], torch.zeros(25, 1, dtype=torch.float64)),
+        (X[25:], torch.zeros(15, 1, dtype=torch.float64)),
+    ]
+    dirs, evals = L.hessian_directions(model, nn.MSELoss(), data, k=2, tol=1e-10)
+    w, V = torch.linalg.eigh(2 * X.T @ X / 40)
+    np.testing.assert_allclose(evals, w.flip(0)[:2].numpy(), rtol=1e-8)
+    for d, v in zip(dirs, V.flip(1).T[:2], strict=True):
+        cos = float(d["weight"].reshape(-1) @ v)
+        assert abs(abs(cos) - 1) < 1e-8
