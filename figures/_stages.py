@@ -259,12 +259,18 @@ def runs_table(s: Settings, runs: dict) -> pd.DataFrame:
 
 
 def _store_mb(run: dict) -> float:
-    """Extra memory the method keeps: SAF's output store, MESA's EMA weights, else 0."""
-    for k in ("store_bytes", "memory_bytes", "extra_memory_bytes"):
-        v = run.get(k, run.get("hparams", {}).get(k))
-        if v is not None:
-            return float(v) / 2**20
-    return float("nan")
+    """Extra memory the method keeps: SAF's output store, MESA's EMA weights, else 0 (MiB)."""
+    from saf.runs import model_from_run
+    from saf.trajectory import OutputStore
+
+    if run["method"] == "saf":
+        d = run["data"]
+        store = OutputStore(d["num_train"], d["num_classes"], run["hparams"]["lag"], device="meta")
+        return store.nbytes / 2**20
+    if run["method"] == "mesa":
+        sd = model_from_run(run).state_dict()
+        return sum(t.numel() * t.element_size() for t in sd.values()) / 2**20
+    return 0.0
 
 
 def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, device: str) -> Path:

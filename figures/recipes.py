@@ -45,11 +45,19 @@ def _curve_panel(ax, curves: pd.DataFrame, metric: str, ylabel: str, log: bool =
         _band(ax, stats, "epoch", m)
     ax.set_xlabel("epoch")
     ax.set_ylabel(ylabel)
-    if log and (stats["mean"] > 0).all() and not stats.empty:
-        ax.set_yscale("log")
+    if log:
+        _maybe_log(ax, stats["mean"])
     ax.grid(alpha=0.3)
     if not stats.empty:
         ax.legend(fontsize=8)
+
+
+def _maybe_log(ax, values) -> None:
+    """Log y axis when the positive values span more than a factor of 10."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    if v.size and (v > 0).all() and v.max() > 10 * v.min():
+        ax.set_yscale("log")
 
 
 def _need(curves: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -116,19 +124,21 @@ def surfaces_2d(
     methods = method_order(surfaces)
     levels = _shared_levels(surfaces)
     fig, axes = plt.subplots(
-        1, len(methods), figsize=(3.2 * len(methods) + 0.8, 3.3), squeeze=False
-    )
+        1, len(methods), figsize=(2.9 * len(methods) + 1.2, 3.3), squeeze=False,
+        sharey=True, layout="constrained",
+    )  # fmt: skip
     for ax, m in zip(axes[0], methods, strict=True):
         g = surfaces[m]
+        i, j = int(np.argmin(np.abs(g.y))), int(np.argmin(np.abs(g.x)))
         cs = ax.contourf(
             g.x, g.y, np.log10(np.maximum(g.values, 1e-12)), levels=levels, cmap="viridis"
         )
         ax.plot(0, 0, "w+", markersize=8)
-        ax.set_title(f"{label(m)}: min {np.nanmin(g.values):.3g}")
+        ax.set_title(f"{label(m)}: L(0) = {g.values[i, j]:.3g}", fontsize=10)
         ax.set_xlabel(r"$\alpha$ (direction 1)")
         ax.set_aspect("equal")
     axes[0][0].set_ylabel(r"$\beta$ (direction 2)")
-    fig.colorbar(cs, ax=axes[0].tolist(), label=r"$\log_{10}$ training loss")
+    fig.colorbar(cs, ax=axes[0].tolist(), label=r"$\log_{10}$ training loss", format="%.2f")
     paths = save_figure(fig, Path(out) / name)
     return [*paths, _surfaces_html(surfaces, methods, Path(out) / f"{name}.html")]
 
@@ -164,8 +174,8 @@ def surface_slices(
         axes[1].plot(g.y, along_y, color=color(m), label=label(m))
     for ax, d in zip(axes, ("direction 1 (β=0)", "direction 2 (α=0)"), strict=True):
         ax.set_xlabel(d)
-        ax.set_yscale("log")
         ax.grid(alpha=0.3)
+    _maybe_log(axes[0], np.concatenate([np.ravel(g.values) for g in surfaces.values()]))
     axes[0].set_ylabel("training loss")
     axes[0].legend(fontsize=8)
     fig.suptitle("1D slices of the 2D surfaces (filter-normalized directions)")
@@ -202,7 +212,7 @@ def interpolation(
         ax.set_ylabel(yl)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    axes[0][0].set_yscale("log")
+    _maybe_log(axes[0][0], interp["loss"])
     fig.suptitle(f"Linear interpolation between the {label(a)} and {label(b)} minima (seed 0)")
     fig.tight_layout()
     return save_figure(fig, Path(out) / (name or f"interpolation_{a}_{b}"))

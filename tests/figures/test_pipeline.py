@@ -1,0 +1,98 @@
+"""``saf figures --quick`` end to end (smaller still via hidden options), once per session."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from figures.pipeline import quick_settings, run_pipeline
+from saf.cli import main
+
+TINY = [
+    "--quick", "--seeds", "2", "--epochs", "2", "--analysis-samples", "128",
+    "--surface-points", "5", "--interp-points", "5", "--m-values", "8,32", "--no-progress",
+]  # fmt: skip
+FIGURES = [
+    "fig4a_train_ce",
+    "fig4b_sam_sharpness",
+    "hessian_per_epoch",
+    "fig2_surfaces_2d",
+    "surface_slices_1d",
+    "interpolation_sgd_saf",
+    "m_sharpness",
+]
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    out = tmp_path_factory.mktemp("study")
+    assert main(["figures", "--out", str(out), *TINY]) == 0
+    return out
+
+
+def test_every_file_exists(study):
+    for name in FIGURES:
+        for ext in (".png", ".pdf"):
+            p = study / "figures" / f"{name}{ext}"
+            assert p.is_file() and p.stat().st_size > 1000, p
+    assert (study / "figures" / "fig2_surfaces_2d.html").is_file()
+    for t in ("table3", "final_metrics"):
+        assert (study / "tables" / f"{t}.csv").is_file() and (
+            study / "tables" / f"{t}.md"
+        ).is_file()
+    assert (study / "index.html").is_file() and (study / "settings.json").is_file()
+    leftovers = [p for p in study.rglob("*.tmp")]
+    assert not leftovers, leftovers  # atomic writes leave no temporary files
+
+
+def test_tables_have_every_method_and_seed(study):
+    t = pd.read_csv(study / "tables" / "table3.csv")
+    assert list(t.method) == ["SGD", "SAM", "SAF", "MESA"] and (t.seeds == 2).all()
+    assert t.set_index("method").loc["SGD", "speed_vs_sgd"] == 1.0
+    store = t.set_index("method")["store_mb"]
+    assert store["SGD"] == store["SAM"] == 0 and store["SAF"] > 0 and store["MESA"] > 0
+    curves = pd.read_csv(study / "analysis" / "curves.csv")
+    sharp = curves[curves.metric == "sam_sharpness"]
+    # every checkpoint (epochs 0..2) of every run is analysed
+    assert len(sharp) == 4 * 2 * 3 and sharp["value"].notna().all()
+    lam = curves[curves.metric == "lambda_max"]
+    assert (lam["value"] > 0).all() and set(lam.epoch) >= {0, 2}
+
+
+def test_store_memory_matches_closed_form(study):
+    run = json.loads((study / "runs" / "saf-s0" / "run.json").read_text())
+    n, c, lag = run["data"]["num_train"], run["data"]["num_classes"], run["hparams"]["lag"]
+    t = pd.read_csv(study / "tables" / "table3.csv").set_index("method")
+    # fp16 logits (2 bytes) + int32 epoch tag (4 bytes) per sample per slot
+    assert t.loc["SAF", "store_mb"] * 2**20 == pytest.approx(lag * n * (2 * c + 4))
+
+
+def test_report_renders(study, render_dom):
+    dom, body = render_dom(study / "index.html")
+    assert int(body["data-images-ok"]) == len(FIGURES)
+    assert body["data-images-broken"] == "0"
+    assert "Table 3" in dom and "Settings" in dom and "What the numbers say" in dom
+
+
+def test_rerun_reuses_everything(study, capsys):
+    ckpt = study / "runs" / "sgd-s0" / "checkpoints" / "epoch_0002.pt"
+    cache = study / "analysis" / "sgd-s0.csv"
+    before = (ckpt.stat().st_mtime_ns, cache.read_bytes())
+    assert main(["figures", "--out", str(study), *TINY]) == 0
+    err = capsys.readouterr().err
+    assert err.count("finished, reused") == 8 and "training" not in err.replace("[train", "")
+    assert (ckpt.stat().st_mtime_ns, cache.read_bytes()) == before
+
+
+def test_other_settings_in_same_folder_refused(study, capsys):
+    args = [a if a != "2" else "3" for a in TINY]  # 3 seeds / 3 epochs
+    assert main(["figures", "--out", str(study), *args]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_quick_mode_default_settings(tmp_path):
+    page = run_pipeline(quick_settings(), tmp_path, progress=False)
+    assert page.is_file()
