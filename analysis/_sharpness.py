@@ -79,8 +79,7 @@ def m_sharpness(
     Args:
         model, loss_fn, params, dtype, device: as in :class:`HessianOperator`.
         data: iterable of ``(inputs, targets)`` batches; re-cut into disjoint
-            batches of ``m`` samples (an incomplete last batch is dropped unless it
-            is the only one). ``m=None`` keeps the given batches.
+            batches of ``m`` samples (an incomplete last batch is dropped). ``m=None`` keeps the given batches.
         rho: radius of the ball (worst) or standard deviation (average).
         m: samples per batch.
         steps: ascent steps (worst case).
@@ -160,15 +159,15 @@ def _loss_grad(space, loss_fn, x, y, point) -> tuple[float, torch.Tensor]:
     with torch.enable_grad():
         loss = space.loss(point, loss_fn, x, y)
         (g,) = torch.autograd.grad(loss, point)
-    return float(loss), g
+    return float(loss.detach()), g
 
 
 def _rebatch(data: Iterable, m: int | None) -> Iterator[tuple]:
-    """Disjoint batches of exactly ``m`` samples (a short tail only if it is all there is)."""
+    """Disjoint batches of exactly ``m`` samples, in order; an incomplete tail is dropped."""
     if m is None:
         yield from data
         return
-    xs, ys, count, emitted = [], [], 0, False
+    xs, ys, count = [], [], 0
     for x, y in data:
         xs.append(x)
         ys.append(y)
@@ -177,11 +176,8 @@ def _rebatch(data: Iterable, m: int | None) -> Iterator[tuple]:
             X, Y = torch.cat(xs), torch.cat(ys)
             for start in range(0, count - m + 1, m):
                 yield X[start : start + m], Y[start : start + m]
-                emitted = True
             rest = count - count % m
             xs, ys, count = [X[rest:]], [Y[rest:]], count % m
-    if count and not emitted:
-        yield torch.cat(xs), torch.cat(ys)
 
 
 def _rank_world(on: bool) -> tuple[int, int]:
