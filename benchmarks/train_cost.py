@@ -1,0 +1,150 @@
+"""Step cost of sgd, saf, mesa and sam relative to sgd, measured side by side in one process.
+
+Each round takes one batch and runs one step of every method on it, in a rotating order, so
+slow phases of a shared machine hit every method alike. The per-round ratio
+``t_method / t_sgd`` is summarised by its median with a bootstrap 95% confidence interval
+(resampling rounds). Whole-run timings on a shared machine swing by +-20%; this design
+resolves a few per cent.
+
+    python benchmarks/train_cost.py                 # default model/data, 300 steps each
+    python benchmarks/train_cost.py --steps 500 --threads 1 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+import torch
+
+from saf import EMA, SAM, OutputStore, Stepper, build_model, load_dataset, scaled_ema_decay
+from saf.train import _batches
+
+METHODS = ("sgd", "saf", "mesa", "sam")
+
+
+def make_steppers(ds, model_name, device, lag=3, seed=0):
+    """One (model, Stepper) per method, all from the same initial weights."""
+    steppers = {}
+    for m in METHODS:
+        torch.manual_seed(seed)
+        net = build_model(model_name, ds.num_classes, ds.in_shape).to(device).train()
+        kw = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+        opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, **kw) if m == "sam" else None
+        opt = opt or torch.optim.SGD(net.parameters(), **kw)
+        store = OutputStore(len(ds), ds.num_classes, lag, device=device) if m == "saf" else None
+        ema = EMA(net, scaled_ema_decay(12)) if m == "mesa" else None
+        lam = {"saf": 0.3, "mesa": 0.8}.get(m, 0.0)
+        steppers[m] = Stepper(m, net, opt, lam, 5.0, 0, store, ema)
+    return steppers
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure(steppers, ds, steps, batch_size, device, warmup=10, seed=0):
+    """Per-round step times ``{method: [seconds, ...]}`` (interleaved, rotating order)."""
+    gen, times = torch.Generator().manual_seed(seed), {m: [] for m in steppers}
+    order, r, batches = list(steppers), 0, []
+    while r < steps + warmup:
+        if not batches:
+            batches = _batches(len(ds), batch_size, gen)
+        x, y, idx = (t.to(device) for t in ds.get_batch(batches.pop(0)))
+        epoch = 3 + r // 12  # trajectory loss active, store slots rotate like in training
+        for m in order[r % len(order) :] + order[: r % len(order)]:
+            _sync(device)
+            t0 = time.perf_counter()
+            steppers[m](x, y, idx, epoch)
+            _sync(device)
+            if r >= warmup:
+                times[m].append(time.perf_counter() - t0)
+        r += 1
+    return times
+
+
+@torch.no_grad()
+def forward_fraction(model, ds, batch_size, device, sgd_times, reps=50):
+    """Median time of a no-grad eval-mode forward over the median sgd step time."""
+    x = ds.get_batch(torch.arange(batch_size))[0].to(device)
+    model.eval()
+    t = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        model(x)
+        _sync(device)
+        t.append(time.perf_counter() - t0)
+    model.train()
+    return statistics.median(t) / statistics.median(sgd_times)
+
+
+def ratio_summary(t, t_ref, n_boot=2000, seed=0):
+    """Median of per-round ratios and its bootstrap 95% CI."""
+    ratios = np.asarray(t) / np.asarray(t_ref)
+    rng = np.random.default_rng(seed)
+    boot = np.median(rng.choice(ratios, (n_boot, len(ratios))), axis=1)
+    return (
+        float(np.median(ratios)),
+        float(np.quantile(boot, 0.025)),
+        float(np.quantile(boot, 0.975)),
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--model", default="resnet_small")
+    p.add_argument("--data", default="digits")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=300, help="measured steps per method (>= 200)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, help="also write the results here")
+    a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    ds = load_dataset(a.data)
+    steppers = make_steppers(ds, a.model, a.device)
+    times = measure(steppers, ds, a.steps, a.batch_size, a.device)
+    store = steppers["saf"].store
+    ema_bytes = sum(
+        t.numel() * t.element_size() for t in steppers["mesa"].ema.module.state_dict().values()
+    )
+    res = {"model": a.model, "data": a.data, "batch_size": a.batch_size, "steps": a.steps,
+           "threads": torch.get_num_threads(), "device": a.device,
+           "sgd_ms_median": 1e3 * statistics.median(times["sgd"]), "ratio_to_sgd": {},
+           "store_bytes_per_sample_per_class": store.nbytes_per_sample_per_class,
+           "reference_code_bytes_per_sample_per_class": 16,
+           "store_logits_MB": store.logits.numel() * store.logits.element_size() / 2**20,
+           "store_total_MB": store.nbytes / 2**20, "mesa_ema_MB": ema_bytes / 2**20}  # fmt: skip
+    fwd = forward_fraction(steppers["sgd"].model, ds, a.batch_size, a.device, times["sgd"])
+    res["eval_forward_over_sgd_step"] = fwd
+    print(
+        f"{a.model} on {a.data}, batch {a.batch_size}, {a.steps} interleaved steps each, "
+        f"{res['threads']} thread(s), {a.device}; sgd step {res['sgd_ms_median']:.2f} ms "
+        f"(median); a no-grad eval forward costs {fwd:.3f} of it (MESA's floor: {1 + fwd:.3f})"
+    )
+    for m in METHODS[1:]:
+        med, lo, hi = ratio_summary(times[m], times["sgd"])
+        res["ratio_to_sgd"][m] = {"median": med, "ci95": [lo, hi]}
+        print(f"  {m:5s} / sgd = {med:.3f}  (95% CI {lo:.3f} - {hi:.3f})")
+    print(
+        f"  SAF store: {res['store_bytes_per_sample_per_class']} B/sample/class (fp16, "
+        f"{store.lag} slots; reference code: 16), logits {res['store_logits_MB']:.3f} MB, "
+        f"with epoch tags {res['store_total_MB']:.3f} MB; "
+        f"MESA EMA copy {res['mesa_ema_MB']:.3f} MB"
+    )
+    if a.json:
+        from analysis import atomic_write_json
+
+        atomic_write_json(a.json, res)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
