@@ -210,7 +210,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
                 "progress": config.progress,
             }
         )
-        state = runs.load_state(run_dir)
+        # killed after run.json but before the first state.pt: nothing trained, start over
+        state = runs.load_state(run_dir) if (run_dir / "state.pt").exists() else None
     else:
         if (run_dir / "run.json").exists() or (run_dir / "state.pt").exists():
             raise ValueError(
