@@ -1,0 +1,138 @@
+"""A pre-warmed launcher of ``saf`` commands that the tests can kill with SIGKILL.
+
+Starting a fresh Python per ``saf`` command costs seconds (torch, sklearn and dynamo
+imports). The launcher imports everything once, with one CPU thread and no torch work done,
+then forks one child per command: each child runs ``saf.cli.main(argv)`` exactly as the
+console script does, in its own process, so ``os.kill(pid, SIGKILL)`` is a real SIGKILL.
+
+Protocol (one JSON object per line): the test sends ``{"argv": [...], "log": PATH}``; the
+launcher answers ``{"pid": N}`` at once and ``{"status": S}`` when the child ends, where
+``S`` is the exit code or ``-signal`` when a signal ended it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def _serve() -> None:
+    import torch
+
+    torch.set_num_threads(1)  # no OpenMP pool before fork; children inherit one thread
+    import sklearn.datasets  # noqa: F401  (the slow imports, done once)
+    import torch._dynamo  # noqa: F401
+
+    import saf.cli
+    from saf.data import load_dataset
+
+    for split in ("train", "test"):
+        load_dataset("digits", split)  # cached in memory, inherited by every child
+    saf.cli.build_parser()
+    print(json.dumps({"ready": True}), flush=True)
+    for line in sys.stdin:
+        req = json.loads(line)
+        pid = os.fork()
+        if pid == 0:  # the child: run the command line like the console script
+            fd = os.open(req["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            code = 1
+            try:
+                code = saf.cli.main(req["argv"])
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        print(json.dumps({"pid": pid}), flush=True)
+        _, status = os.waitpid(pid, 0)
+        code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+        print(json.dumps({"status": code}), flush=True)
+
+
+class Launcher:
+    """Client side: ``start(argv)`` -> pid, then ``wait()`` -> exit status."""
+
+    def __init__(self, cwd: Path):
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=cwd,
+        )
+        self._read()  # {"ready": true}
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the launcher died")
+        return json.loads(line)
+
+    def start(self, argv: list[str], log: Path) -> int:
+        self.proc.stdin.write(json.dumps({"argv": [str(a) for a in argv], "log": str(log)}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()["pid"]
+
+    def wait(self) -> int:
+        return self._read()["status"]
+
+    def run(self, argv: list[str], log: Path) -> int:
+        """Run to completion; returns the exit status."""
+        self.start(argv, log)
+        return self.wait()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=30)
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` has not exited (a zombie counts as exited)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def kill(pid: int) -> bool:
+    """SIGKILL ``pid``; True when it was still running (the kill landed)."""
+    if not alive(pid):
+        return False
+    os.kill(pid, signal.SIGKILL)
+    return True
+
+
+def tmp_files(*folders: Path) -> set[Path]:
+    """The temporary files of atomic writes (``.NAME.XXXX.tmp``) now in ``folders``."""
+    out = set()
+    for d in folders:
+        try:
+            out.update(Path(e.path) for e in os.scandir(d) if e.name.endswith(".tmp"))
+        except FileNotFoundError:
+            pass
+    return out
+
+
+def wait_for_new_tmp(pid: int, folders, seen: set, count: int, timeout: float = 60.0) -> bool:
+    """Poll until ``count`` new temporary files have appeared (or ``pid`` ends)."""
+    t_end, found = time.monotonic() + timeout, set()
+    while alive(pid) and time.monotonic() < t_end:
+        found |= tmp_files(*folders) - seen
+        if len(found) >= count:
+            return True
+    return False
+
+
+if __name__ == "__main__":
+    _serve()
