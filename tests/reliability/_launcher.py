@@ -12,6 +12,7 @@ launcher answers ``{"pid": N}`` at once and ``{"status": S}`` when the child end
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -117,10 +118,8 @@ def tmp_files(*folders: Path) -> set[Path]:
     """The temporary files of atomic writes (``.NAME.XXXX.tmp``) now in ``folders``."""
     out = set()
     for d in folders:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             out.update(Path(e.path) for e in os.scandir(d) if e.name.endswith(".tmp"))
-        except FileNotFoundError:
-            pass
     return out
 
 
