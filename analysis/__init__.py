@@ -4,6 +4,7 @@ Imports point one way: ``landscape`` may import ``analysis``; ``analysis``
 never imports ``saf`` or ``landscape``.
 """
 
+from analysis._checkpoints import analyze_run, epoch_from_name, find_checkpoints
 from analysis._density import SpectralDensity, hessian_density, plot_density, slq
 from analysis._eigen import hessian_eigenvalues
 from analysis._functional import params_without_norm_and_bias
@@ -48,6 +49,10 @@ __all__ = [
     "SharpnessResult",
     "m_sharpness",
     "sam_sharpness",
+    # checkpoint folders
+    "analyze_run",
+    "epoch_from_name",
+    "find_checkpoints",
     # safe I/O
     "CHECKPOINT_SUFFIXES",
     "CheckpointError",

@@ -79,7 +79,8 @@ def m_sharpness(
     Args:
         model, loss_fn, params, dtype, device: as in :class:`HessianOperator`.
         data: iterable of ``(inputs, targets)`` batches; re-cut into disjoint
-            batches of ``m`` samples (an incomplete last batch is dropped). ``m=None`` keeps the given batches.
+            batches of ``m`` samples (an incomplete last batch is dropped);
+            ``m=None`` keeps the given batches.
         rho: radius of the ball (worst) or standard deviation (average).
         m: samples per batch.
         steps: ascent steps (worst case).

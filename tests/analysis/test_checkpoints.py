@@ -1,0 +1,168 @@
+"""analyze_run on foreign checkpoint folders: values against oracles, skips, cache, resume."""
+
+import io
+import math
+import os
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import analysis._checkpoints as ck
+from analysis import analyze_run, atomic_torch_save, sam_sharpness
+from tests.analysis._models import batches, dense_hessian, mlp
+
+CE = nn.CrossEntropyLoss()
+
+
+def _folder(tmp_path, n=3):
+    folder = tmp_path / "ckpts"
+    folder.mkdir()
+    for e in range(n):
+        sd = mlp(seed=e).state_dict()
+        wrap = [sd, {"state_dict": sd, "epoch": e}, {"model": sd}][e % 3]
+        atomic_torch_save(wrap, folder / f"epoch_{e}.{'pth' if e == 1 else 'pt'}")
+    return folder
+
+
+def _run(folder, **kw):
+    kw = {"model_factory": mlp, "data": batches(), "progress": False, "log": io.StringIO()} | kw
+    return analyze_run(folder, **kw)
+
+
+def test_values_match_the_oracles(tmp_path):
+    folder = _folder(tmp_path)
+    df = _run(
+        folder,
+        metrics=["loss", "accuracy", "lambda_2", "trace", "sam_sharpness"],
+        tol=1e-10,
+        trace_matvecs=200,
+    )
+    assert list(df.columns) == list(ck.COLUMNS)
+    assert (df.status == "ok").all() and len(df) == 3 * 6
+    assert (folder / "analysis.csv").is_file()
+    assert pd.read_csv(folder / "analysis.csv").shape == df.shape
+    data = batches()
+    X, Y = torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
+    for e in range(3):
+        model = mlp(seed=e).eval()
+        rows = df[df.epoch == e].set_index("metric")
+        assert rows.loc["loss", "value"] == pytest.approx(float(CE(model(X), Y)), rel=1e-12)
+        acc = float((model(X).argmax(1) == Y).double().mean())
+        assert rows.loc["accuracy", "value"] == pytest.approx(acc)
+        H = dense_hessian(model, CE, data)
+        ev = torch.linalg.eigvalsh(H)
+        assert rows.loc["lambda_max", "value"] == pytest.approx(float(ev[-1]), rel=1e-6)
+        assert rows.loc["lambda_2", "value"] == pytest.approx(float(ev[-2]), rel=1e-6)
+        assert rows.loc["trace", "value"] == pytest.approx(float(H.trace()), rel=1e-8)
+        s = sam_sharpness(model, CE, data)
+        assert rows.loc["sam_sharpness", "value"] == pytest.approx(s.value, rel=1e-12)
+        assert rows.loc["sam_sharpness", "rho"] == 0.05
+
+
+def test_m_sharpness_columns_and_every(tmp_path):
+    folder = _folder(tmp_path, n=4)
+    df = _run(folder, metrics=["m_sharpness"], m=5, rho=0.1, steps=2, every=2, out=False)
+    assert list(df.epoch) == [0, 2] and set(df.metric) == {"m_sharpness"}
+    assert (df.m == 5).all() and (df.rho == 0.1).all() and (df.steps == 2).all()
+    assert (df.kind == "worst").all()
+    assert not (folder / "analysis.csv").exists()
+
+
+def test_bad_checkpoints_are_named_skipped_and_the_rest_analysed(tmp_path):
+    folder = _folder(tmp_path)
+    (folder / "epoch_7.pt").write_bytes(b"\x00garbage")
+    full = io.BytesIO()
+    torch.save(mlp().state_dict(), full)
+    (folder / "epoch_8.pt").write_bytes(full.getvalue()[:100])  # truncated
+    atomic_torch_save(nn.Linear(2, 2).double().state_dict(), folder / "epoch_9.pt")  # mismatch
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    torch.save({"x": Evil()}, folder / "epoch_10.pt")
+    log = io.StringIO()
+    df = _run(folder, metrics=["loss"], log=log)
+    assert not (tmp_path / "pwned").exists()
+    ok = df[df.status == "ok"]
+    assert list(ok.epoch) == [0, 1, 2]
+    skipped = dict(df.attrs["skipped"])
+    assert set(skipped) == {"epoch_7.pt", "epoch_8.pt", "epoch_9.pt", "epoch_10.pt"}
+    assert "refused" in skipped["epoch_10.pt"] and "does not match" in skipped["epoch_9.pt"]
+    for name in skipped:
+        assert f"skipped {name}:" in log.getvalue()
+    assert df[df.status != "ok"].value.isna().all()
+
+
+def test_nan_weights_give_nan_rows_not_a_crash(tmp_path):
+    folder = _folder(tmp_path, n=1)
+    sd = mlp().state_dict()
+    sd["0.weight"][0, 0] = float("nan")
+    atomic_torch_save(sd, folder / "epoch_5.pt")
+    df = _run(folder, metrics=["loss", "lambda_max", "sam_sharpness"])
+    bad = df[df.epoch == 5]
+    assert len(bad) == 3 and bad.value.isna().all() and (bad.status == "nonfinite weights").all()
+    assert df[df.epoch == 0].value.notna().all()
+
+
+def test_rerun_reuses_cache_and_resumes_after_a_crash(tmp_path, monkeypatch):
+    folder = _folder(tmp_path)
+    real = ck._compute
+    calls = []
+
+    def crashing(key, *a):
+        calls.append(key)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # the process dies in the middle of checkpoint 2
+        return real(key, *a)
+
+    monkeypatch.setattr(ck, "_compute", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        _run(folder, metrics=["loss", "lambda_max", "trace"])
+    assert not (folder / "analysis.csv").exists()
+    calls.clear()
+    monkeypatch.setattr(ck, "_compute", lambda key, *a: calls.append(key) or real(key, *a))
+    first = _run(folder, metrics=["loss", "lambda_max", "trace"])
+    assert calls == ["lambda", "trace", "loss", "lambda", "trace"]  # only what was missing
+    calls.clear()
+    again = _run(folder, metrics=["loss", "lambda_max", "trace"])
+    assert calls == [] and again.equals(first)
+    _run(folder, metrics=["loss", "lambda_max", "trace"], seed=1)  # new settings: recompute
+    assert len(calls) == 9
+
+
+def test_changed_checkpoint_content_is_recomputed(tmp_path):
+    folder = _folder(tmp_path, n=1)
+    a = _run(folder, metrics=["loss"])
+    atomic_torch_save(mlp(seed=5).state_dict(), folder / "epoch_0.pt")
+    b = _run(folder, metrics=["loss"])
+    assert a.value[0] != b.value[0]
+
+
+def test_run_directory_and_safetensors(tmp_path):
+    pytest.importorskip("safetensors")
+    from safetensors.torch import save_file
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    save_file(mlp().state_dict(), str(run / "checkpoints" / "step-3.safetensors"))
+    df = _run(run, metrics=["loss"])
+    assert list(df.checkpoint) == ["step-3.safetensors"] and df.epoch[0] == 3
+    assert (run / "analysis.csv").is_file()
+
+
+def test_input_validation(tmp_path):
+    with pytest.raises(ValueError, match="unknown metric"):
+        _run(_folder(tmp_path), metrics=["sharpness"])
+    with pytest.raises(ValueError, match="no checkpoint"):
+        _run(tmp_path / "ckpts" / ".." / "ckpts" if False else tmp_path, metrics=["loss"])
+    assert ck.epoch_from_name("a1-b22.pt") == 22 and ck.epoch_from_name("x.pt") is None
+    assert ck._expand(["lambda_3", "loss", "lambda_max"]) == [
+        "lambda_max",
+        "lambda_2",
+        "lambda_3",
+        "loss",
+    ]
+    assert math.isnan(ck._row("x")["stderr"])
