@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -112,9 +113,12 @@ def scaled_hparams(s: Settings, steps_per_epoch: int) -> dict:
     }
 
 
+_T0 = [time.perf_counter()]
+
+
 def say(msg: str) -> None:
-    """A progress line on stderr."""
-    print(f"saf figures: {msg}", file=sys.stderr, flush=True)
+    """A progress line on stderr, with the seconds since the pipeline started."""
+    print(f"saf figures [{time.perf_counter() - _T0[0]:6.1f}s]: {msg}", file=sys.stderr, flush=True)
 
 
 def check_settings(out: Path, s: Settings) -> None:
@@ -139,11 +143,26 @@ def run_name(method: str, seed: int) -> str:
 
 
 def run_pipeline(
-    s: Settings, out: str | os.PathLike, device: str = "cpu", progress: bool = True
+    s: Settings,
+    out: str | os.PathLike,
+    device: str = "cpu",
+    progress: bool = True,
+    threads: int | None = 1,
 ) -> Path:
-    """Run every stage (see the module docstring) and return the path of ``index.html``."""
+    """Run every stage (see the module docstring) and return the path of ``index.html``.
+
+    Args:
+        threads: torch CPU threads (``None``: torch's default). One is fastest for the small
+            default models, whose operations are too small to gain from threads, and on a
+            shared machine, where two threads contending for a busy core can be 10x slower.
+    """
+    import torch
+
     from figures import _stages
 
+    _T0[0] = time.perf_counter()
+    if threads is not None:
+        torch.set_num_threads(threads)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out, s)

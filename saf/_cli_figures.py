@@ -43,6 +43,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seeds", type=positive_int, default=3, help="seeds per method (default: 3)")
     p.add_argument("--epochs", type=positive_int, help="epochs per run (default: by mode)")
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default: 1)")
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars"
     )
@@ -100,6 +101,6 @@ def run(args: argparse.Namespace) -> int:
 
     settings = build_settings(args)
     out = writable_dir(args.out)
-    page = run_pipeline(settings, out, device=args.device, progress=args.progress)
+    page = run_pipeline(settings, out, args.device, args.progress, args.threads)
     say(f"report: {page}")
     return 0
