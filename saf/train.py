@@ -18,10 +18,8 @@ epochs before it are kept.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,111 +28,15 @@ from tqdm.auto import tqdm
 
 from saf import runs
 from saf._distributed import DistInfo, local_device
-from saf.data import DATASETS, IndexedDataset, _balanced, load_dataset
-from saf.ema import EMA, scaled_ema_decay
-from saf.methods import METHODS, Stepper
-from saf.models import MODELS, build_model
+from saf.config import TrainConfig, TrainingDiverged, describe_run
+from saf.data import IndexedDataset, _balanced, load_dataset
+from saf.ema import EMA
+from saf.methods import Stepper
+from saf.models import build_model
 from saf.sam import SAM
 from saf.trajectory import OutputStore
 
-DEFAULT_LAM = {"saf": 0.3, "mesa": 0.8}  # paper §4.1
-DEFAULT_RHO = {"sam": 0.05, "asam": 0.5}  # SAM paper; ASAM paper (CIFAR)
-
-
-class TrainingDiverged(ValueError):
-    """The training loss became NaN or Inf; the last good checkpoint is kept."""
-
-
-@dataclass
-class TrainConfig:
-    """Everything that defines a run (stored in ``run.json``; ``None`` = method default).
-
-    ``rho``: 0.05 (sam) / 0.5 (asam). ``lam``: 0.3 (saf) / 0.8 (mesa). ``ema_decay``:
-    ``1 - 1/steps_per_epoch`` (see :func:`saf.ema.scaled_ema_decay`). ``limit``: train on a
-    fixed class-balanced subset of that many samples (quick runs). ``start_epoch``: first
-    0-based epoch with the trajectory loss. ``out``: ``runs/{method}-s{seed}``.
-    """
-
-    method: str = "saf"
-    model: str = "resnet_small"
-    model_kwargs: dict = field(default_factory=dict)
-    data: str = "digits"
-    data_dir: str | None = None
-    limit: int | None = None
-    epochs: int = 30
-    batch_size: int = 128
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: int = 0
-    rho: float | None = None
-    lam: float | None = None
-    tau: float = 5.0
-    lag: int = 3
-    start_epoch: int = 5
-    ema_decay: float | None = None
-    augment: bool = True
-    amp: bool = False
-    threads: int | None = None
-    seed: int = 0
-    device: str = "cpu"
-    out: str | Path | None = None
-    progress: bool = True
-
-    def validate(self) -> TrainConfig:
-        """Check every field; raise ValueError saying what is wrong. Returns ``self``."""
-        for name, allowed in (("method", METHODS), ("model", MODELS), ("data", DATASETS)):
-            if getattr(self, name) not in allowed:
-                raise ValueError(
-                    f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}"
-                )
-        for name in ("rho", "lam", "weight_decay", "momentum"):
-            if getattr(self, name) is not None and not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("tau", "lr"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
-        if self.limit is not None and self.limit < 2:
-            raise ValueError(f"limit must be >= 2 training samples, got {self.limit}")
-        for name in ("epochs", "batch_size", "lag"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"threads must be >= 1, got {self.threads}")
-        if self.start_epoch < 0 or self.warmup_epochs < 0:
-            raise ValueError("start_epoch and warmup_epochs must be >= 0")
-        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
-            raise ValueError(f"ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.data_dir is not None and not Path(self.data_dir).is_dir():
-            raise ValueError(f"data directory {self.data_dir} does not exist")
-        if self.data.startswith("cifar") and self.data_dir is None:
-            raise ValueError(f"data {self.data!r} needs a data_dir (python-format CIFAR folder)")
-        return self
-
-    @property
-    def run_dir(self) -> Path:
-        return (
-            Path(self.out) if self.out is not None else Path("runs") / f"{self.method}-s{self.seed}"
-        )
-
-    def resolved(self, steps_per_epoch: int) -> dict:
-        """The hyperparameters with method defaults filled in."""
-        m = self.method
-        m, keys = self.method, ("epochs", "batch_size", "lr", "momentum", "weight_decay")
-        traj = m in DEFAULT_LAM
-        rho = self.rho if self.rho is not None else DEFAULT_RHO.get(m)
-        lam = self.lam if self.lam is not None else DEFAULT_LAM.get(m)
-        beta = self.ema_decay if self.ema_decay is not None else scaled_ema_decay(steps_per_epoch)
-        return {
-            **{k: getattr(self, k) for k in (*keys, "warmup_epochs", "augment", "amp")},
-            "rho": rho if m in DEFAULT_RHO else None,
-            "lam": lam if traj else None,
-            "tau": self.tau if traj else None,
-            "lag": self.lag if m == "saf" else None,
-            "start_epoch": self.start_epoch if traj else None,
-            "ema_decay": beta if m == "mesa" else None,
-            "steps_per_epoch": steps_per_epoch,
-        }
+__all__ = ["TrainConfig", "TrainingDiverged", "evaluate", "train"]
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator, rank=0, world=1):
@@ -169,20 +71,6 @@ def evaluate(model, dataset, device, batch_size: int = 1024) -> tuple[float, flo
         correct += (logits.argmax(1) == y.to(device)).sum()
     model.train()
     return loss.item() / len(dataset), correct.item() / len(dataset)
-
-
-def _versions() -> dict:
-    import numpy
-    import sklearn
-
-    import saf
-
-    return {
-        "saf": getattr(saf, "__version__", "0.1.0"),
-        "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "sklearn": sklearn.__version__,
-    }
 
 
 def train(config: TrainConfig, resume: bool = False) -> Path:
@@ -289,7 +177,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     if state is None:
         rows, first_epoch = [], 0
         if dist.rank == 0:
-            runs.write_run(run_dir, _describe(cfg, hp, train_ds))
+            runs.write_run(run_dir, describe_run(cfg, hp, train_ds))
             runs.save_checkpoint(run_dir, 0, net)
             runs.save_state(
                 run_dir, _state(0, rows, optimizer, scheduler, store, ema, sampler_gen, augment_gen)
@@ -390,25 +278,4 @@ def _state(epoch, rows, optimizer, scheduler, store, ema, sampler_gen, augment_g
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         },
-    }
-
-
-def _describe(cfg: TrainConfig, hp: dict, ds) -> dict:
-    """The content of ``run.json``."""
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in dataclasses.asdict(cfg).items()}
-    return {
-        "method": cfg.method,
-        "hparams": hp,
-        "model": {"name": cfg.model, "kwargs": dict(cfg.model_kwargs)},
-        "data": {
-            "name": cfg.data,
-            "data_dir": cfg.data_dir,
-            "num_classes": ds.num_classes,
-            "in_shape": list(ds.in_shape),
-            "num_train": len(ds),
-        },
-        "seed": cfg.seed,
-        "device": cfg.device,
-        "versions": _versions(),
-        "config": config,
     }
