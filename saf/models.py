@@ -162,7 +162,10 @@ def build_model(name: str, num_classes: int, in_shape: tuple[int, ...], **kwargs
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    for k in ("width", "widen"):  # 0 builds an empty layer that fails only in forward
+        if k in kwargs and not (isinstance(kwargs[k], int) and kwargs[k] >= 1):
+            raise ValueError(f"model option {k} must be an integer >= 1, got {kwargs[k]!r}")
     try:
         return MODELS[name](num_classes, tuple(in_shape), **kwargs)
-    except TypeError as e:
+    except (TypeError, RuntimeError) as e:
         raise ValueError(f"bad options for model {name!r}: {e}") from None
