@@ -39,7 +39,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--quick", action="store_true", help="small settings (about 3 minutes on CPU)")
     p.add_argument("--data", choices=DATA, default="digits", help="data set (default: digits)")
     p.add_argument("--data-dir", help="folder of the CIFAR python-format files (CIFAR only)")
-    p.add_argument("--model", help="model name (default: mlp; resnet18 for CIFAR)")
+    from saf.models import MODELS
+
+    p.add_argument(
+        "--model", choices=list(MODELS), help="model name (default: mlp; resnet18 for CIFAR)"
+    )
     p.add_argument("--seeds", type=positive_int, default=3, help="seeds per method (default: 3)")
     p.add_argument("--epochs", type=positive_int, help="epochs per run (default: by mode)")
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or auto")
