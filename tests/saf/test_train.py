@@ -172,3 +172,33 @@ def test_cli_train_and_resume(tmp_path, capsys):
     assert json.loads((out / "run.json").read_text())["config"]["limit"] == 128
     assert main(["train", "--resume", str(out), "--no-progress"]) == 0  # nothing left: no-op
     assert len(read_metrics(out)) == 2
+
+
+@pytest.mark.slow
+def test_sigkilled_cli_run_resumes_bitwise(tmp_path):
+    """A real `saf train` process killed with SIGKILL after epoch 2, then `--resume`."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = ["train", "--method", "saf", "--saf-start", "1", "--saf-lag", "1", "--limit", "256"]
+    args += ["--batch-size", "64", "--epochs", "5", "--no-progress", "--threads", "1"]
+    cmd = [sys.executable, "-m", "saf.cli", *args]
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "cut")], env={**os.environ})
+    state = tmp_path / "cut" / "state.pt"
+    while proc.poll() is None:
+        if (tmp_path / "cut" / "checkpoints" / "epoch_0002.pt").exists():
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert safe_torch_load(state)["epoch"] in (1, 2)  # checkpoint is written before state.pt
+    assert subprocess.run([*cmd[:3], "train", "--resume", str(tmp_path / "cut")]).returncode == 0
+    assert all(
+        _same(a, b)
+        for a, b in zip(_weights(tmp_path / "full"), _weights(tmp_path / "cut"), strict=True)
+    )
