@@ -90,7 +90,9 @@ def markdown_table(df: pd.DataFrame, floatfmt: str = ".4g") -> str:
 
     def cell(v) -> str:
         if isinstance(v, float):
-            return "" if v != v else format(v, floatfmt)
+            if v != v:
+                return ""
+            return f"{v:.0f}" if v == round(v) and abs(v) < 1e15 else format(v, floatfmt)
         return str(v)
 
     head = "| " + " | ".join(map(str, df.columns)) + " |"

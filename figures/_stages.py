@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 from torch import nn
 
 from analysis._io import atomic_write_text, load_state_dict
@@ -31,15 +32,20 @@ def _data(s: Settings, split: str, limit: int | None, device: str, batch_size: i
 # -- 1. training -------------------------------------------------------------------------
 
 
-def train_config(s: Settings, method: str, seed: int, run_dir: Path, device: str, progress: bool):
-    """The trainer's config for one run: the same settings for every method and seed."""
+def train_config(
+    s: Settings, method: str, seed: int, run_dir: Path, device: str, progress: bool, **over
+):
+    """The trainer's config for one run: the same settings for every method and seed.
+
+    ``over`` replaces scaled hyperparameters (``lam``, ``lag``) for the sweep only.
+    """
     from saf.data import load_dataset
     from saf.train import TrainConfig
 
     n = len(load_dataset(s.data, "train", s.data_dir))
     h = scaled_hparams(s, n // s.batch_size)
     lam = {"saf": h["saf_lambda"], "mesa": h["mesa_lambda"]}.get(method)
-    return TrainConfig(
+    kwargs = dict(
         method=method,
         model=s.model,
         model_kwargs=dict(s.model_kwargs),
@@ -58,7 +64,9 @@ def train_config(s: Settings, method: str, seed: int, run_dir: Path, device: str
         device=device,
         out=str(run_dir),
         progress=progress,
+        threads=torch.get_num_threads(),
     )
+    return TrainConfig(**{**kwargs, **over})
 
 
 def _finished(run_dir: Path, epochs: int) -> bool:
@@ -236,6 +244,37 @@ def _last(run_dir: Path) -> Path:
     return list_checkpoints(run_dir)[-1][1]
 
 
+# -- 5. sweep of SAF's lambda and lag ------------------------------------------------------
+
+
+def sweep(s: Settings, out: Path, device: str, progress: bool) -> pd.DataFrame:
+    """Final SAM sharpness, lambda_max and test accuracy of SAF for each (lambda, lag)."""
+    from saf.runs import read_metrics
+    from saf.train import train
+
+    path = out / "analysis" / "sweep.csv"
+    if path.is_file():
+        return pd.read_csv(path)
+    data = _data(s, "train", s.analysis_samples, device, batch_size=s.batch_size)
+    grid = [
+        (lam, lag, k) for lam in s.sweep_lams for lag in s.sweep_lags for k in range(s.sweep_seeds)
+    ]
+    rows = []
+    for i, (lam, lag, seed) in enumerate(grid, 1):
+        run_dir = out / "sweep" / f"saf-lam{lam:g}-lag{lag}-s{seed}"
+        say(f"[sweep {i}/{len(grid)}] {run_dir.name}")
+        if not _finished(run_dir, s.epochs):
+            cfg = train_config(s, "saf", seed, run_dir, device, progress, lam=lam, lag=lag)
+            train(cfg, resume=(run_dir / "state.pt").is_file())
+        vals = checkpoint_metrics(_final_model(run_dir, device), data, True, device)
+        acc = float(read_metrics(run_dir)["test_acc"].iloc[-1])
+        rows.append({"lam": lam, "lag": lag, "seed": seed, "test_acc": acc,
+                     **{k: v for k, (v, _) in vals.items()}})  # fmt: skip
+    df = pd.DataFrame(rows)
+    _csv(df, path)
+    return df
+
+
 # -- 5. outputs --------------------------------------------------------------------------
 
 
@@ -273,7 +312,7 @@ def _store_mb(run: dict) -> float:
     return 0.0
 
 
-def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, device: str) -> Path:
+def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, sweep, device) -> Path:
     """All figures, the tables and ``index.html``."""
     figs = out / "figures"
     a, b = interp["a"].iloc[0], interp["b"].iloc[0]
@@ -286,6 +325,8 @@ def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, device: 
         f"Interpolation {label(a)} -> {label(b)}": recipes.interpolation(interp, figs, a, b),
         "m-sharpness of the final models": recipes.m_sharpness(msharp, figs),
     }
+    if len(sweep):
+        made["Where SAF flattens: lambda and lag sweep"] = recipes.sweep(sweep, curves, figs)
     table, _ = recipes.table3(runs_table(s, runs), out / "tables")
     final = write_final_table(curves, out / "tables")
     sections = [

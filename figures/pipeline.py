@@ -10,7 +10,9 @@ and an interrupted run resumes):
 4. **surfaces**: 2D filter-normalized surfaces of the seed-0 final models (two random
    directions, the same draw for every method) and the SGD -> SAF interpolation
    (resumable ``.npz`` files);
-5. **figures, tables, report** (``index.html``).
+5. **sweep**: SAF with other :math:`\lambda` and lag values (``sweep_seeds`` seeds), final
+   SAM sharpness, :math:`\lambda_{\max}` and test accuracy, to show where SAF flattens;
+6. **figures, tables, report** (``index.html``).
 
 Layout of ``out``: ``settings.json``, ``runs/<method>-s<seed>/`` (trainer runs),
 ``analysis/``, ``surfaces/``, ``figures/``, ``tables/``, ``index.html``.
@@ -45,15 +47,18 @@ class Settings:
     model_kwargs: dict = field(default_factory=dict)
     methods: tuple[str, ...] = METHODS
     seeds: int = 3
-    epochs: int = 30
+    epochs: int = 40
     batch_size: int = 128
     lr: float = 0.05
     analysis_samples: int = 512
-    hessian_every: int = 3
+    hessian_every: int = 2
     surface_points: int = 21
     surface_span: float = 1.0
     interp_points: int = 25
     m_values: tuple[int, ...] = (1, 4, 16, 64, 256)
+    sweep_lams: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
+    sweep_lags: tuple[int, ...] = (1, 3)
+    sweep_seeds: int = 1
     data_dir: str | None = None
     quick: bool = False
 
@@ -71,6 +76,8 @@ def quick_settings(**overrides) -> Settings:
         surface_points=9,
         interp_points=11,
         m_values=(4, 16, 64),
+        sweep_lams=(0.3, 3.0),
+        sweep_lags=(1,),
         quick=True,
     )
     return replace(base, **overrides)
@@ -171,8 +178,9 @@ def run_pipeline(
     msharp = _stages.m_sharpness_all(s, out, runs, device, progress)
     surfaces = _stages.surfaces_all(s, out, runs, device, progress)
     interp = _stages.interpolation(s, out, runs, device, progress)
+    sweep = _stages.sweep(s, out, device, progress)
     say("writing figures, tables and the report")
-    return _stages.write_outputs(s, out, runs, curves, msharp, surfaces, interp, device)
+    return _stages.write_outputs(s, out, runs, curves, msharp, surfaces, interp, sweep, device)
 
 
 def load_curves(out: str | os.PathLike) -> pd.DataFrame:

@@ -271,8 +271,46 @@ def table3(
     base = t["images_per_s"].get("sgd", np.nan)
     t["speed_vs_sgd"] = t["images_per_s"] / base
     t.insert(0, "method", [label(m) for m in t.index])
+    t = t.round({"images_per_s": 0})
     t["test_acc (%)"] = [
         f"{a:.2f} ± {s:.2f}" for a, s in zip(t.test_acc_mean, t.test_acc_std, strict=True)
     ]
     t = t.reset_index(drop=True)
     return t, save_table(t, Path(out) / name)
+
+
+def sweep(
+    table: pd.DataFrame, curves: pd.DataFrame, out: PathLike, name: str = "saf_sweep"
+) -> list[Path]:
+    r"""Final SAM sharpness, :math:`\lambda_{\max}` and test accuracy of SAF against
+    :math:`\lambda`, one line per lag, with SGD's and SAM's final values (mean +- std
+    over seeds) as horizontal bands.
+
+    Args:
+        table: rows ``lam, lag, seed, sam_sharpness, lambda_max, test_acc``.
+        curves: the study's curves (for the SGD and SAM reference bands).
+    """
+    metrics = [("sam_sharpness", r"SAM sharpness, $\rho=0.05$"),
+               ("lambda_max", r"$\lambda_{\max}(H)$"), ("test_acc", "test accuracy")]  # fmt: skip
+    c = check_curves(curves)
+    last = c[c.groupby(["method", "seed", "metric"])["epoch"].transform("max") == c["epoch"]]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
+    for ax, (k, yl) in zip(axes, metrics, strict=True):
+        ref = mean_std(last[last.metric == k], ["method"]).set_index("method")
+        for m in [m for m in ("sgd", "sam") if m in ref.index]:
+            mu, sd = ref.loc[m, "mean"], ref.loc[m, "std"]
+            ax.axhspan(mu - sd, mu + sd, color=color(m), alpha=0.15, lw=0)
+            ax.axhline(mu, color=color(m), ls="--", label=f"{label(m)} (final)")
+        stats = mean_std(table.rename(columns={k: "value"}), ["lag", "lam"])
+        for lag, g in stats.groupby("lag"):
+            ax.errorbar(
+                g["lam"], g["mean"], g["std"], marker="o", capsize=3, label=f"SAF, lag {lag}"
+            )
+        ax.set_xscale("log")
+        ax.set_xlabel(r"$\lambda$ (trajectory-loss weight)")
+        ax.set_ylabel(yl)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(r"SAF's final sharpness against $\lambda$ and the lag $\tilde E$")
+    fig.tight_layout()
+    return save_figure(fig, Path(out) / name)

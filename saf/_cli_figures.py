@@ -61,6 +61,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--surface-span", type=nonneg_float, help=hidden)
     p.add_argument("--interp-points", type=positive_int, help=hidden)
     p.add_argument("--m-values", help=hidden)
+    p.add_argument("--sweep-lams", help=hidden)
     p.set_defaults(run=run)
 
 
@@ -94,6 +95,11 @@ def build_settings(args: argparse.Namespace):
             raise UsageError(f"--methods: give >= 2 of {', '.join(METHODS)}, got {args.methods!r}")
     if args.m_values:
         over["m_values"] = _ints(args.m_values, "--m-values")
+    if args.sweep_lams:
+        try:
+            over["sweep_lams"] = tuple(float(t) for t in args.sweep_lams.split(","))
+        except ValueError:
+            raise UsageError(f"--sweep-lams must be numbers, got {args.sweep_lams!r}") from None
     if args.quick and args.data.startswith("cifar"):
         over.update(epochs=args.epochs or 2)
     return (quick_settings if args.quick else full_settings)(**over)

@@ -13,6 +13,7 @@ from saf.cli import main
 TINY = [
     "--quick", "--seeds", "2", "--epochs", "2", "--analysis-samples", "128",
     "--surface-points", "5", "--interp-points", "5", "--m-values", "8,32", "--no-progress",
+    "--sweep-lams", "1",
 ]  # fmt: skip
 FIGURES = [
     "fig4a_train_ce",
@@ -22,6 +23,7 @@ FIGURES = [
     "surface_slices_1d",
     "interpolation_sgd_saf",
     "m_sharpness",
+    "saf_sweep",
 ]
 
 
