@@ -14,7 +14,7 @@ from figures import recipes
 from figures._results import CURVE_COLUMNS, Grid, melt_metrics
 from figures._save import label
 from figures.pipeline import Settings, run_name, say, scaled_hparams
-from figures.report import Section, findings, write_final_table, write_report
+from figures.report import Section, display_table, findings, write_final_table, write_report
 
 LOSS = nn.CrossEntropyLoss()
 
@@ -338,5 +338,13 @@ def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, sweep, d
         )
         for t, ps in made.items()
     ]
-    tables = {"Table 3 (test accuracy, speed, memory)": table, "Final-epoch metrics": final}
-    return write_report(out, sections, tables, {**s.key(), "device": device}, findings(final))
+    tables = {
+        "Table 3 (test accuracy, speed, memory)": table,
+        "Final-epoch metrics (mean ± std over seeds)": display_table(final),
+    }
+    from saf.runs import read_run
+
+    steps = read_run(next(iter(runs.values())))["hparams"]["steps_per_epoch"]
+    hp = {f"{k} (scaled)": v for k, v in scaled_hparams(s, steps).items()}
+    settings = {**s.key(), **hp, "steps_per_epoch": steps, "device": device}
+    return write_report(out, sections, tables, settings, findings(final))

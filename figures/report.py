@@ -77,6 +77,18 @@ def findings(final: pd.DataFrame) -> list[str]:
     return out
 
 
+def display_table(final: pd.DataFrame) -> pd.DataFrame:
+    """``final_metrics`` with each ``<k>_mean``/``<k>_std`` pair as one "mean ± std" column."""
+    out = final[[c for c in final.columns if not c.endswith(("_mean", "_std"))]].copy()
+    for c in final.columns:
+        if c.endswith("_mean") and c[:-5] + "_std" in final.columns:
+            k = c[:-5]
+            out[k] = [
+                f"{m:.4g} ± {s:.2g}" for m, s in zip(final[c], final[k + "_std"], strict=True)
+            ]
+    return out
+
+
 def _table_html(df: pd.DataFrame) -> str:
     return df.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, classes="t")
 
