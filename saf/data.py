@@ -215,6 +215,10 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refused global {module}.{name} in a CIFAR file")
 
 
+class _CifarFileError(ValueError, pickle.UnpicklingError):
+    """An unreadable or unsafe CIFAR file (a ValueError: the CLI prints one line)."""
+
+
 def _cifar(name: str, split: str, data_dir):
     if data_dir is None:
         raise ValueError(f"{name} needs --data-dir: a folder with the python-format files")
@@ -231,10 +235,13 @@ def _cifar(name: str, split: str, data_dir):
         raise ValueError(f"{name}: {root} lacks {', '.join(missing)} (python-format CIFAR files)")
     xs, ys = [], []
     for f in files:
-        with open(root / f, "rb") as fh:
-            d = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
-        xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        ys.append(np.asarray(d[key], dtype=np.int64))
+        try:
+            with open(root / f, "rb") as fh:
+                d = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
+            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            ys.append(np.asarray(d[key], dtype=np.int64))
+        except (pickle.UnpicklingError, EOFError, LookupError, TypeError, ValueError) as e:
+            raise _CifarFileError(f"{root / f}: not a python-format CIFAR file ({e})") from None
     x = torch.from_numpy(np.concatenate(xs)).float() / 255.0
     mean, std = torch.tensor(_CIFAR_MEAN)[:, None, None], torch.tensor(_CIFAR_STD)[:, None, None]
     return (x - mean) / std, torch.from_numpy(np.concatenate(ys)), classes
