@@ -317,6 +317,13 @@ def _one_checkpoint(path: Path, ctx: _Context, cache_dir, skey) -> tuple[list[di
 def _load(path: Path, ctx: _Context) -> nn.Module:
     sd = load_state_dict(path)
     model = ctx.factory()
+    for k, ref in model.state_dict().items():  # load_state_dict would cast int/complex silently
+        t = sd.get(k)
+        if t is not None and (t.is_floating_point(), t.is_complex()) != (
+            ref.is_floating_point(),
+            ref.is_complex(),
+        ):
+            raise CheckpointError(f"{path}: {k} is {t.dtype}, the model expects {ref.dtype}")
     try:
         model.load_state_dict(sd, strict=True)
     except RuntimeError as e:

@@ -94,7 +94,7 @@ def hessian_density(
     **operator_kwargs,
 ) -> SpectralDensity:
     """Hessian eigenvalue density by :func:`slq` (arguments as in :class:`HessianOperator`)."""
-    H = HessianOperator(model, loss_fn, data, params, **operator_kwargs)
+    H = HessianOperator(model, loss_fn, data, params, **{"cache": "auto", **operator_kwargs})
     return slq(H, n_iter, n_probes, seed=seed, progress=progress)
 
 

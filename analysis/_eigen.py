@@ -41,7 +41,8 @@ def hessian_eigenvalues(
         max_iter: solver's iteration limit (its default when None).
         seed: seed of the start vector(s).
         progress: show a progress bar on stderr.
-        **operator_kwargs: ``mode``, ``dtype``, ``device``, ``cache``, ``distributed``.
+        **operator_kwargs: ``mode``, ``dtype``, ``device``, ``cache`` (default ``"auto"``:
+            keep first-order graphs when they fit the budget), ``distributed``.
 
     Returns:
         :class:`EigenResult`: ``.values``, ``.vectors``, ``.n_matvecs``, ``.residuals``.
@@ -52,7 +53,7 @@ def hessian_eigenvalues(
     >>> round(float(r.values[0]), 4)  # H = 2 X^T X / N = diag(1, 4)
     4.0
     """
-    H = HessianOperator(model, loss_fn, data, params, **operator_kwargs)
+    H = HessianOperator(model, loss_fn, data, params, **{"cache": "auto", **operator_kwargs})
     if method == "lanczos":
         return lanczos(H, k, which=which, tol=tol, max_iter=max_iter, seed=seed, progress=progress)
     if method == "power":

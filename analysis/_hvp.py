@@ -50,7 +50,9 @@ class HessianOperator:
         dtype: e.g. ``torch.float64`` for exact-arithmetic checks (None: model's).
         device: e.g. ``"cuda"`` (None: the model's device).
         cache: keep first-order graphs across products: False, True or ``"auto"``.
-        cache_budget: byte limit for ``cache="auto"``.
+        cache_budget: byte limit for ``cache="auto"`` (default: 2 GiB on the CPU, half
+            the free memory on CUDA). The estimate is the size of the tensors saved by
+            the first batch's graph times the number of batches.
         distributed: shard batches over ``torch.distributed`` ranks and all-reduce.
 
     Attributes:
@@ -78,7 +80,7 @@ class HessianOperator:
         dtype: torch.dtype | None = None,
         device: Any = None,
         cache: bool | str = False,
-        cache_budget: int = DEFAULT_CACHE_BUDGET,
+        cache_budget: int | None = None,
         distributed: bool = False,
     ):
         if cache not in (False, True, "auto"):
@@ -155,12 +157,19 @@ class HessianOperator:
                 if (
                     self._cache_mode == "auto"
                     and i == 0
-                    and saved[0] * len(self.batches) > self._cache_budget
+                    and saved[0] * len(self.batches) > self._budget()
                 ):
                     self._cache_mode = False
                     return None
         self.cache_bytes = saved[0]
         return theta, total
+
+    def _budget(self) -> int:
+        if self._cache_budget is not None:
+            return self._cache_budget
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0] // 2
+        return DEFAULT_CACHE_BUDGET
 
     # -- first-order quantities -------------------------------------------
     def loss_and_gradient(self) -> tuple[float, torch.Tensor]:

@@ -16,7 +16,7 @@ from analysis._linop import EigenResult, as_matvec, random_vector
 
 
 def lanczos_tridiag(matvec, v0: torch.Tensor, steps: int, stop=None):
-    """Run up to ``steps`` Lanczos steps from ``v0``; return ``(alpha, beta, V, n_matvecs)``.
+    r"""Run up to ``steps`` Lanczos steps from ``v0``; return ``(alpha, beta, V, n_matvecs)``.
 
     ``stop(alpha, beta, b_next)`` is called after each step and may end the run.
     Full reorthogonalization (twice, "twice is enough") keeps ``V`` orthonormal.
@@ -35,7 +35,8 @@ def lanczos_tridiag(matvec, v0: torch.Tensor, steps: int, stop=None):
             w = w - V[: j + 1].T @ (V[: j + 1] @ w)
         alpha.append(a)
         b = float(w.norm())
-        breakdown = b <= 1e-12 * max(1.0, max(abs(x) for x in alpha))
+        scale = max(max(abs(x) for x in alpha), max(beta, default=0.0))
+        breakdown = b <= 1e-12 * scale
         if breakdown or (stop is not None and stop(alpha, beta, b)) or j + 1 == min(steps, n):
             beta.append(0.0 if breakdown else b)
             return alpha, beta, V[: j + 1], j + 1

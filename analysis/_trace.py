@@ -113,9 +113,10 @@ def hessian_trace(
         n_matvecs: product budget (Hutchinson: number of samples).
         seed: seed of the random probes.
         progress: show a progress bar on stderr.
-        **operator_kwargs: ``mode``, ``dtype``, ``device``, ``cache``, ``distributed``.
+        **operator_kwargs: ``mode``, ``dtype``, ``device``, ``cache`` (default ``"auto"``:
+            keep first-order graphs when they fit the budget), ``distributed``.
     """
-    H = HessianOperator(model, loss_fn, data, params, **operator_kwargs)
+    H = HessianOperator(model, loss_fn, data, params, **{"cache": "auto", **operator_kwargs})
     if method == "hutchpp":
         return hutchpp(H, n_matvecs, seed=seed, progress=progress)
     if method == "hutchinson":
