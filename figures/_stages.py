@@ -14,9 +14,21 @@ from figures import recipes
 from figures._results import CURVE_COLUMNS, Grid, melt_metrics
 from figures._save import label
 from figures.pipeline import Settings, run_name, say, scaled_hparams
-from figures.report import Section, display_table, findings, write_final_table, write_report
+from figures.report import (
+    Section,
+    display_table,
+    findings,
+    sweep_findings,
+    write_final_table,
+    write_report,
+)
 
 LOSS = nn.CrossEntropyLoss()
+SPEED_NOTE = (
+    "images/s is the trainer's per-epoch throughput (median over epochs). Runs execute one "
+    "after another, so other load on the machine changes it: compare speed ratios only from "
+    "an otherwise idle machine (see benchmarks/ for side-by-side measurements)."
+)
 
 
 def _csv(df: pd.DataFrame, path: Path) -> None:
@@ -347,4 +359,5 @@ def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, sweep, d
     steps = read_run(next(iter(runs.values())))["hparams"]["steps_per_epoch"]
     hp = {f"{k} (scaled)": v for k, v in scaled_hparams(s, steps).items()}
     settings = {**s.key(), **hp, "steps_per_epoch": steps, "device": device}
-    return write_report(out, sections, tables, settings, findings(final))
+    notes = findings(final) + (sweep_findings(sweep, final) if len(sweep) else []) + [SPEED_NOTE]
+    return write_report(out, sections, tables, settings, notes)

@@ -51,7 +51,7 @@ class Settings:
     batch_size: int = 128
     lr: float = 0.05
     analysis_samples: int = 512
-    hessian_every: int = 2
+    hessian_every: int = 4
     surface_points: int = 21
     surface_span: float = 1.0
     interp_points: int = 25

@@ -89,6 +89,23 @@ def display_table(final: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def sweep_findings(sweep: pd.DataFrame, final: pd.DataFrame) -> list[str]:
+    """One sentence per measure: SAF's range over the sweep against SGD's and SAM's values."""
+    f = final.set_index("method")
+    out = []
+    for k, what in (("sam_sharpness", "SAM sharpness"), ("lambda_max", "lambda_max")):
+        if k not in sweep.columns or f"{k}_mean" not in f.columns:
+            continue
+        g = sweep.groupby(["lam", "lag"])[k].mean()
+        lo, hi = g.idxmin(), g.idxmax()
+        refs = "; ".join(f"{m} {f.loc[m, f'{k}_mean']:.4g}" for m in ("SGD", "SAM") if m in f.index)
+        out.append(
+            f"Sweep, final {what} of SAF: {g.min():.4g} (lambda={lo[0]:g}, lag={lo[1]}) to "
+            f"{g.max():.4g} (lambda={hi[0]:g}, lag={hi[1]}); {refs}"
+        )
+    return out
+
+
 def _table_html(df: pd.DataFrame) -> str:
     return df.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, classes="t")
 
