@@ -1,6 +1,7 @@
 """analyze_run on foreign checkpoint folders: values against oracles, skips, cache, resume."""
 
 import io
+import json
 import math
 import os
 
@@ -166,3 +167,40 @@ def test_input_validation(tmp_path):
         "loss",
     ]
     assert math.isnan(ck._row("x")["stderr"])
+
+
+_CHILD = """
+import sys, torch
+sys.path.insert(0, {root!r})
+torch.set_num_threads(1)
+from analysis import analyze_run
+from tests.analysis._models import batches, mlp
+analyze_run({folder!r}, ["loss", "lambda_max", "trace"], model_factory=mlp, data=batches(),
+            progress=False, trace_matvecs=12)
+"""
+
+
+def test_sigkill_midway_then_rerun_gives_the_uninterrupted_table(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    folder = _folder(tmp_path, n=4)
+    root = str(Path(__file__).resolve().parents[2])
+    child = subprocess.Popen([sys.executable, "-c", _CHILD.format(root=root, folder=str(folder))])
+    cache = folder / ".analysis.csv.cache"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(cache.glob("*.json"))) < 1:
+        time.sleep(0.05)
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+    done_before = {p.name: p.read_text() for p in cache.glob("*.json")}
+    assert 1 <= len(done_before) < 4, "the kill should land midway"
+    for text in done_before.values():
+        json.loads(text)  # every cache file is whole
+    resumed = _run(folder, metrics=["loss", "lambda_max", "trace"], trace_matvecs=12)
+    fresh = _run(folder, metrics=["loss", "lambda_max", "trace"], trace_matvecs=12, out=False)
+    pd.testing.assert_frame_equal(resumed, fresh)
+    assert pd.read_csv(folder / "analysis.csv").shape == fresh.shape
