@@ -186,3 +186,26 @@ def run_pipeline(
 def load_curves(out: str | os.PathLike) -> pd.DataFrame:
     """The tidy curves table saved by the pipeline (``analysis/curves.csv``)."""
     return pd.read_csv(Path(out) / "analysis" / "curves.csv")
+
+
+def export_reference(out: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:
+    """Copy a study's PNG figures and tables to ``dest`` (e.g. ``figures/reference/digits``).
+
+    PNGs are re-encoded with a 256-colour palette (about 3x smaller, visually the same),
+    so the committed reference figures stay small.
+    """
+    from PIL import Image
+
+    from analysis._io import atomic_write_with
+
+    out, dest = Path(out), Path(dest)
+    written = []
+    for p in sorted((out / "figures").glob("*.png")):
+        img = Image.open(p).convert("RGB").quantize(256)
+        target = dest / p.name
+        atomic_write_with(target, lambda f, img=img: img.save(f, format="PNG", optimize=True))
+        written.append(target)
+    for p in sorted((out / "tables").glob("*.*")):
+        atomic_write_with(dest / p.name, lambda f, p=p: f.write(p.read_bytes()))
+        written.append(dest / p.name)
+    return written

@@ -98,3 +98,18 @@ def test_other_settings_in_same_folder_refused(study, capsys):
 def test_quick_mode_default_settings(tmp_path):
     page = run_pipeline(quick_settings(), tmp_path, progress=False)
     assert page.is_file()
+
+
+def test_export_reference_is_smaller_and_complete(study, tmp_path):
+    from PIL import Image
+
+    from figures.pipeline import export_reference
+
+    written = export_reference(study, tmp_path)
+    pngs = [p for p in written if p.suffix == ".png"]
+    assert sorted(p.stem for p in pngs) == sorted(FIGURES)
+    for p in pngs:
+        src = study / "figures" / p.name
+        assert Image.open(p).size == Image.open(src).size
+        assert p.stat().st_size < src.stat().st_size
+    assert (tmp_path / "table3.md").read_text() == (study / "tables" / "table3.md").read_text()
