@@ -44,6 +44,16 @@ def _data(s: Settings, split: str, limit: int | None, device: str, batch_size: i
 # -- 1. training -------------------------------------------------------------------------
 
 
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """The trainer's optimizer steps per epoch: a last batch of one sample is dropped (BN).
+
+    >>> steps_per_epoch(1437, 128), steps_per_epoch(257, 128), steps_per_epoch(100, 128)
+    (12, 2, 1)
+    """
+    steps = -(-n // batch_size)
+    return max(1, steps - 1 if n % batch_size == 1 and steps > 1 else steps)
+
+
 def train_config(
     s: Settings, method: str, seed: int, run_dir: Path, device: str, progress: bool, **over
 ):
@@ -55,7 +65,7 @@ def train_config(
     from saf.train import TrainConfig
 
     n = len(load_dataset(s.data, "train", s.data_dir))
-    h = scaled_hparams(s, n // s.batch_size)
+    h = scaled_hparams(s, steps_per_epoch(n, s.batch_size))
     lam = {"saf": h["saf_lambda"], "mesa": h["mesa_lambda"]}.get(method)
     kwargs = dict(
         method=method,

@@ -76,3 +76,52 @@ def test_settings_mismatch_refused(tmp_path):
     check_settings(tmp_path, Settings(epochs=5))  # same settings: fine
     with pytest.raises(ValueError, match="epochs"):
         check_settings(tmp_path, Settings(epochs=6))
+
+
+def _fake_cifar10(root, n=20):
+    """A tiny python-format CIFAR-10 folder (random pixels), enough to build configs."""
+    import pickle
+
+    import numpy as np
+
+    d = root / "cifar-10-batches-py"
+    d.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batch = {
+            b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+            b"labels": [i % 10 for i in range(n)],
+        }
+        (d / name).write_bytes(pickle.dumps(batch))
+    return root
+
+
+def test_paper_scale_train_config(tmp_path):
+    from figures._stages import train_config
+
+    root = _fake_cifar10(tmp_path)
+    s = _settings("--data", "cifar10", "--data-dir", str(root), "--model", "resnet18", "--out", "x")
+    cfg = train_config(s, "mesa", 1, tmp_path / "run", "cpu", False).validate()
+    assert (cfg.data, cfg.model, cfg.epochs, cfg.batch_size, cfg.lr) == (
+        "cifar10",
+        "resnet18",
+        200,
+        128,
+        0.1,
+    )
+    assert (cfg.lam, cfg.start_epoch, cfg.seed, cfg.data_dir) == (0.8, 5, 1, str(root))
+    # 100 training images / batch 128 -> 1 step per epoch at most: horizon 6.4% of 200 steps
+    assert cfg.ema_decay == pytest.approx(1 - 1 / (0.064 * 200 * 1))
+    saf = train_config(s, "saf", 0, tmp_path / "run2", "cpu", False).validate()
+    assert (saf.lam, saf.lag, saf.tau, saf.ema_decay) == (0.3, 3, 5.0, None)
+
+
+def test_cuda_request_without_cuda_is_a_usage_error(tmp_path, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    argv = ["figures", "--out", str(tmp_path), "--data", "cifar10", "--data-dir", str(tmp_path)]
+    assert main([*argv, "--model", "resnet18", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+    assert not (tmp_path / "settings.json").exists()  # nothing was written
