@@ -99,9 +99,9 @@ def import_object(spec: str, what: str):
 def _sources(args):
     """(model_factory, data) from the run directory and/or --model / --data."""
     from saf.data import DATASETS, data_batches
-    from saf.runs import is_run_dir, model_from_run, read_run
+    from saf.runs import model_from_run
 
-    run = read_run(args.dir) if is_run_dir(args.dir) else None
+    run, notes = _run_info(args.dir, args.model is not None and args.data is not None)
     if run is None and (args.model is None or args.data is None):
         raise UsageError(
             f"{args.dir} is not a run directory of `saf train`; give --model MODULE:FACTORY "
@@ -119,7 +119,44 @@ def _sources(args):
     else:
         raise UsageError(f"--data: unknown data set {name!r}; use {', '.join(DATASETS)} "
                          "or package.module:function")  # fmt: skip
-    return factory, data
+    return factory, data, notes
+
+
+_RUN_REQUIRED = {"format", "method", "hparams", "model", "data", "seed"}
+_RUN_KEYS = _RUN_REQUIRED | {"device", "versions", "config"}  # device...: optional
+
+
+def _run_info(run_dir, have_sources: bool) -> tuple[dict | None, list[str]]:
+    """``(run.json, problems)``. Analysis needs only its ``model`` and ``data``: other
+    missing keys and unknown keys are reported (exit 3), not fatal; with --model and --data
+    given, an incomplete run.json is reported and ignored."""
+    import json
+
+    from saf.runs import is_run_dir, read_run
+
+    if not is_run_dir(run_dir):
+        return None, []
+    path = run_dir / "run.json"
+    try:
+        return _note_keys(read_run(run_dir), path)
+    except ValueError as e:
+        run = json.loads(path.read_text())
+        model, data = run.get("model"), run.get("data")
+        usable = isinstance(model, dict) and {"name", "kwargs"} <= set(model)
+        usable = (
+            usable and isinstance(data, dict) and {"name", "num_classes", "in_shape"} <= set(data)
+        )
+        if not usable and not have_sources:
+            raise UsageError(str(e)) from None
+        run, notes = (run, _note_keys(run, path)[1]) if usable else (None, [str(e)])
+    return run, notes
+
+
+def _note_keys(run: dict, path) -> tuple[dict, list[str]]:
+    missing, unknown = sorted(_RUN_REQUIRED - set(run)), sorted(set(run) - _RUN_KEYS)
+    parts = [f"{what} keys {keys}" for what, keys in (("missing", missing), ("unknown", unknown))
+             if keys]  # fmt: skip
+    return run, [f"{path}: {', '.join(parts)} (ignored)"] if parts else []
 
 
 def run(args) -> int:
@@ -132,7 +169,9 @@ def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     metrics = parse_metrics(args.metrics.split(","))
-    factory, data = _sources(args)
+    factory, data, notes = _sources(args)
+    for note in notes:
+        print(f"saf analyze: skipped: {note}", file=sys.stderr)
     out = args.out or str(args.dir / "analysis.csv")
     try:
         factory()
@@ -150,4 +189,4 @@ def run(args) -> int:
         table = ok.pivot_table(index="checkpoint", columns="metric", values="value", sort=False)
         print(table.to_string(float_format=lambda v: f"{v:.6g}"))
     print(f"wrote {out}")
-    return EXIT_SKIPPED if df.attrs.get("skipped") else EXIT_OK
+    return EXIT_SKIPPED if df.attrs.get("skipped") or notes else EXIT_OK
