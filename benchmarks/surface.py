@@ -1,0 +1,133 @@
+"""2D loss-surface speed, side by side in one process on the same model, data and grid.
+
+Rows (each the median of ``--reps`` interleaved repetitions):
+
+* ``limit``: one plain inference pass (eval mode, ``torch.inference_mode``, unfused)
+  times the number of grid points: what a loop of passes costs at best.
+* ``loss-landscapes``: ``loss_landscapes.random_plane`` as its README calls it (optional:
+  ``pip install loss-landscapes``; the row is skipped when missing).
+* ``landscape (plain)``: ``landscape.surface_2d(..., fast=False)``.
+* ``landscape``: ``landscape.surface_2d`` as shipped (BatchNorm folded into the convolutions,
+  channels-last inputs, inference mode).
+
+Ratios are printed as ``loss-landscapes / landscape`` and ``limit / landscape`` (> 1 means
+this package is faster). Run: ``python benchmarks/surface.py [--steps 7] [--reps 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import landscape as L
+
+
+def build(args):
+    from saf.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model(args.model, 10, (3, args.size, args.size), width=args.width)
+    model.train()
+    with torch.no_grad():  # non-trivial BatchNorm statistics, non-zero biases (as trained)
+        for _ in range(3):
+            model(torch.randn(64, 3, args.size, args.size))
+        for p in model.parameters():
+            # loss-landscapes divides by each bias element's norm: a zero bias (BatchNorm's
+            # init) raises ZeroDivisionError there, so start from a "trained-like" point.
+            p.add_(0.01 * torch.randn_like(p))
+    model.eval()
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
+    y = torch.randint(0, 10, (args.batch,), generator=g)
+    return model, x, y
+
+
+def run_limit(model, x, y, n_points: int) -> float:
+    with torch.inference_mode():
+        F.cross_entropy(model(x), y)  # warm-up
+        passes = []
+        for _ in range(3):
+            t = time.perf_counter()
+            F.cross_entropy(model(x), y).item()
+            passes.append(time.perf_counter() - t)
+        return statistics.median(passes) * n_points
+
+
+def run_loss_landscapes(model, x, y, steps: int) -> float | None:
+    try:
+        import loss_landscapes
+        import loss_landscapes.metrics
+    except ImportError:
+        return None
+    metric = loss_landscapes.metrics.Loss(F.cross_entropy, x, y)
+    t = time.perf_counter()
+    loss_landscapes.random_plane(model, metric, distance=1, steps=steps, normalization="filter",
+                                 deepcopy_model=True)  # fmt: skip
+    return time.perf_counter() - t
+
+
+def run_landscape(model, x, y, steps: int, fast: bool) -> float:
+    dirs = (L.random_direction(model, seed=1), L.random_direction(model, seed=2))
+    grid = np.linspace(-1, 1, steps)
+    t = time.perf_counter()
+    L.surface_2d(model, F.cross_entropy, [(x, y)], dirs, grid, grid, fast=fast, progress=False)
+    return time.perf_counter() - t
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="resnet_small", help="a saf.models name (resnet_small)")
+    p.add_argument("--width", type=int, default=16, help="model width (16)")
+    p.add_argument("--size", type=int, default=32, help="image side (32, CIFAR-sized)")
+    p.add_argument("--batch", type=int, default=256, help="samples per grid point (256)")
+    p.add_argument("--steps", type=int, default=7, help="grid side: steps x steps points (7)")
+    p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (3)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, x, y = build(args)
+    n = args.steps**2
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rows: dict[str, list[float]] = {}
+    for rep in range(args.reps):
+        print(f"rep {rep + 1}/{args.reps}", file=sys.stderr)
+        times = {
+            "limit": run_limit(model, x, y, n),
+            "loss-landscapes": run_loss_landscapes(model, x, y, args.steps),
+            "landscape (plain)": run_landscape(model, x, y, args.steps, fast=False),
+            "landscape": run_landscape(model, x, y, args.steps, fast=True),
+        }
+        for k, v in times.items():
+            if v is not None:
+                rows.setdefault(k, []).append(v)
+    unchanged = all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    ours = med["landscape"]
+    print(f"{args.model} width {args.width}, {args.batch} x 3x{args.size}x{args.size}, "
+          f"{args.steps}x{args.steps} grid, {torch.get_num_threads()} threads, "
+          f"median of {args.reps}")  # fmt: skip
+    print(f"{'method':<20} {'seconds':>9} {'ms/point':>9} {'ratio vs landscape':>19}")
+    for k, v in med.items():
+        print(f"{k:<20} {v:9.2f} {1000 * v / n:9.1f} {v / ours:18.2f}x")
+    if "loss-landscapes" not in med:
+        print("loss-landscapes: not installed (pip install loss-landscapes); row skipped")
+    print(f"model state unchanged by landscape: {unchanged}")
+    if args.json:
+        from analysis import atomic_write_json
+
+        atomic_write_json(args.json, {"args": vars(args) | {"json": str(args.json)},
+                                      "seconds": rows, "median": med})  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
