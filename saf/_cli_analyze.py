@@ -57,7 +57,7 @@ def add_parser(subparsers) -> None:
     a("--out", default=None, help="CSV path (default: DIR/analysis.csv)")
     a("--every", type=positive_int, default=1, help="only epochs that are multiples of N")
     a("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
-    a("--batch-size", type=positive_int, default=256, help="batch size (default: 256)")
+    a("--batch-size", type=positive_int, default=128, help="batch size (sam_sharpness: per batch)")
     a("--n-samples", type=positive_int, default=None, help="class-balanced subset of N samples")
     a("--dtype", choices=("float32", "float64"), default=None, help="compute dtype")
     a("--mode", choices=("eval", "train"), default="eval", help="BatchNorm mode (default: eval)")
