@@ -247,12 +247,20 @@ class _Context:
 
 
 def _data_hash(data: Iterable) -> str:
+    """Content hash of every batch (shapes, dtypes and bytes), for the cache key."""
     h = hashlib.sha256()
-    for x, y in data:
-        for t in (x, y):
-            t = t.detach().cpu().contiguous() if isinstance(t, torch.Tensor) else torch.tensor(t)
-            h.update(str((t.dtype, tuple(t.shape))).encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    def feed(t):
+        if isinstance(t, (tuple, list)):
+            for u in t:
+                feed(u)
+            return
+        t = t.detach().cpu().contiguous() if isinstance(t, torch.Tensor) else torch.as_tensor(t)
+        h.update(str((t.dtype, tuple(t.shape))).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+
+    for batch in data:
+        feed(batch)
     return h.hexdigest()[:16]
 
 
