@@ -159,7 +159,8 @@ def make_point_evaluator(
         if device is not None
         else (first.device if first is not None else torch.device("cpu"))
     )
-    state = {k: v.detach() for k, v in model.state_dict(keep_vars=True).items()}
+    # Every tensor (non-persistent buffers too), so evaluation on another device works.
+    state = {k: v.detach() for k, v in [*model.named_parameters(), *model.named_buffers()]}
     if origin is not None:
         unknown = [k for k in origin if k not in state]
         if unknown:
@@ -173,7 +174,7 @@ def make_point_evaluator(
             raise ValueError(f"direction tensor {bad[0]!r} does not match the model's shapes")
     keys = sorted(set().union(*dirs)) if dirs else []
     net = fold_batchnorm(model)[0] if fast else model
-    known = set(net.state_dict(keep_vars=True)) if net is not model else set(state)
+    known = {k for k, _ in [*net.named_parameters(), *net.named_buffers()]}
     prep = (lambda t: _to(t, device, fast)) if net is not model else (lambda t: _to(t, device))
     cached = [(prep(x), _to(y, device)) for x, y in data] if isinstance(data, Sequence) else None
 

@@ -227,3 +227,25 @@ def test_distributed_gloo_two_ranks_equals_single_process(tmp_path):
     for r in (0, 1):
         np.testing.assert_array_equal(np.load(tmp_path / f"rank{r}.npy"), gathered.loss)
     assert not list(tmp_path.glob("dist.npz.rank*"))
+
+
+class _WithNonPersistent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 2)
+        self.register_buffer("shift", torch.full((2,), 0.5), persistent=False)
+
+    def forward(self, x):
+        return self.lin(x) + self.shift
+
+
+def test_non_persistent_buffers_are_used():
+    model = _WithNonPersistent()
+    data = [(torch.randn(5, 3), torch.randn(5, 2))]
+    d = {"lin.weight": torch.ones(2, 3)}
+    s = L.surface_1d(model, F.mse_loss, data, d, [0.0, 1.0], progress=False)
+    with torch.no_grad():
+        ref0 = float(F.mse_loss(model(data[0][0]), data[0][1]))
+        model.lin.weight.add_(1.0)
+        ref1 = float(F.mse_loss(model(data[0][0]), data[0][1]))
+    np.testing.assert_allclose(s.loss, [ref0, ref1], rtol=1e-6)
