@@ -106,3 +106,31 @@ def test_pca_and_checkpoint_target(tmp_path, runs, capsys):
     assert (out / "sgd-s0_e2_pca_2d_trajectory.png").is_file()
     s = L.Surface.load(out / "sgd-s0_e2_pca_2d.npz")
     np.testing.assert_allclose(s.loss[1, 1], _loss(torch.load(ckpt, weights_only=True)), rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_torchrun_two_ranks_equals_single_process(tmp_path, runs):
+    """``torchrun --nproc_per_node 2 -m saf.cli surface ...`` (gloo) == one process."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    if torchrun is None:
+        pytest.skip("torchrun not found next to the Python executable")
+    cmd = _surface_cmd(runs[0], tmp_path / "dist", "--no-plots")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "saf.cli", *cmd],
+                       capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(_surface_cmd(runs[0], tmp_path / "one", "--no-plots")) == 0
+    finally:
+        torch.set_num_threads(threads)
+    a = L.Surface.load(tmp_path / "dist" / "sgd-s0_e3_random_2d.npz")
+    b = L.Surface.load(tmp_path / "one" / "sgd-s0_e3_random_2d.npz")
+    np.testing.assert_allclose(a.loss, b.loss, rtol=1e-6)
+    assert a.complete and not list((tmp_path / "dist").glob("*.rank*"))
