@@ -18,6 +18,7 @@ epochs before it are kept.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from pathlib import Path
@@ -112,66 +113,36 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         torch.set_num_threads(cfg.threads)
     dist = DistInfo.current(cfg.device)
     device = torch.device(local_device(cfg.device) if dist.world > 1 else cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the RNG state saved for resume is this device's
 
     # --- data, model, optimizer, schedule ---------------------------------------------------
-    train_ds = load_dataset(cfg.data, "train", cfg.data_dir, augment=cfg.augment)
-    if cfg.limit is not None:  # a fixed, class-balanced subset
-        keep = _balanced(train_ds.y, train_ds.num_classes, cfg.limit)
-        train_ds = IndexedDataset(
-            train_ds.x[keep], train_ds.y[keep], train_ds.num_classes, train_ds.augment
-        )
-    test_ds = load_dataset(cfg.data, "test", cfg.data_dir)
-    sampler_gen, augment_gen = (
-        torch.Generator().manual_seed(cfg.seed),
-        torch.Generator().manual_seed(cfg.seed + 1),
-    )
+    train_ds, test_ds = _datasets(cfg)
+    sampler_gen = torch.Generator().manual_seed(cfg.seed)  # the data order: same for all methods
+    augment_gen = torch.Generator().manual_seed(cfg.seed + 1)
     steps = len(_batches(len(train_ds), cfg.batch_size, torch.Generator(), 0, dist.world))
     hp = cfg.resolved(steps)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, train_ds.num_classes, train_ds.in_shape, **cfg.model_kwargs).to(
-        device
-    )
-    if dist.world > 1:
-        model = torch.nn.parallel.DistributedDataParallel(model)
-    net = model.module if dist.world > 1 else model
-    sgd_kw = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if cfg.method in ("sam", "asam"):
-        optimizer = SAM(
-            model.parameters(),
-            torch.optim.SGD,
-            rho=hp["rho"],
-            adaptive=cfg.method == "asam",
-            **sgd_kw,
-        )
-    else:
-        optimizer = torch.optim.SGD(model.parameters(), **sgd_kw)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _cosine(steps * cfg.epochs, steps * cfg.warmup_epochs)
-    )
-    store = (
-        OutputStore(len(train_ds), train_ds.num_classes, cfg.lag, device=device)
-        if cfg.method == "saf"
-        else None
-    )
-    ema = EMA(net, hp["ema_decay"]) if cfg.method == "mesa" else None
-    use_amp = cfg.amp and device.type == "cuda"
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16))
-        if use_amp
-        else contextlib.nullcontext
-    )
+    net = build_model(cfg.model, train_ds.num_classes, train_ds.in_shape, **cfg.model_kwargs)
+    net = net.to(device)
+    model = torch.nn.parallel.DistributedDataParallel(net) if dist.world > 1 else net
+    optimizer = _optimizer(cfg, model, hp)
+    total, warmup = steps * cfg.epochs, steps * cfg.warmup_epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(total, warmup))
+    store = ema = None
+    if cfg.method == "saf":
+        store = OutputStore(len(train_ds), train_ds.num_classes, cfg.lag, device=device)
+    if cfg.method == "mesa":
+        ema = EMA(net, hp["ema_decay"])
+    autocast = contextlib.nullcontext
+    if cfg.amp and device.type == "cuda":
+        autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
+    gather = dist.gather if dist.world > 1 else None
+    lam = hp["lam"] or 0.0
     stepper = Stepper(
-        cfg.method,
-        model,
-        optimizer,
-        hp["lam"] or 0.0,
-        cfg.tau,
-        cfg.start_epoch,
-        store,
-        ema,
-        autocast,
-        dist.gather if dist.world > 1 else None,
+        cfg.method, model, optimizer, lam, cfg.tau, cfg.start_epoch, store, ema, autocast, gather
     )
+    parts = (optimizer, scheduler, store, ema, sampler_gen, augment_gen)
 
     # --- fresh start or resume ------------------------------------------------------------------
     if state is None:
@@ -179,52 +150,30 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         if dist.rank == 0:
             runs.write_run(run_dir, describe_run(cfg, hp, train_ds))
             runs.save_checkpoint(run_dir, 0, net)
-            runs.save_state(
-                run_dir, _state(0, rows, optimizer, scheduler, store, ema, sampler_gen, augment_gen)
-            )
+            runs.save_state(run_dir, _state(0, rows, *parts))
     else:
         first_epoch, rows = int(state["epoch"]), list(state["metrics"])
         net.load_state_dict(runs.safe_torch_load(runs.checkpoint_path(run_dir, first_epoch)))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        if store is not None:
-            store.load_state_dict(state["store"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        sampler_gen.set_state(state["rng"]["sampler"])
-        augment_gen.set_state(state["rng"]["augment"])
-        torch.set_rng_state(state["rng"]["torch"])
-        if device.type == "cuda" and state["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(state["rng"]["cuda"], device)
+        _restore(state, device, *parts)
 
     # --- the epoch loop -------------------------------------------------------------------------
     model.train()
     for epoch in range(first_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        sums = torch.zeros(4, device=device)  # ce*b, traj*b, correct, samples
+        sums = torch.zeros(4, device=device)  # ce*b, traj*b, correct, samples: synced once
         batches = _batches(len(train_ds), cfg.batch_size, sampler_gen, dist.rank, dist.world)
-        bar = tqdm(
-            batches,
-            desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
-            leave=False,
-            disable=not cfg.progress or dist.rank > 0,
-        )
-        for idx in bar:
-            x, y, idx = train_ds.get_batch(idx, augment_gen)
-            x, y, idx = (
-                x.to(device, non_blocking=True),
-                y.to(device, non_blocking=True),
-                idx.to(device),
-            )
+        desc = f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}"
+        for idx in tqdm(batches, desc, leave=False, disable=not cfg.progress or dist.rank > 0):
+            batch = train_ds.get_batch(idx, augment_gen)  # (x, y, idx): ids travel with x
+            x, y, idx = (t.to(device, non_blocking=True) for t in batch)
             ce, traj, logits = stepper(x, y, idx, epoch)
             scheduler.step()
-            b = len(y)
-            sums += torch.stack(
-                [ce * b, traj * b, (logits.argmax(1) == y).sum().to(ce.dtype), ce.new_tensor(b)]
-            )
-        sums = dist.all_reduce(sums)
+            hits = (logits.argmax(1) == y).sum().to(ce.dtype)
+            sums += torch.stack([ce * len(y), traj * len(y), hits, ce.new_tensor(len(y))])
+        sums = dist.all_reduce(sums)  # all ranks' sums
+        ce_m, traj_m, acc = (sums[:3] / sums[3]).tolist()  # the one host sync of the epoch
+        n = sums[3].item()
         train_s = time.perf_counter() - t0
-        ce_m, traj_m, acc, n = (sums[:3] / sums[3]).tolist() + [sums[3].item()]
         test_loss, test_acc = evaluate(net, test_ds, device)
         if not all(map(math.isfinite, (ce_m, traj_m, test_loss))):
             last = runs.checkpoint_path(run_dir, epoch)
@@ -235,32 +184,54 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             )
         seconds = time.perf_counter() - t0
         rows.append(
-            {
-                "epoch": epoch + 1,
-                "train_ce": ce_m,
-                "traj_loss": traj_m,
-                "train_loss": ce_m + traj_m,
-                "train_acc": acc,
-                "test_loss": test_loss,
-                "test_acc": test_acc,
-                "lr": scheduler.get_last_lr()[0],
-                "seconds": seconds,
-                "images_per_s": n / train_s,
-            }
-        )
+            dict(epoch=epoch + 1, train_ce=ce_m, traj_loss=traj_m, train_loss=ce_m + traj_m,
+                 train_acc=acc, test_loss=test_loss, test_acc=test_acc,
+                 lr=scheduler.get_last_lr()[0], seconds=seconds, images_per_s=n / train_s)
+        )  # fmt: skip
         if cfg.progress and dist.rank == 0:
             tqdm.write(
-                f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}: ce {ce_m:.4f} "
-                f"traj {traj_m:.4f} acc {acc:.3f} test {test_acc:.3f} ({seconds:.1f}s)"
+                f"{desc}: ce {ce_m:.4f} traj {traj_m:.4f} acc {acc:.3f} "
+                f"test {test_acc:.3f} ({seconds:.1f}s)"
             )
         if dist.rank == 0:  # checkpoint first, then metrics, then the resume state
             runs.save_checkpoint(run_dir, epoch + 1, net)
             runs.write_metrics(run_dir, rows)
-            runs.save_state(
-                run_dir,
-                _state(epoch + 1, rows, optimizer, scheduler, store, ema, sampler_gen, augment_gen),
-            )
+            runs.save_state(run_dir, _state(epoch + 1, rows, *parts))
     return run_dir
+
+
+def _datasets(cfg: TrainConfig) -> tuple[IndexedDataset, IndexedDataset]:
+    """Train set (a fixed class-balanced subset when ``cfg.limit``) and test set."""
+    train_ds = load_dataset(cfg.data, "train", cfg.data_dir, augment=cfg.augment)
+    if cfg.limit is not None:
+        keep = _balanced(train_ds.y, train_ds.num_classes, cfg.limit)
+        x, y = train_ds.x[keep], train_ds.y[keep]
+        train_ds = IndexedDataset(x, y, train_ds.num_classes, train_ds.augment)
+    return train_ds, load_dataset(cfg.data, "test", cfg.data_dir)
+
+
+def _optimizer(cfg: TrainConfig, model, hp: dict) -> torch.optim.Optimizer:
+    """SGD with momentum and weight decay; wrapped by SAM for sam/asam."""
+    kw = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if cfg.method in ("sam", "asam"):
+        adaptive = cfg.method == "asam"
+        return SAM(model.parameters(), torch.optim.SGD, rho=hp["rho"], adaptive=adaptive, **kw)
+    return torch.optim.SGD(model.parameters(), **kw)
+
+
+def _restore(state, device, optimizer, scheduler, store, ema, sampler_gen, augment_gen) -> None:
+    """Load the resume state written by :func:`_state` (weights are loaded separately)."""
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if store is not None:
+        store.load_state_dict(state["store"])
+    if ema is not None:
+        ema.load_state_dict(state["ema"])
+    sampler_gen.set_state(state["rng"]["sampler"])
+    augment_gen.set_state(state["rng"]["augment"])
+    torch.set_rng_state(state["rng"]["torch"])
+    if device.type == "cuda" and state["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
 
 
 def _state(epoch, rows, optimizer, scheduler, store, ema, sampler_gen, augment_gen) -> dict:
@@ -276,6 +247,6 @@ def _state(epoch, rows, optimizer, scheduler, store, ema, sampler_gen, augment_g
             "sampler": sampler_gen.get_state(),
             "augment": augment_gen.get_state(),
             "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
         },
     }
