@@ -194,7 +194,9 @@ def _directions(args, run: _Run, others: list[_Run], data, out: Path) -> tuple[l
         _write_pca(pca, out / f"{_stem(args, run)}_pca.json")
         run.pca = pca
         return pca.directions, None
-    dirs, evals = L.hessian_directions(run.model, _ce(), data, k=n, seed=args.seed)
+    dirs, evals = L.hessian_directions(
+        run.model, _ce(), data, k=n, seed=args.seed, tol=1e-3, progress=args.progress
+    )
     print(f"saf surface: top Hessian eigenvalues {np.round(evals, 6).tolist()}", file=sys.stderr)
     return dirs, None
 

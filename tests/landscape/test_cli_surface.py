@@ -134,3 +134,15 @@ def test_torchrun_two_ranks_equals_single_process(tmp_path, runs):
     b = L.Surface.load(tmp_path / "one" / "sgd-s0_e3_random_2d.npz")
     np.testing.assert_allclose(a.loss, b.loss, rtol=1e-6)
     assert a.complete and not list((tmp_path / "dist").glob("*.rank*"))
+
+
+@pytest.mark.slow  # Lanczos on a CNN: ~1 min on 2 shared cores; quick variant in test_directions
+def test_hessian_directions_1d(tmp_path, runs, capsys):
+    out = tmp_path / "o"
+    cmd = _surface_cmd(runs[0], out, "--directions", "hessian", "--dim", "1", "--no-plots")
+    assert main(cmd) == 0
+    assert "top Hessian eigenvalues" in capsys.readouterr().err
+    s = L.Surface.load(out / "sgd-s0_e3_hessian_1d.npz")
+    last = torch.load(runs[0] / "checkpoints" / "epoch_0003.pt", weights_only=True)
+    np.testing.assert_allclose(s.loss[1], _loss(last), rtol=1e-5)
+    assert s.metadata["direction_norms"] == pytest.approx([1.0])  # unit eigenvector
