@@ -62,21 +62,38 @@ class IndexedDataset(torch.utils.data.Dataset):
         return x[0], y[0], int(idx[0])
 
     def get_batch(self, idx: Tensor, generator: torch.Generator | None = None):
-        """The batch ``(x[idx], y[idx], idx)``; augmentation draws from ``generator``."""
+        """The batch ``(x[idx], y[idx], idx)`` on the data's device; augmentation draws
+        from ``generator`` (a CPU generator, so the draws do not depend on the device)."""
+        idx = idx.to(self.x.device)
         x = self.x.index_select(0, idx)
         if self.augment:
             x = _crop_flip(x, generator)
         return x, self.y.index_select(0, idx), idx
 
+    def to(self, device) -> IndexedDataset:
+        """A copy whose tensors live on ``device`` (e.g. the GPU: no per-batch transfer)."""
+        out = IndexedDataset.__new__(IndexedDataset)
+        out.__dict__.update(self.__dict__, x=self.x.to(device), y=self.y.to(device))
+        return out
+
 
 def _crop_flip(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """Random crop after zero padding by 4 pixels, and random horizontal flip (per sample)."""
-    n, _, h, w = x.shape
+    n, c, h, w = x.shape
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-    dy, dx = torch.randint(0, 9, (2, n), generator=generator)
-    flip = torch.rand(n, generator=generator) < 0.5
-    out = torch.stack([padded[k, :, dy[k] : dy[k] + h, dx[k] : dx[k] + w] for k in range(n)])
-    return torch.where(flip[:, None, None, None], out.flip(-1), out)
+    dy, dx = torch.randint(0, 9, (2, n), generator=generator).to(x.device)
+    flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+    ar_h, ar_w = torch.arange(h, device=x.device), torch.arange(w, device=x.device)
+    rows = dy[:, None] + ar_h  # (n, h)
+    cols = dx[:, None] + torch.where(flip[:, None], w - 1 - ar_w, ar_w)  # (n, w), flipped
+    ch = torch.arange(c, device=x.device)
+    n_ = torch.arange(n, device=x.device)
+    return padded[
+        n_[:, None, None, None],
+        ch[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
 
 
 def load_dataset(

@@ -117,7 +117,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         torch.cuda.set_device(device)  # the RNG state saved for resume is this device's
 
     # --- data, model, optimizer, schedule ---------------------------------------------------
-    train_ds, test_ds = _datasets(cfg)
+    train_ds, test_ds = _datasets(cfg, device)
     sampler_gen = torch.Generator().manual_seed(cfg.seed)  # the data order: same for all methods
     augment_gen = torch.Generator().manual_seed(cfg.seed + 1)
     steps = len(_batches(len(train_ds), cfg.batch_size, torch.Generator(), 0, dist.world))
@@ -200,14 +200,17 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     return run_dir
 
 
-def _datasets(cfg: TrainConfig) -> tuple[IndexedDataset, IndexedDataset]:
+def _datasets(cfg: TrainConfig, device) -> tuple[IndexedDataset, IndexedDataset]:
     """Train set (a fixed class-balanced subset when ``cfg.limit``) and test set."""
     train_ds = load_dataset(cfg.data, "train", cfg.data_dir, augment=cfg.augment)
     if cfg.limit is not None:
         keep = _balanced(train_ds.y, train_ds.num_classes, cfg.limit)
         x, y = train_ds.x[keep], train_ds.y[keep]
         train_ds = IndexedDataset(x, y, train_ds.num_classes, train_ds.augment)
-    return train_ds, load_dataset(cfg.data, "test", cfg.data_dir)
+    test_ds = load_dataset(cfg.data, "test", cfg.data_dir)
+    if torch.device(cfg.device).type == "cuda":  # in-memory sets live on the GPU
+        return train_ds.to(device), test_ds.to(device)
+    return train_ds, test_ds
 
 
 def _optimizer(cfg: TrainConfig, model, hp: dict) -> torch.optim.Optimizer:

@@ -100,3 +100,15 @@ def test_run_helpers_on_a_foreign_folder(tmp_path):
     with pytest.raises(ValueError, match="run.json"):
         read_run(tmp_path)
     assert list_checkpoints(tmp_path) == [] and read_metrics(tmp_path).empty
+
+
+def test_vectorised_crop_flip_equals_per_sample_loop():
+    from saf.data import _crop_flip
+
+    x, g = torch.randn(16, 3, 32, 32), torch.Generator().manual_seed(3)
+    dy, dx = torch.randint(0, 9, (2, 16), generator=g)
+    flip = torch.rand(16, generator=g) < 0.5
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    crops = [padded[k, :, dy[k] : dy[k] + 32, dx[k] : dx[k] + 32] for k in range(16)]
+    expect = torch.stack([c.flip(-1) if f else c for c, f in zip(crops, flip, strict=True)])
+    assert torch.equal(_crop_flip(x, torch.Generator().manual_seed(3)), expect)
