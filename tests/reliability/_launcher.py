@@ -29,6 +29,8 @@ def _serve() -> None:
     import sklearn.datasets  # noqa: F401  (the slow imports, done once)
     import torch._dynamo  # noqa: F401
 
+    import analysis  # noqa: F401
+    import landscape  # noqa: F401  (matplotlib, plotly)
     import saf.cli
     from saf.data import load_dataset
 
