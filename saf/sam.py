@@ -59,22 +59,30 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Move to :math:`w + \\hat\\epsilon` (remembering :math:`w`)."""
+        """Move to :math:`w + \\hat\\epsilon` (remembering :math:`w`).
+
+        The norm :math:`\\|T_w g\\|` is taken over all parameter groups together.
+        """
+        groups = []  # (group, params, T_w g) for groups with gradients
         for group in self.param_groups:
             ps = [p for p in group["params"] if p.grad is not None]
-            if not ps:
-                continue
-            grads = [p.grad for p in ps]
-            if group["adaptive"]:
-                scaled = torch._foreach_mul(grads, torch._foreach_abs(ps))
-            else:
-                scaled = grads
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(scaled)))
-            scale = group["rho"] / (norm + 1e-12)
+            if ps:
+                grads = [p.grad for p in ps]
+                scaled = (
+                    torch._foreach_mul(grads, torch._foreach_abs(ps))
+                    if group["adaptive"]
+                    else grads
+                )
+                groups.append((group, ps, scaled))
+        norms = [n for _, _, scaled in groups for n in torch._foreach_norm(scaled)]
+        norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+        for group, ps, scaled in groups:
             for p in ps:
                 self.state[p]["old_p"] = p.detach().clone()
-            eps = torch._foreach_mul(scaled, torch._foreach_abs(ps)) if group["adaptive"] else grads
-            torch._foreach_add_(ps, torch._foreach_mul(eps, scale))
+            eps = (
+                torch._foreach_mul(scaled, torch._foreach_abs(ps)) if group["adaptive"] else scaled
+            )
+            torch._foreach_add_(ps, torch._foreach_mul(eps, group["rho"] / (norm + 1e-12)))
         if zero_grad:
             self.zero_grad()
 

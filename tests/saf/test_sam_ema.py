@@ -136,3 +136,21 @@ def test_ema_decay_scaling_and_validation():
     assert scaled_ema_decay(12) == pytest.approx(1 - 1 / 12)
     with pytest.raises(ValueError):
         EMA(_bn_net(), 1.0)
+
+
+def test_sam_norm_spans_all_param_groups():
+    """Two groups (one coordinate each) perturb like one group: eps = rho g / ||g||."""
+    w0, rho, lr = torch.tensor([1.0, -2.0], dtype=torch.float64), 0.1, 0.05
+    a, b = (torch.nn.Parameter(w0[i : i + 1].clone()) for i in range(2))
+    opt = SAM([{"params": [a]}, {"params": [b]}], torch.optim.SGD, rho=rho, lr=lr)
+
+    def closure():
+        opt.zero_grad()
+        w = torch.cat([a, b])
+        loss = 0.5 * w @ A @ w
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    got = torch.cat([a, b]).detach()
+    torch.testing.assert_close(got, _quad_sam(w0, rho, lr), rtol=1e-14, atol=1e-14)
