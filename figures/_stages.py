@@ -17,6 +17,7 @@ from figures.pipeline import Settings, run_name, say, scaled_hparams
 from figures.report import (
     Section,
     display_table,
+    epoch_average_findings,
     findings,
     sweep_findings,
     write_final_table,
@@ -369,5 +370,10 @@ def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, sweep, d
     steps = read_run(next(iter(runs.values())))["hparams"]["steps_per_epoch"]
     hp = {f"{k} (scaled)": v for k, v in scaled_hparams(s, steps).items()}
     settings = {**s.key(), **hp, "steps_per_epoch": steps, "device": device}
-    notes = findings(final) + (sweep_findings(sweep, final) if len(sweep) else []) + [SPEED_NOTE]
+    notes = (
+        findings(final)
+        + epoch_average_findings(curves)
+        + (sweep_findings(sweep, final) if len(sweep) else [])
+        + [SPEED_NOTE]
+    )
     return write_report(out, sections, tables, settings, notes)

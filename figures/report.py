@@ -89,6 +89,29 @@ def display_table(final: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def epoch_average_findings(curves: pd.DataFrame) -> list[str]:
+    """SAM sharpness and lambda_max averaged over each run's epochs, then over seeds, vs SGD.
+
+    The area under the curves of Fig. 4b: it captures an effect during training that the
+    last epoch alone can miss.
+    """
+    c = check_curves(curves)
+    out = []
+    for k, what in (("sam_sharpness", "SAM sharpness"), ("lambda_max", "lambda_max")):
+        per_run = c[c.metric == k].groupby(["method", "seed"], as_index=False)["value"].mean()
+        st = mean_std(per_run, ["method"]).set_index("method")
+        if "sgd" not in st.index:
+            continue
+        base = st.loc["sgd", "mean"]
+        parts = [
+            f"{label(m)} {st.loc[m, 'mean']:.4g} ± {st.loc[m, 'std']:.2g}"
+            + ("" if m == "sgd" else f" ({st.loc[m, 'mean'] / base:.2f}× SGD)")
+            for m in method_order(st.index)
+        ]
+        out.append(f"{what} averaged over all epochs: " + "; ".join(parts))
+    return out
+
+
 def sweep_findings(sweep: pd.DataFrame, final: pd.DataFrame) -> list[str]:
     """One sentence per measure: SAF's range over the sweep against SGD's and SAM's values."""
     f = final.set_index("method")

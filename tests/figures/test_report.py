@@ -27,6 +27,14 @@ def test_findings_state_ratios_to_sgd():
     assert "SAF" in sharp and "(3.00× SGD)" in sharp
 
 
+def test_epoch_average_findings_ratio():
+    from figures.report import epoch_average_findings
+
+    lines = epoch_average_findings(_curves(epochs=3))
+    # MESA (k=3) is 4x SGD at every epoch and seed, so 4x on average
+    assert any("lambda_max averaged" in s and "MESA" in s and "(4.00× SGD)" in s for s in lines)
+
+
 def test_report_renders_in_headless_chromium(tmp_path, render_dom):
     c = _curves()
     figs = tmp_path / "figures"
