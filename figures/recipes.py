@@ -302,10 +302,11 @@ def sweep(
             ax.axhspan(mu - sd, mu + sd, color=color(m), alpha=0.15, lw=0)
             ax.axhline(mu, color=color(m), ls="--", label=f"{label(m)} (final)")
         stats = mean_std(table.rename(columns={k: "value"}), ["lag", "lam"])
-        for lag, g in stats.groupby("lag"):
-            ax.errorbar(
-                g["lam"], g["mean"], g["std"], marker="o", capsize=3, label=f"SAF, lag {lag}"
-            )
+        n_lags = stats["lag"].nunique()
+        for i, (lag, g) in enumerate(stats.groupby("lag")):
+            shade = plt.get_cmap("Reds")(0.5 + 0.45 * i / max(1, n_lags - 1))
+            ax.errorbar(g["lam"], g["mean"], g["std"], color=shade, marker="o", capsize=3,
+                        label=f"SAF, lag {lag}")  # fmt: skip
         ax.set_xscale("log")
         ax.set_xlabel(r"$\lambda$ (trajectory-loss weight)")
         ax.set_ylabel(yl)
