@@ -142,10 +142,17 @@ class _Run:
         self.info = read_run(self.dir)
         self.state = load_state_dict(self.ckpt)
         self.model = model_from_run(self.info)
+        ref = self.model.state_dict()
+        for k, t in self.state.items():  # load_state_dict casts int/complex and keeps NaN
+            if k in ref and ref[k].is_floating_point() and not t.is_floating_point():
+                raise UsageError(f"{self.ckpt}: {k} is {t.dtype}, the model expects floats")
+            if t.is_floating_point() and not bool(t.isfinite().all()):
+                raise UsageError(f"{self.ckpt}: {k} has NaN/Inf weights; no surface to compute")
         try:
             self.model.load_state_dict(self.state)
         except RuntimeError as e:
-            raise UsageError(f"{self.ckpt}: does not fit the run's model ({e})") from None
+            why = " ".join(line.strip() for line in str(e).splitlines()[1:2])[:200]
+            raise UsageError(f"{self.ckpt}: does not fit the run's model ({why})") from None
         self.model.to(dev).eval()
         self.name = self.dir.resolve().name
         self.pca = None
