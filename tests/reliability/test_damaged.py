@@ -175,3 +175,23 @@ def test_analyze_run_json_unreadable(tiny_run, capsys, damage):
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
     assert "run.json" in err or str(tiny_run) in err
     assert not (tiny_run / "analysis.csv").exists()
+
+
+@pytest.mark.parametrize("kind", [*KINDS, "nan-weights"])
+@pytest.mark.filterwarnings("error")  # a warning would be a second line on stderr
+def test_surface_refuses_damaged_checkpoint_with_one_line(tiny_run, tmp_path, capsys, kind):
+    """`saf surface` reads one checkpoint: a damaged one is refused before anything is
+    written (exit 2, one line naming it); NaN weights have no surface to compute."""
+    path, out = tiny_run / "checkpoints" / "epoch_0003.pt", tmp_path / "surf"
+    if kind == "nan-weights":
+        sd = torch.load(path, weights_only=True)
+        next(iter(sd.values())).view(-1)[0] = math.nan
+        torch.save(sd, path)
+    else:
+        _damage(path, kind)
+    quick = ["--dim", "1", "--grid", "-1:1:3", "--no-progress", "--out", out]
+    rc, _, err = run_cli(capsys, ["surface", tiny_run, *quick])
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert str(path) in lines[0], err
+    assert not out.exists()
