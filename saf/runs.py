@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -106,11 +107,39 @@ def list_checkpoints(run_dir) -> list[tuple[int, Path]]:
 
 
 def read_metrics(run_dir) -> pd.DataFrame:
-    """``metrics.csv`` as a DataFrame (an empty frame with the columns if none yet)."""
+    """``metrics.csv`` as a DataFrame (an empty frame with the columns if none yet).
+
+    A damaged file (unparsable, other columns, missing or non-numeric values, epochs not
+    1..n) is named on stderr and replaced by the copy of its rows kept in ``state.pt``.
+
+    Raises:
+        ValueError: damaged, and no readable ``state.pt`` to rebuild it from.
+    """
     path = Path(run_dir) / "metrics.csv"
     if not path.is_file():
         return pd.DataFrame(columns=list(METRIC_COLUMNS))
-    return pd.read_csv(path)
+    try:
+        return _checked_metrics(pd.read_csv(path))
+    except ValueError as e:  # pandas' parser errors are ValueErrors too
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    try:
+        rows = load_state(run_dir)["metrics"]
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"{path}: damaged ({why}) and no state.pt to rebuild it from") from None
+    print(f"saf: warning: {path}: damaged ({why}); using the rows kept in state.pt",
+          file=sys.stderr)  # fmt: skip
+    return pd.DataFrame(rows, columns=list(METRIC_COLUMNS))
+
+
+def _checked_metrics(m: pd.DataFrame) -> pd.DataFrame:
+    if list(m.columns) != list(METRIC_COLUMNS):
+        raise ValueError(f"columns {list(m.columns)}, expected {list(METRIC_COLUMNS)}")
+    numeric = len(m) == 0 or all(pd.api.types.is_numeric_dtype(m[c]) for c in m)
+    if m.isna().any().any() or not numeric:
+        raise ValueError("missing or non-numeric values")
+    if m["epoch"].tolist() != list(range(1, len(m) + 1)):
+        raise ValueError(f"epochs {m['epoch'].tolist()} are not 1..{len(m)}")
+    return m
 
 
 def write_metrics(run_dir, rows: list[dict]) -> None:
