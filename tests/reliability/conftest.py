@@ -8,10 +8,19 @@ from pathlib import Path
 import pytest
 
 from saf.cli import main
+from tests.reliability._launcher import Launcher
 
 TINY_TRAIN = ["--method", "saf", "--model", "mlp", "--model-kwargs", '{"width": 16}']
 TINY_TRAIN += ["--limit", "64", "--batch-size", "32", "--saf-start", "1", "--saf-lag", "1"]
 TINY_TRAIN += ["--no-progress"]
+
+
+@pytest.fixture(scope="session")
+def launcher(tmp_path_factory):
+    """One pre-warmed process that forks a killable child per `saf` command."""
+    lau = Launcher(tmp_path_factory.mktemp("launcher"))
+    yield lau
+    lau.close()
 
 
 @pytest.fixture(scope="session")

@@ -195,3 +195,40 @@ def test_surface_refuses_damaged_checkpoint_with_one_line(tiny_run, tmp_path, ca
     assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert str(path) in lines[0], err
     assert not out.exists()
+
+
+def _metrics_damage(path, kind):
+    text = path.read_text()
+    lines = text.splitlines(keepends=True)
+    damaged = {
+        "binary": bytes(range(256)) * 4,
+        "empty": b"",
+        "truncated-mid-row": text[: len(text) - 25].encode(),
+        "missing-column": "".join(ln.split(",", 1)[1] for ln in lines).encode(),
+        "non-numeric": text.replace(lines[2].split(",")[1], "oops", 1).encode(),
+        "duplicated-epoch": (text + lines[-1]).encode(),
+    }[kind]
+    path.write_bytes(damaged)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["binary", "empty", "truncated-mid-row", "missing-column", "non-numeric", "duplicated-epoch"],
+)
+def test_damaged_metrics_csv_is_named_and_rebuilt_from_state(tiny_run, capfd, kind):
+    """Readers of metrics.csv (the figure pipeline's curves and tables) get the rows kept in
+    state.pt, with one line naming the damaged file; no state.pt: a ValueError naming it."""
+    from saf import read_metrics
+
+    want = read_metrics(tiny_run)
+    capfd.readouterr()
+    path = tiny_run / "metrics.csv"
+    _metrics_damage(path, kind)
+    got = read_metrics(tiny_run)
+    err = capfd.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and str(path) in err[0] and "damaged" in err[0], err
+    cols = ["epoch", "train_ce", "traj_loss", "train_acc", "test_loss", "test_acc", "lr"]
+    assert got[cols].equals(want[cols])
+    (tiny_run / "state.pt").unlink()
+    with pytest.raises(ValueError, match=str(path)):
+        read_metrics(tiny_run)

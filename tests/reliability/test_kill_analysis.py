@@ -18,17 +18,10 @@ import torch
 
 import analysis._checkpoints as ac
 from landscape import Surface
-from tests.reliability._launcher import Launcher, kill, tmp_files, wait_for_new_tmp
+from tests.reliability._launcher import kill, tmp_files, wait_for_new_tmp
 from tests.reliability.conftest import run_cli
 
 KILLS = 10
-
-
-@pytest.fixture(scope="module")
-def launcher(tmp_path_factory):
-    lau = Launcher(tmp_path_factory.mktemp("launcher"))
-    yield lau
-    lau.close()
 
 
 def kill_repeatedly(launcher, argv, folders, log, kills, seed, check) -> dict:

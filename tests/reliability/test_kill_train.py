@@ -14,19 +14,12 @@ import torch
 
 from analysis import load_state_dict, safe_torch_load
 from saf import METRIC_COLUMNS, list_checkpoints, model_from_run, read_metrics, read_run
-from tests.reliability._launcher import Launcher, kill, tmp_files, wait_for_new_tmp
+from tests.reliability._launcher import kill, tmp_files, wait_for_new_tmp
 
 TINY = ["--method", "saf", "--model", "mlp", "--model-kwargs", '{"width": 16}', "--limit", "64"]
 TINY += ["--batch-size", "16", "--saf-start", "1", "--saf-lag", "1", "--no-progress"]
 TINY += ["--threads", "1"]
 DETERMINISTIC = [c for c in METRIC_COLUMNS if c not in ("seconds", "images_per_s")]
-
-
-@pytest.fixture(scope="module")
-def launcher(tmp_path_factory):
-    lau = Launcher(tmp_path_factory.mktemp("launcher"))
-    yield lau
-    lau.close()
 
 
 def assert_complete(run_dir: Path) -> None:
