@@ -5,15 +5,19 @@ weights equal an uninterrupted run's bitwise, and at every kill point every file
 
 from __future__ import annotations
 
+import contextlib
+import io
 import random
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
 from analysis import load_state_dict, safe_torch_load
 from saf import METRIC_COLUMNS, list_checkpoints, model_from_run, read_metrics, read_run
+from saf.cli import main
 from tests.reliability._launcher import kill, tmp_files, wait_for_new_tmp
 
 TINY = ["--method", "saf", "--model", "mlp", "--model-kwargs", '{"width": 16}', "--limit", "64"]
@@ -38,6 +42,19 @@ def assert_complete(run_dir: Path) -> None:
     if (run_dir / "state.pt").exists():
         state = safe_torch_load(run_dir / "state.pt")
         assert state["epoch"] in dict(ckpts) and len(state["metrics"]) == state["epoch"]
+
+
+def assert_analyze_reads(run_dir: Path, k: int) -> None:
+    """`saf analyze` on the killed run skips nothing: no file it reads is half-written."""
+    if not list_checkpoints(run_dir):
+        return
+    out = run_dir.parent / f"analysis-{k}.csv"
+    argv = ["analyze", str(run_dir), "--metrics", "loss", "--n-samples", "32", "--out", str(out)]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main([*argv, "--no-progress"]) == 0, err.getvalue()
+    table = pd.read_csv(out)
+    assert len(table) == len(list_checkpoints(run_dir)) and (table.status == "ok").all()
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -76,6 +93,7 @@ def train_with_kills(launcher, run_dir: Path, epochs: int, kills: int, seed: int
                 stray = tmp_files(*folders) - seen
                 report["in_write"] += bool(stray)
                 assert_complete(run_dir)
+                assert_analyze_reads(run_dir, report["kills"])
                 if report["kills"] == 3:  # a torn write from another writer: stray temp files
                     blob = (run_dir / "checkpoints" / "epoch_0000.pt").read_bytes()
                     (run_dir / "checkpoints" / ".epoch_0002.pt.torn.tmp").write_bytes(blob[:99])
