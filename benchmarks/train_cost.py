@@ -82,6 +82,24 @@ def forward_fraction(model, ds, batch_size, device, sgd_times, reps=50):
     return statistics.median(t) / statistics.median(sgd_times)
 
 
+def saf_extra_ms(store, ds, batch_size, device, reps=200):
+    """Median time of SAF's extra work alone (store read + KL fwd/bwd + store write), ms."""
+    from saf import trajectory_loss
+
+    idx = torch.arange(batch_size, device=device)
+    z = torch.randn(batch_size, ds.num_classes, device=device, requires_grad=True)
+    t = []
+    for _ in range(reps):
+        _sync(device)
+        t0 = time.perf_counter()
+        past, mask = store.read(idx, 3)
+        trajectory_loss(z, past, 5.0, 0.3, mask).backward()
+        store.write(idx, z.detach(), 3)
+        _sync(device)
+        t.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(t)
+
+
 def ratio_summary(t, t_ref, n_boot=2000, seed=0):
     """Median of per-round ratios and its bootstrap 95% CI."""
     ratios = np.asarray(t) / np.asarray(t_ref)
@@ -133,6 +151,12 @@ def main(argv=None) -> int:
         med, lo, hi = ratio_summary(times[m], times["sgd"])
         res["ratio_to_sgd"][m] = {"median": med, "ci95": [lo, hi]}
         print(f"  {m:5s} / sgd = {med:.3f}  (95% CI {lo:.3f} - {hi:.3f})")
+    extra = saf_extra_ms(store, ds, a.batch_size, a.device)
+    res["saf_extra_ms"] = extra
+    print(
+        f"  SAF's extra work alone (store read/write, KL forward+backward): {extra:.3f} ms "
+        f"= {extra / res['sgd_ms_median']:.2%} of an sgd step"
+    )
     print(
         f"  SAF store: {res['store_bytes_per_sample_per_class']} B/sample/class (fp16, "
         f"{store.lag} slots; reference code: 16), logits {res['store_logits_MB']:.3f} MB, "
