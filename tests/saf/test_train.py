@@ -202,3 +202,23 @@ def test_sigkilled_cli_run_resumes_bitwise(tmp_path):
         _same(a, b)
         for a, b in zip(_weights(tmp_path / "full"), _weights(tmp_path / "cut"), strict=True)
     )
+
+
+def test_saf_lambda_zero_equals_sgd_after_every_step():
+    from saf import OutputStore, Stepper, build_model, load_dataset
+    from saf.train import _batches
+
+    ds, nets, steppers = load_dataset("digits"), [], []
+    for method in ("sgd", "saf"):
+        torch.manual_seed(0)
+        net = build_model("resnet_small", 10, ds.in_shape, width=4)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        store = OutputStore(len(ds), 10, lag=1) if method == "saf" else None
+        nets.append(net)
+        steppers.append(Stepper(method, net, opt, lam=0.0, start_epoch=0, store=store))
+    for epoch in range(2):  # epoch 1 reads real stored logits
+        for idx in _batches(len(ds), 256, torch.Generator().manual_seed(epoch)):
+            x, y, i = ds.get_batch(idx)
+            assert steppers[1].store.read(i, epoch)[1].all() == (epoch == 1)  # real targets
+            assert torch.equal(steppers[0](x, y, i, epoch)[0], steppers[1](x, y, i, epoch)[0])
+            assert _same(nets[0].state_dict(), nets[1].state_dict())
