@@ -9,7 +9,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from analysis._io import atomic_write_text, load_state_dict
+from analysis._io import atomic_write_json, atomic_write_text, load_state_dict
 from figures import recipes
 from figures._results import CURVE_COLUMNS, Grid, melt_metrics
 from figures._save import label
@@ -376,4 +376,6 @@ def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, sweep, d
         + (sweep_findings(sweep, final) if len(sweep) else [])
         + [SPEED_NOTE]
     )
+    atomic_write_text(out / "tables" / "findings.md", "".join(f"- {n}\n" for n in notes))
+    atomic_write_json(out / "tables" / "settings.json", settings)
     return write_report(out, sections, tables, settings, notes)

@@ -40,6 +40,7 @@ def test_every_file_exists(study):
             p = study / "figures" / f"{name}{ext}"
             assert p.is_file() and p.stat().st_size > 1000, p
     assert (study / "figures" / "fig2_surfaces_2d.html").is_file()
+    assert "SAM sharpness" in (study / "tables" / "findings.md").read_text()
     for t in ("table3", "final_metrics"):
         assert (study / "tables" / f"{t}.csv").is_file() and (
             study / "tables" / f"{t}.md"
