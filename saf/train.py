@@ -74,6 +74,21 @@ def evaluate(model, dataset, device, batch_size: int = 1024) -> tuple[float, flo
     return loss.item() / len(dataset), correct.item() / len(dataset)
 
 
+def _saved_config(run: dict, run_dir: Path) -> dict:
+    """``run.json``'s config, exactly this version's fields (a default filled in for a
+    missing one would silently resume a different run)."""
+    import dataclasses
+
+    saved, known = run.get("config"), {f.name for f in dataclasses.fields(TrainConfig)}
+    if not isinstance(saved, dict) or set(saved) != known:
+        have = set(saved) if isinstance(saved, dict) else set()
+        raise ValueError(
+            f"{run_dir / 'run.json'}: cannot resume: config keys missing "
+            f"{sorted(known - have)}, unknown {sorted(have - known)}"
+        )
+    return saved
+
+
 def train(config: TrainConfig, resume: bool = False) -> Path:
     """Train one run and write its run directory; returns the run directory.
 
@@ -93,7 +108,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         run = runs.read_run(run_dir)
         config = TrainConfig(
             **{
-                **run["config"],
+                **_saved_config(run, run_dir),
                 "out": str(run_dir),
                 "device": config.device,
                 "progress": config.progress,
