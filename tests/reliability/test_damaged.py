@@ -232,3 +232,35 @@ def test_damaged_metrics_csv_is_named_and_rebuilt_from_state(tiny_run, capfd, ki
     (tiny_run / "state.pt").unlink()
     with pytest.raises(ValueError, match=str(path)):
         read_metrics(tiny_run)
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda d: d.pop("config"),
+        lambda d: d["config"].pop("lr"),  # a default would silently resume another run
+        lambda d: d["config"].update(bogus=1),
+        lambda d: d.pop("model"),
+        lambda d: d.update(format="other/9"),
+    ],
+    ids=["no-config", "config-missing-lr", "config-unknown-key", "no-model", "other-format"],
+)
+def test_resume_and_surface_refuse_damaged_run_json(tiny_run, tmp_path, capsys, request, edit):
+    """`saf train --resume` and `saf surface` need the whole description: one line naming
+    run.json, exit 2, nothing written."""
+    from tests.reliability.conftest import files_under
+
+    (tiny_run / "state.pt").write_bytes(b"")  # even a resume that would fail later
+    _edit_run_json(tiny_run, edit)
+    before = files_under(tiny_run)
+    out = tmp_path / "surf"
+    quick = ["--dim", "1", "--grid", "-1:1:3", "--no-progress", "--out", out]
+    commands = [["train", "--resume", tiny_run, "--no-progress"], ["surface", tiny_run, *quick]]
+    if "config" in request.node.callspec.id:  # a surface needs no training config
+        commands = commands[:1]
+    for argv in commands:
+        rc, _, err = run_cli(capsys, argv)
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (argv, err)
+        assert "run.json" in lines[0] or str(tiny_run) in lines[0], err
+    assert files_under(tiny_run) == before and not out.exists()
