@@ -110,6 +110,11 @@ def run(args: argparse.Namespace) -> int:
     from figures.pipeline import run_pipeline, say
 
     settings = build_settings(args)
+    if settings.data.startswith("cifar"):  # a bad --data-dir: one line, before any output
+        from saf.data import load_dataset
+
+        for split in ("train", "test"):
+            load_dataset(settings.data, split, settings.data_dir)
     out = writable_dir(args.out)
     page = run_pipeline(settings, out, args.device, args.progress, args.threads)
     say(f"report: {page}")
