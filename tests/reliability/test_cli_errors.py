@@ -138,6 +138,8 @@ FIGURES = [
     ["--m-values", "0,4"],
     ["--data", "cifar10"],
     ["--data", "digits", "--data-dir", "{EMPTY}"],
+    ["--data", "cifar10", "--data-dir", "{MISSING}"],
+    ["--data", "cifar100", "--data-dir", "{EMPTY}"],
     ["--surface-span", "-1"],
     ["--surface-span", "nan"],
     ["--surface-points", "0"],
