@@ -1,3 +1,58 @@
-"""Paper-style figures and the report behind ``saf figures``."""
+"""Paper-style figures and the report behind ``saf figures`` (Du et al., NeurIPS 2022).
 
-__all__: list[str] = []
+One short recipe per figure reads a tidy table and writes PNG + PDF (HTML where it
+helps); :func:`run_pipeline` does the whole study and writes ``index.html``. This
+package sits on top of ``saf`` (trainer), ``landscape`` and ``analysis``.
+"""
+
+from figures._results import Grid, mean_std, melt_metrics, metric_curves
+from figures.pipeline import (
+    Settings,
+    export_reference,
+    full_settings,
+    quick_settings,
+    run_pipeline,
+    scaled_hparams,
+)
+from figures.recipes import (
+    hessian,
+    interpolation,
+    m_sharpness,
+    sam_sharpness,
+    surface_slices,
+    surfaces_2d,
+    sweep,
+    table3,
+    training_ce,
+)
+from figures.report import Section, final_metrics, findings, write_report
+
+__all__ = [
+    # recipes (one per figure)
+    "hessian",
+    "interpolation",
+    "m_sharpness",
+    "sam_sharpness",
+    "surface_slices",
+    "surfaces_2d",
+    "sweep",
+    "table3",
+    "training_ce",
+    # tidy tables
+    "Grid",
+    "mean_std",
+    "melt_metrics",
+    "metric_curves",
+    # report
+    "Section",
+    "final_metrics",
+    "findings",
+    "write_report",
+    # pipeline
+    "Settings",
+    "export_reference",
+    "full_settings",
+    "quick_settings",
+    "run_pipeline",
+    "scaled_hparams",
+]

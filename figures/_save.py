@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import sys
+
 import matplotlib
 
-matplotlib.use("Agg")  # no display needed; figures are files
+if "matplotlib.pyplot" not in sys.modules:  # leave an interactive session's backend alone
+    matplotlib.use("Agg")  # no display needed; figures are files
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
