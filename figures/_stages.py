@@ -368,7 +368,8 @@ def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, sweep, d
     from saf.runs import read_run
 
     steps = read_run(next(iter(runs.values())))["hparams"]["steps_per_epoch"]
-    hp = {f"{k} (scaled)": v for k, v in scaled_hparams(s, steps).items()}
+    scaled = ("start_epoch", "lag", "ema_beta")
+    hp = {k + " (scaled)" * (k in scaled): v for k, v in scaled_hparams(s, steps).items()}
     settings = {**s.key(), **hp, "steps_per_epoch": steps, "device": device}
     notes = (
         findings(final)
