@@ -30,6 +30,7 @@ from saf._cli_common import (
 )
 
 DIRECTIONS = ("random", "interpolate", "pca", "hessian")
+MAX_POINTS = 10_001
 
 EXAMPLES = """examples:
   saf surface runs/saf-s0 --dim 2 --grid -1:1:21 --out surfaces/saf
@@ -62,11 +63,16 @@ def grid_spec(text: str) -> np.ndarray:
         raise argparse.ArgumentTypeError(
             f"expected START:STOP:N like -1:1:51, got {text!r}"
         ) from None
-    if not (math.isfinite(a) and math.isfinite(b)) or a >= b or n < 2:
+    if n > MAX_POINTS:
+        raise argparse.ArgumentTypeError(f"at most {MAX_POINTS} points per axis, got {text!r}")
+    ok = math.isfinite(a) and math.isfinite(b) and a < b and n >= 2
+    with np.errstate(all="ignore"):
+        g = np.linspace(a, b, n) if ok else np.zeros(0)
+    if len(g) < 2 or not np.isfinite(g).all() or not (np.diff(g) > 0).all():
         raise argparse.ArgumentTypeError(
-            f"expected finite START < STOP and N >= 2 points (e.g. -1:1:51), got {text!r}"
+            f"expected finite START < STOP and N >= 2 distinct points (e.g. -1:1:51), got {text!r}"
         )
-    return np.linspace(a, b, n)
+    return g
 
 
 def add_parser(subparsers) -> None:
