@@ -17,14 +17,23 @@ EXIT_SKIPPED = 3
 
 
 class UsageError(ValueError):
-    """Bad input from the user; the CLI prints it as one line and exits 2."""
+    """Bad input from the user; the CLI prints it as one line and exits 2.
+
+    Args:
+        message: what was wrong and what to do instead.
+        prog: the command it belongs to (``"saf train"``), when known.
+    """
+
+    def __init__(self, message: str, prog: str | None = None):
+        super().__init__(message)
+        self.prog = prog
 
 
 class OneLineParser(argparse.ArgumentParser):
     """An ArgumentParser whose errors are one line (``saf train: error: ...``), exit 2."""
 
     def error(self, message: str):  # type: ignore[override]
-        raise UsageError(message)
+        raise UsageError(message, prog=self.prog)
 
 
 def positive_float(text: str) -> float:
@@ -101,7 +110,9 @@ def device(text: str) -> str:
     try:
         d = torch.device(text)
     except RuntimeError:
-        raise argparse.ArgumentTypeError(f"unknown device {text!r} (try cpu, cuda, cuda:0)") from None
+        raise argparse.ArgumentTypeError(
+            f"unknown device {text!r} (try cpu, cuda, cuda:0)"
+        ) from None
     if d.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"device {text!r} asked for, but CUDA is not available")
     return str(d)

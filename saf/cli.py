@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         # one line, exit 2, no traceback.
         if isinstance(e, OSError) and e.filename:
             e = UsageError(f"{e.filename}: {e.strerror}")
-        prog = f"saf {args.command}" if "args" in locals() else "saf"
+        prog = getattr(e, "prog", None) or (f"saf {args.command}" if "args" in locals() else "saf")
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
