@@ -46,6 +46,8 @@ def _serve() -> None:
             os.dup2(fd, 1)
             os.dup2(fd, 2)
             code = 1
+            if req.get("slow_io"):  # a slow disk: every fsync lasts this long, so the
+                _slow_fsync(req["slow_io"])  # temporary file of a write lives that long
             try:
                 code = saf.cli.main(req["argv"])
             except BaseException:
@@ -60,6 +62,16 @@ def _serve() -> None:
         _, status = os.waitpid(pid, 0)
         code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
         print(json.dumps({"status": code}), flush=True)
+
+
+def _slow_fsync(seconds: float) -> None:
+    real = os.fsync
+
+    def fsync(fd):
+        real(fd)
+        time.sleep(seconds)
+
+    os.fsync = fsync
 
 
 class Launcher:
@@ -81,8 +93,10 @@ class Launcher:
             raise RuntimeError("the launcher died")
         return json.loads(line)
 
-    def start(self, argv: list[str], log: Path) -> int:
-        self.proc.stdin.write(json.dumps({"argv": [str(a) for a in argv], "log": str(log)}) + "\n")
+    def start(self, argv: list[str], log: Path, slow_io: float = 0.0) -> int:
+        """Fork a child running ``saf argv``; with ``slow_io`` each fsync takes that long."""
+        req = {"argv": [str(a) for a in argv], "log": str(log), "slow_io": slow_io}
+        self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         return self._read()["pid"]
 
@@ -125,12 +139,28 @@ def tmp_files(*folders: Path) -> set[Path]:
     return out
 
 
-def wait_for_new_tmp(pid: int, folders, seen: set, count: int, timeout: float = 60.0) -> bool:
-    """Poll until ``count`` new temporary files have appeared (or ``pid`` ends)."""
+def entries(*folders: Path) -> set[tuple[str, int]]:
+    """``(path, mtime_ns)`` of every entry: a file replaced atomically shows up as new."""
+    out = set()
+    for d in folders:
+        with contextlib.suppress(FileNotFoundError):
+            for e in os.scandir(d):
+                with contextlib.suppress(FileNotFoundError):
+                    out.add((e.path, e.stat().st_mtime_ns))
+    return out
+
+
+def wait_for_writes(pid: int, folders, count: int, seen: set, timeout: float = 120.0) -> bool:
+    """Poll until ``count`` write events were seen in ``folders`` (or ``pid`` ends). An event
+    is a new temporary file (a write in progress) or a file newly created or replaced, so a
+    write is counted even when its temporary file was too short-lived to be seen. ``seen``:
+    :func:`entries` taken before the process started."""
     t_end, found = time.monotonic() + timeout, set()
     while alive(pid) and time.monotonic() < t_end:
-        found |= tmp_files(*folders) - seen
-        if len(found) >= count:
+        found |= entries(*folders) - seen
+        events = {p for p, _ in found if p.endswith(".tmp")}  # one per temporary file
+        events |= {f"{p}@{t}" for p, t in found if not p.endswith(".tmp")}
+        if len(events) >= count:
             return True
     return False
 
