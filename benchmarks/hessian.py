@@ -168,6 +168,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="400 samples, 1 repeat (a smoke run)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.add_argument("--with-power", action="store_true", help="also this package's power iteration")
+    p.add_argument("--tasks", default="lambda_max,top5", help="comma list of tasks to run")
     p.add_argument("--with-slow", action="store_true", help="also PyHessian top-5 at tol / 10")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
         have_pyh = False
         print("pyhessian not installed (pip install --no-deps pyhessian): its rows skipped",
               file=sys.stderr)  # fmt: skip
-    tasks = [("lambda_max", 1, 1e-4), ("top5", 5, 1e-3)]
+    tasks = [t for t in [("lambda_max", 1, 1e-4), ("top5", 5, 1e-3)] if t[0] in args.tasks]
     contenders = {
         "analysis.lanczos (cached graphs)": ours_lanczos,
         "analysis.lanczos (no cache)": lambda m, d, k, t: ours_lanczos(m, d, k, t, cache=False),
