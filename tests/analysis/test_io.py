@@ -46,3 +46,12 @@ def test_corrupt_or_empty_named(tmp_path, content):
     p.write_bytes(content)
     with pytest.raises(CheckpointError, match="bad.pt"):
         load_state_dict(p)
+
+
+def test_atomic_write_gives_ordinary_permissions(tmp_path):
+    """mkstemp's 0600 must not leak into results: files get 0666 minus the umask."""
+    p = tmp_path / "table.csv"
+    atomic_write_text(p, "a,b\n")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (p.stat().st_mode & 0o777) == (0o666 & ~umask)
