@@ -24,6 +24,7 @@ import math
 import re
 import sys
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -192,22 +193,22 @@ def analyze_run(
         out = Path(path) / "analysis.csv"
     cache_dir = Path(out).parent / f".{Path(out).name}.cache" if out is not False else None
     ctx = _Context(
-        names,
-        model_factory,
-        data,
-        loss_fn,
-        device,
-        dtype,
-        mode,
-        tol,
-        trace_matvecs,
-        sam_rho,
-        rho,
-        m,
-        steps,
-        kind,
-        adaptive,
-        seed,
+        names=names,
+        factory=model_factory,
+        data=data,
+        loss_fn=loss_fn,
+        device=device,
+        dtype=dtype,
+        mode=mode,
+        tol=tol,
+        trace_matvecs=trace_matvecs,
+        sam_rho=sam_rho,
+        rho=rho,
+        m=m,
+        steps=steps,
+        kind=kind,
+        adaptive=adaptive,
+        seed=seed,
     )
     rows, skipped = [], []
     for f in tqdm(files, desc="analyze", unit="ckpt", disable=not progress):
@@ -223,27 +224,26 @@ def analyze_run(
     return df
 
 
+@dataclass(frozen=True)
 class _Context:
-    def __init__(
-        self,
-        names,
-        factory,
-        data,
-        loss_fn,
-        device,
-        dtype,
-        mode,
-        tol,
-        trace_matvecs,
-        sam_rho,
-        rho,
-        m,
-        steps,
-        kind,
-        adaptive,
-        seed,
-    ):
-        self.__dict__.update({k: v for k, v in locals().items() if k != "self"})
+    """Everything one checkpoint's measurements need (shared by all checkpoints)."""
+
+    names: Sequence[str]
+    factory: Callable[[], nn.Module]
+    data: Iterable
+    loss_fn: Callable
+    device: Any
+    dtype: Any
+    mode: str
+    tol: float
+    trace_matvecs: int
+    sam_rho: float
+    rho: float
+    m: int | None
+    steps: int
+    kind: str
+    adaptive: bool
+    seed: int
 
 
 def _data_hash(data: Iterable) -> str:
