@@ -249,3 +249,25 @@ def test_non_persistent_buffers_are_used():
         model.lin.weight.add_(1.0)
         ref1 = float(F.mse_loss(model(data[0][0]), data[0][1]))
     np.testing.assert_allclose(s.loss, [ref0, ref1], rtol=1e-6)
+
+
+class _SharedPreActivation(torch.nn.Module):
+    """conv -> BN whose output feeds both a ReLU and a skip: the ReLU must not run in place."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(2, 2, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        h = self.bn(self.conv(x))
+        return torch.relu(h) + h
+
+
+def test_fast_path_relu_in_place_only_when_nothing_else_reads_the_input():
+    model = _SharedPreActivation().eval()
+    torch.nn.init.normal_(model.bn.running_mean)
+    folded, n = L.fold_batchnorm(model)
+    assert n == 1 and "relu_(" not in folded.code
+    x = torch.randn(3, 2, 5, 5)
+    torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
