@@ -171,27 +171,6 @@ def analyze_run(
     files = find_checkpoints(path, every)
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     data = reiterable(data)
-    settings = dict(
-        n_lambda=sum(n.startswith("lambda_") and n != "lambda_min" for n in _expand(names)),
-        loss=repr(loss_fn),
-        arch=repr(model_factory()),
-        data=_data_hash(data),
-        dtype=str(dtype),
-        mode=mode,
-        tol=tol,
-        trace_matvecs=trace_matvecs,
-        sam_rho=sam_rho,
-        rho=rho,
-        m=m,
-        steps=steps,
-        kind=kind,
-        adaptive=adaptive,
-        seed=seed,
-    )
-    skey = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-    if out is None:
-        out = Path(path) / "analysis.csv"
-    cache_dir = Path(out).parent / f".{Path(out).name}.cache" if out is not False else None
     ctx = _Context(
         names=names,
         factory=model_factory,
@@ -210,6 +189,18 @@ def analyze_run(
         adaptive=adaptive,
         seed=seed,
     )
+    settings = {k: getattr(ctx, k) for k in _KEYED}  # what the cached numbers depend on
+    settings.update(
+        n_lambda=sum(n.startswith("lambda_") and n != "lambda_min" for n in _expand(names)),
+        loss=repr(loss_fn),
+        arch=repr(model_factory()),
+        data=_data_hash(data),
+        dtype=str(dtype),
+    )
+    skey = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    if out is None:
+        out = Path(path) / "analysis.csv"
+    cache_dir = Path(out).parent / f".{Path(out).name}.cache" if out is not False else None
     rows, skipped = [], []
     for f in tqdm(files, desc="analyze", unit="ckpt", disable=not progress):
         got, reason = _one_checkpoint(f, ctx, cache_dir, skey)
@@ -222,6 +213,20 @@ def analyze_run(
     if out is not False:
         atomic_write_text(out, df.to_csv(index=False))
     return df
+
+
+_KEYED = (
+    "mode",
+    "tol",
+    "trace_matvecs",
+    "sam_rho",
+    "rho",
+    "m",
+    "steps",
+    "kind",
+    "adaptive",
+    "seed",
+)
 
 
 @dataclass(frozen=True)
