@@ -4,16 +4,19 @@ In eval mode ``bn(conv(x))`` equals one convolution with rescaled weights
 
     W' = W * g / sqrt(v + eps),   b' = (b - m) * g / sqrt(v + eps) + beta,
 
-so each grid point runs one kernel instead of two. The fold is recomputed from
-the current (perturbed) tensors on every call, so it is exact for any point in
-weight space and works with :func:`torch.func.functional_call`. The graph is
-captured once with ``torch.fx``; models it cannot trace fall back to the plain
-forward.
+so each grid point runs one kernel instead of two. :func:`fold_batchnorm` recomputes
+the fold from the current (perturbed) tensors on every call, so it is exact for any
+point in weight space and works with :func:`torch.func.functional_call`. When the
+directions leave a pair's BatchNorm alone (Li et al.'s default ``ignore="biasbn"``),
+:func:`prefold_batchnorm` folds it once for the whole grid instead, since the fold is
+then linear in the convolution's tensors. The graph is captured once with
+``torch.fx``; models it cannot trace fall back to the plain forward.
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -122,3 +125,107 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
     gm.graph.lint()
     gm.recompile()
     return gm, n
+
+
+def _conv_shift(x, w, shift, nd: int, stride, padding, dilation, groups):
+    return _CONV_FNS[nd](x, w, shift, stride, padding, dilation, groups)
+
+
+_FRESH.add(_conv_shift)
+
+
+def _attr(node) -> str | None:
+    return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
+
+
+def prefold_batchnorm(
+    model: nn.Module,
+    base: Mapping[str, torch.Tensor],
+    directions: Sequence[Mapping[str, torch.Tensor]],
+    perturbed: set[str],
+) -> tuple[nn.Module, dict[str, torch.Tensor], list[dict[str, torch.Tensor]], int]:
+    r"""Fold BatchNorm once for the whole grid where the directions leave it alone.
+
+    When none of a conv→BN pair's BatchNorm tensors (weight, bias, running stats) is
+    perturbed, as with Li et al.'s ``ignore="biasbn"``, the scale
+    :math:`s = g/\sqrt{v+\epsilon}` is the same at every grid point and the fold is
+    linear in the convolution's tensors:
+
+    .. math:: (W_0 + \textstyle\sum_j c_j D_j)\,s = W_0 s + \sum_j c_j (D_j s),
+
+    so the base point and the directions are rescaled once, and each grid point runs a
+    bare convolution with a constant shift :math:`\beta - m s` (or the rescaled bias).
+    Pairs whose BatchNorm is perturbed keep the per-point fold of :func:`fold_batchnorm`.
+
+    Args:
+        model: the model (not modified).
+        base: every parameter and buffer of the model at the origin (on the eval device).
+        directions: the directions (same names).
+        perturbed: names that some direction moves (non-zero entries).
+
+    Returns:
+        ``(net, base', directions', n)``: the module to ``functional_call`` with
+        ``base' + sum_j c_j directions'_j``, and the number of pairs folded once.
+        ``n == 0`` returns :func:`fold_batchnorm`'s module and the inputs unchanged.
+    """
+    net, n_folded = fold_batchnorm(model)
+    if n_folded == 0:
+        return net, dict(base), [dict(d) for d in directions], 0
+    # A tensor reachable under two names (tied weights) cannot be rescaled for one user.
+    seen: dict[int, int] = {}
+    for _, t in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        seen[id(t)] = seen.get(id(t), 0) + 1
+    tied = {k for k, t in model.state_dict(keep_vars=True).items() if seen.get(id(t), 0) > 1}
+    g = net.graph
+    uses: dict[str, int] = {}
+    for node in g.nodes:
+        if node.op == "get_attr":
+            uses[node.target] = uses.get(node.target, 0) + 1
+    base = dict(base)
+    dirs = [dict(d) for d in directions]
+    n = 0
+    for node in list(g.nodes):
+        if node.op != "call_function" or node.target is not _conv_bn:
+            continue
+        x, w, b, gamma, beta, mean, var, eps, nd, stride, padding, dilation, groups = node.args
+        names = [_attr(a) for a in (w, b, gamma, beta, mean, var)]
+        w_name, b_name, bn_names = names[0], names[1], names[2:]
+        own = [k for k in (w_name, b_name) if k is not None]
+        if (
+            any(k is None or k in perturbed or k not in base for k in bn_names)
+            or any(uses.get(k, 0) != 1 or k in tied or k not in base for k in own)
+            or any(k in tied for k in bn_names)
+        ):
+            continue
+        gw, bt, m, v = (base[k] for k in bn_names)
+        scale = gw * torch.rsqrt(v + eps)
+        shape = (-1, *[1] * (base[w_name].dim() - 1))
+        base[w_name] = base[w_name] * scale.reshape(shape)
+        for d in dirs:
+            if w_name in d:
+                d[w_name] = d[w_name] * scale.reshape(shape)
+        if b_name is None:
+            shift_name = f"_prefolded_shift_{n}"
+            base[shift_name] = bt - m * scale
+            net.register_buffer(shift_name, base[shift_name], persistent=False)
+        else:
+            shift_name = b_name
+            base[b_name] = (base[b_name] - m) * scale + bt
+            for d in dirs:
+                if b_name in d:
+                    d[b_name] = d[b_name] * scale
+        with g.inserting_before(node):
+            shift = g.get_attr(shift_name) if b_name is None else b
+            new = g.call_function(_conv_shift, (x, w, shift, nd, stride, padding, dilation, groups))
+        node.replace_all_uses_with(new)
+        g.erase_node(node)
+        n += 1
+    if n:
+        g.eliminate_dead_code()
+        _relu_in_place(net)
+        g.lint()
+        net.recompile()
+    return net, base, dirs, n

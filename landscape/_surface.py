@@ -30,7 +30,7 @@ from torch.func import functional_call
 from tqdm.auto import tqdm
 
 from analysis._io import atomic_write_json, atomic_write_with
-from landscape._fast import fold_batchnorm
+from landscape._fast import prefold_batchnorm
 
 FORMAT = "saf-surface/1"
 
@@ -147,8 +147,9 @@ def make_point_evaluator(
         directions: one direction per coordinate.
         origin: base point (name -> tensor, e.g. a state dict); default the model's own.
         device: where to evaluate; default the model's device. The model is not moved.
-        fast: fold BatchNorm into convolutions (exact up to float rounding), feed
-            image batches channels-last when something was folded, and run under
+        fast: fold BatchNorm into convolutions (exact up to float rounding; once for
+            the whole grid where the directions leave the BatchNorm alone), feed image
+            batches channels-last when something was folded, and run under
             ``torch.inference_mode``.
     """
     if iter(data) is data:
@@ -172,20 +173,30 @@ def make_point_evaluator(
         bad = [k for k in d if k not in base or d[k].shape != base[k].shape]
         if bad:
             raise ValueError(f"direction tensor {bad[0]!r} does not match the model's shapes")
-    keys = sorted(set().union(*dirs)) if dirs else []
-    net = fold_batchnorm(model)[0] if fast else model
+    # Entries that are exactly zero (ignored biases and BatchNorm, by default) move nothing.
+    keys = sorted(k for k in set().union(*dirs) if any(k in d and bool(d[k].any()) for d in dirs))
+    if fast:
+        net, base, dirs, _ = prefold_batchnorm(model, base, dirs, set(keys))
+    else:
+        net = model
     known = {k for k, _ in [*net.named_parameters(), *net.named_buffers()]}
+    fixed = {k: v for k, v in base.items() if k in known and k not in keys}
+    origin_vals = [base[k] for k in keys]
+    steps = [[d[k] if k in d else torch.zeros_like(base[k]) for k in keys] for d in dirs]
     prep = (lambda t: _to(t, device, fast)) if net is not model else (lambda t: _to(t, device))
     cached = [(prep(x), _to(y, device)) for x, y in data] if isinstance(data, Sequence) else None
 
     def point(coeffs: Sequence[float]) -> tuple[float, float]:
-        params = {k: v for k, v in base.items() if k in known}
-        for k in keys:
-            t = base[k]
-            for c, d in zip(coeffs, dirs, strict=True):
-                if k in d and c != 0:
-                    t = t + c * d[k]
-            params[k] = t
+        if len(coeffs) != len(steps):
+            raise ValueError(f"expected {len(steps)} coordinates, got {len(coeffs)}")
+        vals = origin_vals
+        for c, step in zip(coeffs, steps, strict=True):
+            if c != 0 and keys:  # one fused kernel per direction for all tensors
+                if vals is origin_vals:
+                    vals = torch._foreach_add(vals, step, alpha=float(c))
+                else:
+                    torch._foreach_add_(vals, step, alpha=float(c))
+        params = {**fixed, **dict(zip(keys, vals, strict=True))}
         tot = correct = n = 0.0
         classes = True
         ctx = torch.inference_mode() if fast else torch.no_grad()

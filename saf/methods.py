@@ -108,10 +108,16 @@ class Stepper:
             return self.ema.module(x), None
 
     def _traj(self, x, y, idx, epoch):
+        # The target first: MESA's teacher forward then runs before the student's forward,
+        # not between it and its backward, where the teacher's activations evict the
+        # student's saved ones from cache. Measured with separate, equally warm models:
+        # 1.26x instead of 1.29x an sgd step. The numbers are the same either way (the
+        # teacher is in eval mode and draws no random numbers).
+        active = epoch >= self.start_epoch
+        past, mask = self._target(x, idx, epoch) if active else (None, None)
         logits, ce = self._forward_ce(x, y)
         loss, traj = ce, torch.zeros_like(ce.detach())
-        if epoch >= self.start_epoch:
-            past, mask = self._target(x, idx, epoch)
+        if active:
             traj = trajectory_loss(logits.float(), past, self.tau, self.lam, mask)
             loss = ce + traj
         if self.store is not None:

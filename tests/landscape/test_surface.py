@@ -113,6 +113,79 @@ def test_fast_path_folds_batchnorm_and_matches_plain():
     np.testing.assert_array_equal(fast.accuracy, plain.accuracy)
 
 
+def _fast_and_plain(model, dirs, data=None):
+    grid = np.linspace(-1, 1, 3)
+    data = data or _images()
+    kw = dict(progress=False)
+    fast = L.surface_2d(model, F.cross_entropy, data, dirs, grid, grid, **kw)
+    plain = L.surface_2d(model, F.cross_entropy, data, dirs, grid, grid, fast=False, **kw)
+    return fast, plain
+
+
+def _n_prefolded(model, dirs):
+    from landscape._fast import prefold_batchnorm
+
+    base = {k: v.detach() for k, v in [*model.named_parameters(), *model.named_buffers()]}
+    keys = {k for d in dirs for k, v in d.items() if bool(v.any())}
+    return prefold_batchnorm(model, base, dirs, keys)[3]
+
+
+def test_batchnorm_left_alone_by_the_directions_is_folded_once_and_matches_plain():
+    model = _cnn()
+    with torch.no_grad():  # a non-trivial affine BatchNorm
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 2.0)
+                m.bias.normal_()
+    dirs = [L.random_direction(model, seed=s) for s in (1, 2)]  # ignore="biasbn"
+    assert _n_prefolded(model, dirs) == 2
+    fast, plain = _fast_and_plain(model, dirs)
+    np.testing.assert_allclose(fast.loss, plain.loss, rtol=1e-5)
+    np.testing.assert_array_equal(fast.accuracy, plain.accuracy)
+    # A perturbed convolution bias is rescaled with its filter, BatchNorm still left alone.
+    dirs = [L.random_direction(model, seed=s, ignore=None) for s in (3, 4)]
+    for d in dirs:
+        for k in ("1.weight", "1.bias", "4.weight", "4.bias"):
+            d[k] = torch.zeros_like(d[k])
+    assert bool(dirs[0]["3.bias"].any()) and _n_prefolded(model, dirs) == 2
+    fast, plain = _fast_and_plain(model, dirs)
+    np.testing.assert_allclose(fast.loss, plain.loss, rtol=1e-5)
+
+
+def test_perturbed_batchnorm_or_tied_weights_are_not_folded_once():
+    model = _cnn()
+    with_stats = [L.random_direction(model, seed=s, include_buffers=True) for s in (1, 2)]
+    for d in with_stats:  # only the running statistics of the BatchNorm move
+        d["1.running_var"] = 0.5 * model[1].running_var
+        d["4.running_mean"] = torch.ones_like(model[4].running_mean)
+    assert _n_prefolded(model, with_stats) == 0  # so each point folds anew
+    fast, plain = _fast_and_plain(model, with_stats)
+    np.testing.assert_allclose(fast.loss, plain.loss, rtol=1e-5)
+
+    class Tied(nn.Module):  # one convolution used twice: its weight cannot be rescaled once
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 3, padding=1)
+            self.bn1, self.bn2 = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+            self.head = nn.Linear(3, 4)
+
+        def forward(self, x):
+            h = torch.relu(self.bn1(self.conv(x)))
+            h = torch.relu(self.bn2(self.conv(h)))
+            return self.head(h.mean((2, 3)))
+
+    torch.manual_seed(0)
+    tied = Tied().eval()
+    with torch.no_grad():
+        for bn in (tied.bn1, tied.bn2):
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 2.0)
+    dirs = [L.random_direction(tied, seed=s) for s in (1, 2)]
+    assert _n_prefolded(tied, dirs) == 0
+    fast, plain = _fast_and_plain(tied, dirs)
+    np.testing.assert_allclose(fast.loss, plain.loss, rtol=1e-5)
+
+
 def test_interpolation_endpoints_equal_checkpoint_losses():
     m0, m1 = _cnn(0), _cnn(1)
     s0, s1 = m0.state_dict(), m1.state_dict()
