@@ -179,8 +179,11 @@ def make_point_evaluator(
         net, base, dirs, _ = prefold_batchnorm(model, base, dirs, set(keys))
     else:
         net = model
-    known = {k for k, _ in [*net.named_parameters(), *net.named_buffers()]}
-    fixed = {k: v for k, v in base.items() if k in known and k not in keys}
+    own = dict([*net.named_parameters(), *net.named_buffers()])
+    # Tensors the module already holds need not be swapped in at every point.
+    fixed = {
+        k: v for k, v in base.items() if k in own and k not in keys and not _same_tensor(v, own[k])
+    }
     origin_vals = [base[k] for k in keys]
     steps = [[d[k] if k in d else torch.zeros_like(base[k]) for k in keys] for d in dirs]
     prep = (lambda t: _to(t, device, fast)) if net is not model else (lambda t: _to(t, device))
@@ -215,6 +218,16 @@ def make_point_evaluator(
         return tot / n, (correct / n if classes else float("nan"))
 
     return point
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (
+        a.device == b.device
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.data_ptr() == b.data_ptr()
+    )
 
 
 def _to(t: Any, device: torch.device, channels_last: bool = False) -> Any:
