@@ -138,6 +138,55 @@ def _attr(node) -> str | None:
     return node.target if isinstance(node, fx.Node) and node.op == "get_attr" else None
 
 
+def _shared_names(model: nn.Module, graph: fx.Graph) -> set[str]:
+    """Tensor names read in two places (tied weights, a module called twice)."""
+    count: dict[int, int] = {}
+    for _, t in [
+        *model.named_parameters(remove_duplicate=False),
+        *model.named_buffers(remove_duplicate=False),
+    ]:
+        count[id(t)] = count.get(id(t), 0) + 1
+    tied = {k for k, t in model.state_dict(keep_vars=True).items() if count.get(id(t), 0) > 1}
+    reads = [n.target for n in graph.nodes if n.op == "get_attr"]
+    return tied | {k for k in reads if reads.count(k) > 1}
+
+
+def _fold_once(
+    net: fx.GraphModule, node: fx.Node, base: dict, dirs: list, perturbed: set, shared: set
+) -> bool:
+    """Replace one ``_conv_bn`` node by a bare convolution on rescaled tensors, if allowed:
+    its BatchNorm tensors are not ``perturbed``, and none of its tensors is ``shared``."""
+    x, w, b, *bn, eps, nd, stride, padding, dilation, groups = node.args
+    w_name, b_name, bn_names = _attr(w), _attr(b), [_attr(a) for a in bn]
+    own = [k for k in (w_name, b_name, *bn_names) if k is not None]
+    if None in bn_names or any(k not in base or k in shared for k in own):
+        return False
+    if any(k in perturbed for k in bn_names):
+        return False
+    gamma, beta, mean, var = (base[k] for k in bn_names)
+    scale = gamma * torch.rsqrt(var + eps)
+    s_w = scale.reshape(-1, *[1] * (base[w_name].dim() - 1))
+    for t in (base, *dirs):  # W -> W s, for the origin and every direction
+        if w_name in t:
+            t[w_name] = t[w_name] * s_w
+    if b_name is None:  # a constant shift, held by the graph module itself
+        b_name = f"_prefolded_shift_{sum(1 for _ in net.buffers())}"
+        net.register_buffer(b_name, beta - mean * scale, persistent=False)
+        base[b_name] = getattr(net, b_name)
+        b = None
+    else:  # b -> (b - m) s + beta at the origin, d_b -> d_b s along a direction
+        base[b_name] = (base[b_name] - mean) * scale + beta
+        for d in dirs:
+            if b_name in d:
+                d[b_name] = d[b_name] * scale
+    with net.graph.inserting_before(node):
+        shift = net.graph.get_attr(b_name) if b is None else b
+        args = (x, w, shift, nd, stride, padding, dilation, groups)
+        node.replace_all_uses_with(net.graph.call_function(_conv_shift, args))
+    net.graph.erase_node(node)
+    return True
+
+
 def prefold_batchnorm(
     model: nn.Module,
     base: Mapping[str, torch.Tensor],
@@ -155,7 +204,8 @@ def prefold_batchnorm(
 
     so the base point and the directions are rescaled once, and each grid point runs a
     bare convolution with a constant shift :math:`\beta - m s` (or the rescaled bias).
-    Pairs whose BatchNorm is perturbed keep the per-point fold of :func:`fold_batchnorm`.
+    Pairs whose BatchNorm is perturbed, or whose tensors are tied or read twice, keep
+    the per-point fold of :func:`fold_batchnorm`.
 
     Args:
         model: the model (not modified).
@@ -166,66 +216,16 @@ def prefold_batchnorm(
     Returns:
         ``(net, base', directions', n)``: the module to ``functional_call`` with
         ``base' + sum_j c_j directions'_j``, and the number of pairs folded once.
-        ``n == 0`` returns :func:`fold_batchnorm`'s module and the inputs unchanged.
     """
     net, n_folded = fold_batchnorm(model)
+    base, dirs = dict(base), [dict(d) for d in directions]
     if n_folded == 0:
-        return net, dict(base), [dict(d) for d in directions], 0
-    # A tensor reachable under two names (tied weights) cannot be rescaled for one user.
-    seen: dict[int, int] = {}
-    for _, t in [
-        *model.named_parameters(remove_duplicate=False),
-        *model.named_buffers(remove_duplicate=False),
-    ]:
-        seen[id(t)] = seen.get(id(t), 0) + 1
-    tied = {k for k, t in model.state_dict(keep_vars=True).items() if seen.get(id(t), 0) > 1}
-    g = net.graph
-    uses: dict[str, int] = {}
-    for node in g.nodes:
-        if node.op == "get_attr":
-            uses[node.target] = uses.get(node.target, 0) + 1
-    base = dict(base)
-    dirs = [dict(d) for d in directions]
-    n = 0
-    for node in list(g.nodes):
-        if node.op != "call_function" or node.target is not _conv_bn:
-            continue
-        x, w, b, gamma, beta, mean, var, eps, nd, stride, padding, dilation, groups = node.args
-        names = [_attr(a) for a in (w, b, gamma, beta, mean, var)]
-        w_name, b_name, bn_names = names[0], names[1], names[2:]
-        own = [k for k in (w_name, b_name) if k is not None]
-        if (
-            any(k is None or k in perturbed or k not in base for k in bn_names)
-            or any(uses.get(k, 0) != 1 or k in tied or k not in base for k in own)
-            or any(k in tied for k in bn_names)
-        ):
-            continue
-        gw, bt, m, v = (base[k] for k in bn_names)
-        scale = gw * torch.rsqrt(v + eps)
-        shape = (-1, *[1] * (base[w_name].dim() - 1))
-        base[w_name] = base[w_name] * scale.reshape(shape)
-        for d in dirs:
-            if w_name in d:
-                d[w_name] = d[w_name] * scale.reshape(shape)
-        if b_name is None:
-            shift_name = f"_prefolded_shift_{n}"
-            base[shift_name] = bt - m * scale
-            net.register_buffer(shift_name, base[shift_name], persistent=False)
-        else:
-            shift_name = b_name
-            base[b_name] = (base[b_name] - m) * scale + bt
-            for d in dirs:
-                if b_name in d:
-                    d[b_name] = d[b_name] * scale
-        with g.inserting_before(node):
-            shift = g.get_attr(shift_name) if b_name is None else b
-            new = g.call_function(_conv_shift, (x, w, shift, nd, stride, padding, dilation, groups))
-        node.replace_all_uses_with(new)
-        g.erase_node(node)
-        n += 1
+        return net, base, dirs, 0
+    shared = _shared_names(model, net.graph)
+    pairs = [n for n in net.graph.nodes if n.op == "call_function" and n.target is _conv_bn]
+    n = sum(_fold_once(net, node, base, dirs, perturbed, shared) for node in pairs)
     if n:
-        g.eliminate_dead_code()
-        _relu_in_place(net)
-        g.lint()
+        net.graph.eliminate_dead_code()
+        net.graph.lint()
         net.recompile()
     return net, base, dirs, n
