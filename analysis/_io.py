@@ -13,10 +13,12 @@ Two promises live here:
 from __future__ import annotations
 
 import contextlib
+import glob
 import io
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -58,6 +60,23 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO[Any]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+    _sweep_stale_temps(path)
+
+
+_STALE_S = 600.0  # a temporary file untouched this long has lost its writer (e.g. SIGKILL)
+
+
+def _sweep_stale_temps(path: Path) -> None:
+    """Remove temporary siblings of ``path`` left by a killed writer.
+
+    A live writer keeps touching its file; one untouched for ``_STALE_S`` seconds
+    belongs to a process that died between ``mkstemp`` and ``os.replace``.
+    """
+    now = time.time()
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove
+            if now - tmp.stat().st_mtime > _STALE_S:
+                tmp.unlink()
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

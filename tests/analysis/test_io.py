@@ -55,3 +55,19 @@ def test_atomic_write_gives_ordinary_permissions(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert (p.stat().st_mode & 0o777) == (0o666 & ~umask)
+
+
+def test_atomic_write_sweeps_temporaries_of_killed_writers_only(tmp_path):
+    target = tmp_path / "metrics.csv"
+    stale = tmp_path / ".metrics.csv.abc123.tmp"  # a writer killed an hour ago
+    live = tmp_path / ".metrics.csv.def456.tmp"  # a writer still at work
+    other = tmp_path / ".state.pt.ghi789.tmp"  # another target's temporary: not ours
+    for p in (stale, live, other):
+        p.write_text("partial")
+    old = os.stat(live).st_mtime - 3600
+    os.utime(stale, (old, old))
+    os.utime(other, (old, old))
+    atomic_write_text(target, "epoch\n1\n")
+    assert target.read_text() == "epoch\n1\n"
+    assert not stale.exists()
+    assert live.exists() and other.exists()
