@@ -154,6 +154,33 @@ def make_point_evaluator(
     """
     if iter(data) is data:
         raise ValueError("data is a one-shot iterator; pass a list of batches or a DataLoader")
+    device, base, dirs = _placed(model, directions, origin, device)
+    # Entries that are exactly zero (ignored biases and BatchNorm, by default) move nothing.
+    keys = sorted(k for k in set().union(*dirs) if any(k in d and bool(d[k].any()) for d in dirs))
+    net = model
+    if fast:
+        net, base, dirs, _ = prefold_batchnorm(model, base, dirs, set(keys))
+    own = dict([*net.named_parameters(), *net.named_buffers()])
+    # Tensors the module already holds need not be swapped in at every point.
+    fixed = {
+        k: v for k, v in base.items() if k in own and k not in keys and not _same_tensor(v, own[k])
+    }
+    move = _mover([base[k] for k in keys], [[d.get(k) for k in keys] for d in dirs])
+    prep = (lambda t: _to(t, device, fast)) if net is not model else (lambda t: _to(t, device))
+    cached = [(prep(x), _to(y, device)) for x, y in data] if isinstance(data, Sequence) else None
+
+    def point(coeffs: Sequence[float]) -> tuple[float, float]:
+        params = {**fixed, **dict(zip(keys, move(coeffs), strict=True))}
+        ctx = torch.inference_mode() if fast else torch.no_grad()
+        with _eval_mode(model), ctx:
+            batches = cached if cached is not None else ((prep(x), _to(y, device)) for x, y in data)
+            return _average(lambda x: functional_call(net, params, (x,)), loss_fn, batches)
+
+    return point
+
+
+def _placed(model, directions, origin, device) -> tuple[torch.device, dict, list[dict]]:
+    """(device, origin tensors, direction tensors), all on the evaluation device, checked."""
     first = next(iter(model.parameters()), None)
     device = (
         torch.device(device)
@@ -173,51 +200,46 @@ def make_point_evaluator(
         bad = [k for k in d if k not in base or d[k].shape != base[k].shape]
         if bad:
             raise ValueError(f"direction tensor {bad[0]!r} does not match the model's shapes")
-    # Entries that are exactly zero (ignored biases and BatchNorm, by default) move nothing.
-    keys = sorted(k for k in set().union(*dirs) if any(k in d and bool(d[k].any()) for d in dirs))
-    if fast:
-        net, base, dirs, _ = prefold_batchnorm(model, base, dirs, set(keys))
-    else:
-        net = model
-    own = dict([*net.named_parameters(), *net.named_buffers()])
-    # Tensors the module already holds need not be swapped in at every point.
-    fixed = {
-        k: v for k, v in base.items() if k in own and k not in keys and not _same_tensor(v, own[k])
-    }
-    origin_vals = [base[k] for k in keys]
-    steps = [[d[k] if k in d else torch.zeros_like(base[k]) for k in keys] for d in dirs]
-    prep = (lambda t: _to(t, device, fast)) if net is not model else (lambda t: _to(t, device))
-    cached = [(prep(x), _to(y, device)) for x, y in data] if isinstance(data, Sequence) else None
+    return device, base, dirs
 
-    def point(coeffs: Sequence[float]) -> tuple[float, float]:
+
+def _mover(origin: list[torch.Tensor], steps: list[list[torch.Tensor | None]]) -> Callable:
+    r"""``move(c) -> [o_i + \sum_j c_j d_{j,i}]``: one fused kernel per non-zero coordinate."""
+    steps = [
+        [torch.zeros_like(o) if t is None else t for o, t in zip(origin, s, strict=True)]
+        for s in steps
+    ]
+
+    def move(coeffs: Sequence[float]) -> list[torch.Tensor]:
         if len(coeffs) != len(steps):
             raise ValueError(f"expected {len(steps)} coordinates, got {len(coeffs)}")
-        vals = origin_vals
+        vals = origin
         for c, step in zip(coeffs, steps, strict=True):
-            if c != 0 and keys:  # one fused kernel per direction for all tensors
-                if vals is origin_vals:
+            if c != 0 and origin:
+                if vals is origin:  # never write into the origin's tensors
                     vals = torch._foreach_add(vals, step, alpha=float(c))
                 else:
                     torch._foreach_add_(vals, step, alpha=float(c))
-        params = {**fixed, **dict(zip(keys, vals, strict=True))}
-        tot = correct = n = 0.0
-        classes = True
-        ctx = torch.inference_mode() if fast else torch.no_grad()
-        with _eval_mode(model), ctx:
-            for x, y in cached if cached is not None else data:
-                x, y = prep(x), _to(y, device)
-                out = functional_call(net, params, (x,))
-                b = _batch_size(y, x)
-                tot += float(loss_fn(out, y)) * b
-                n += b
-                classes = classes and _is_class(out, y)
-                if classes:
-                    correct += float((out.argmax(-1) == y).sum())
-        if n == 0:
-            raise ValueError("data yielded no batches")
-        return tot / n, (correct / n if classes else float("nan"))
+        return vals
 
-    return point
+    return move
+
+
+def _average(forward: Callable, loss_fn: Callable, batches: Iterable) -> tuple[float, float]:
+    """(loss, accuracy) over all samples, batch losses weighted by batch size."""
+    tot = correct = n = 0.0
+    classes = True
+    for x, y in batches:
+        out = forward(x)
+        b = _batch_size(y, x)
+        tot += float(loss_fn(out, y)) * b
+        n += b
+        classes = classes and _is_class(out, y)
+        if classes:
+            correct += float((out.argmax(-1) == y).sum())
+    if n == 0:
+        raise ValueError("data yielded no batches")
+    return tot / n, (correct / n if classes else float("nan"))
 
 
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
