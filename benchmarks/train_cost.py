@@ -35,7 +35,7 @@ def make_steppers(ds, model_name, device, lag=3, seed=0):
         opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, **kw) if m == "sam" else None
         opt = opt or torch.optim.SGD(net.parameters(), **kw)
         store = OutputStore(len(ds), ds.num_classes, lag, device=device) if m == "saf" else None
-        ema = EMA(net, scaled_ema_decay(12)) if m == "mesa" else None
+        ema = EMA(net, scaled_ema_decay(12, 40)) if m == "mesa" else None
         lam = {"saf": 0.3, "mesa": 0.8}.get(m, 0.0)
         steppers[m] = Stepper(m, net, opt, lam, 5.0, 0, store, ema)
     return steppers

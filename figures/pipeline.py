@@ -100,6 +100,8 @@ def scaled_hparams(s: Settings, steps_per_epoch: int) -> dict:
               \tilde E = \max(1, \mathrm{round}(0.015\,E)),\quad
               1/(1-\beta) = 0.064\,E\cdot\text{steps/epoch}
 
+    (the trainer's own default, :func:`saf.ema.scaled_ema_decay`, capped at 0.9998).
+
     :math:`\lambda` (0.3 SAF, 0.8 MESA), :math:`\tau=5` and SAM's :math:`\rho=0.05`
     are the paper's, unscaled.
 
@@ -107,12 +109,13 @@ def scaled_hparams(s: Settings, steps_per_epoch: int) -> dict:
     >>> h["start_epoch"], h["lag"], round(h["ema_beta"], 4)
     (5, 3, 0.9998)
     """
+    from saf.ema import scaled_ema_decay
+
     e = s.epochs
-    horizon = max(1.0, 0.064 * e * steps_per_epoch)
     return {
         "start_epoch": max(1, round(0.025 * e)),
         "lag": max(1, round(0.015 * e)),
-        "ema_beta": 1.0 - 1.0 / horizon,
+        "ema_beta": scaled_ema_decay(steps_per_epoch, e),
         "saf_lambda": 0.3,
         "mesa_lambda": 0.8,
         "tau": 5.0,

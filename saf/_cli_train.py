@@ -25,7 +25,8 @@ EXAMPLES = """examples:
   saf train --resume runs/saf-s0          # continue an interrupted run
 
 defaults: method-specific values are used where an option is left out: rho 0.05 (sam) /
-0.5 (asam); lambda 0.3 (saf) / 0.8 (mesa); EMA decay 1 - 1/steps_per_epoch (mesa).
+0.5 (asam); lambda 0.3 (saf) / 0.8 (mesa); EMA decay: a horizon of 6.4% of the run,
+at most 0.9998 (mesa).
 exit codes: 0 done, 2 bad input or training diverged (NaN/Inf loss; the last good
 checkpoint is kept), 130 interrupted (resume with --resume).
 """

@@ -132,8 +132,10 @@ def test_ema_update_equals_formula_for_params_and_buffers():
 
 
 def test_ema_decay_scaling_and_validation():
-    assert scaled_ema_decay(5005) == 0.9998  # timm's ImageNet value: horizon ~ one epoch
-    assert scaled_ema_decay(12) == pytest.approx(1 - 1 / 12)
+    assert scaled_ema_decay(391, 200) == 0.9998  # the paper's CIFAR run: the paper's value
+    assert scaled_ema_decay(5005, 90) == 0.9998  # ImageNet: capped at the paper's value
+    assert 1 / (1 - scaled_ema_decay(12, 40)) == pytest.approx(0.064 * 40 * 12)
+    assert scaled_ema_decay(1, 1) == 0.0  # horizon floored at one step
     with pytest.raises(ValueError):
         EMA(_bn_net(), 1.0)
 
