@@ -161,6 +161,7 @@ def make_point_evaluator(
     if fast:
         net, base, dirs, _ = prefold_batchnorm(model, base, dirs, set(keys))
     own = dict([*net.named_parameters(), *net.named_buffers()])
+    keys = [k for k in keys if k in own]  # a traced module drops submodules it never calls
     # Tensors the module already holds need not be swapped in at every point.
     fixed = {
         k: v for k, v in base.items() if k in own and k not in keys and not _same_tensor(v, own[k])

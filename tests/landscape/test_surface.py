@@ -186,6 +186,25 @@ def test_perturbed_batchnorm_or_tied_weights_are_not_folded_once():
     np.testing.assert_allclose(fast.loss, plain.loss, rtol=1e-5)
 
 
+def test_a_submodule_the_forward_never_calls_is_fine():
+    class WithSpare(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
+            self.spare = nn.Linear(5, 5)  # in every direction, absent from the traced graph
+            self.head = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.bn(self.conv(x))).mean((2, 3)))
+
+    torch.manual_seed(0)
+    model = WithSpare().eval()
+    dirs = [L.random_direction(model, seed=s) for s in (1, 2)]
+    assert "spare.weight" in dirs[0]
+    fast, plain = _fast_and_plain(model, dirs)
+    np.testing.assert_allclose(fast.loss, plain.loss, rtol=1e-5)
+
+
 def test_interpolation_endpoints_equal_checkpoint_losses():
     m0, m1 = _cnn(0), _cnn(1)
     s0, s1 = m0.state_dict(), m1.state_dict()
