@@ -31,7 +31,7 @@ def make_steppers(ds, model_name, device, lag=3, seed=0):
     for m in METHODS:
         torch.manual_seed(seed)
         net = build_model(model_name, ds.num_classes, ds.in_shape).to(device).train()
-        kw = dict(lr=0.01, momentum=0.9, weight_decay=5e-4)
+        kw = dict(lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)  # as saf.train
         opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, **kw) if m == "sam" else None
         opt = opt or torch.optim.SGD(net.parameters(), **kw)
         store = OutputStore(len(ds), ds.num_classes, lag, device=device) if m == "saf" else None

