@@ -23,7 +23,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,6 +113,7 @@ def analyze_run(
     data: Iterable,
     loss_fn: Callable | None = None,
     every: int = 1,
+    epochs: Collection[int] | None = None,
     out: str | Path | None | bool = None,
     device: Any = "cpu",
     dtype: torch.dtype | None = None,
@@ -145,6 +146,7 @@ def analyze_run(
         data: the batches every metric uses (loss: mean over all samples).
         loss_fn: ``loss_fn(outputs, targets)``, a batch mean (default: cross-entropy).
         every: keep checkpoints whose epoch is a multiple of ``every``.
+        epochs: keep only checkpoints of these epochs (default: all that ``every`` keeps).
         out: CSV path (default ``<path>/analysis.csv``; ``False``: write nothing and
             cache nothing). Finished results are cached in ``.<out name>.cache/``
             beside it, keyed by the checkpoint's content hash and every setting, and
@@ -169,6 +171,8 @@ def analyze_run(
     """
     names = parse_metrics(metrics)
     files = find_checkpoints(path, every)
+    if epochs is not None:
+        files = [f for f in files if epoch_from_name(f) in set(epochs)]
     loss_fn = loss_fn or nn.CrossEntropyLoss()
     data = reiterable(data)
     ctx = _Context(

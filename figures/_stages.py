@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -127,38 +128,42 @@ def _model_factory(run_dir: Path):
     return lambda: model_from_run(run)
 
 
-def checkpoint_metrics(model: nn.Module, data, hessian: bool, device: str) -> dict:
-    """SAM sharpness (rho=0.05, one step, per batch of ``data``), train loss; Hessian if asked."""
-    from analysis import hessian_eigenvalues, hessian_trace, sam_sharpness
-
-    r = sam_sharpness(model, LOSS, data, rho=0.05, device=device)
-    out = {"sam_sharpness": (r.value, r.stderr)}
-    if hessian:
-        ev = hessian_eigenvalues(model, LOSS, data, k=1, tol=1e-3, device=device, cache="auto")
-        tr = hessian_trace(model, LOSS, data, n_matvecs=30, device=device, cache="auto")
-        out["lambda_max"] = (float(ev.values[0]), float("nan"))
-        out["trace"] = (tr.value, tr.stderr)
-    return out
+# What the figures measure, and how (analysis.analyze_run's settings).
+SHARPNESS = ["sam_sharpness"]  # one-step SAM sharpness, rho = 0.05, every checkpoint
+HESSIAN = ["lambda_max", "trace"]  # every `hessian_every` epochs and at the last
+ANALYSIS = dict(sam_rho=0.05, tol=1e-3, trace_matvecs=30)
 
 
-def analyse_run(s: Settings, run_dir: Path, data, path: Path, device: str, progress: bool):
-    """Analyse every checkpoint of one run; rows are cached in ``path`` (resumable)."""
-    from tqdm.auto import tqdm
+def analyse_checkpoints(
+    run_dir: Path, metrics: list[str], epochs, data, csv: Path, device: str, progress: bool
+) -> pd.DataFrame:
+    """``analysis.analyze_run`` on some of a run's checkpoints: rows ``epoch, metric, value,
+    stderr``, cached per checkpoint beside ``csv`` (resumable, also after SIGKILL)."""
+    from analysis import analyze_run
 
+    df = analyze_run(
+        run_dir, metrics, model_factory=_model_factory(run_dir), data=data, epochs=epochs,
+        out=csv, device=device, progress=progress, **ANALYSIS,
+    )  # fmt: skip
+    return df[["epoch", "metric", "value", "stderr"]]
+
+
+def analyse_run(s: Settings, run_dir: Path, data, folder: Path, device: str, progress: bool):
+    """SAM sharpness of every checkpoint; Hessian lambda_max and trace of some."""
     from saf.runs import list_checkpoints
 
-    cols = ["epoch", "metric", "value", "stderr"]
-    done = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=cols)
-    todo = [(e, p) for e, p in list_checkpoints(run_dir) if e not in set(done["epoch"])]
-    model = _model_factory(run_dir)().to(device)
-    for e, p in tqdm(todo, desc=f"analyse {run_dir.name}", disable=not progress, leave=False):
-        model.load_state_dict(load_state_dict(p))
-        hessian = e % s.hessian_every == 0 or e == s.epochs
-        vals = checkpoint_metrics(model, data, hessian, device)
-        rows = pd.DataFrame([(e, k, v, se) for k, (v, se) in vals.items()], columns=cols)
-        done = pd.concat([done, rows], ignore_index=True)
-        _csv(done, path)
-    return done
+    hessian = [e for e, _ in list_checkpoints(run_dir) if e % s.hessian_every == 0 or e == s.epochs]
+    at = folder / run_dir.name
+    one = functools.partial(
+        analyse_checkpoints, run_dir, data=data, device=device, progress=progress
+    )
+    return pd.concat(
+        [
+            one(SHARPNESS, None, csv=at.with_name(f"{at.name}.sam.csv")),
+            one(HESSIAN, hessian, csv=at.with_name(f"{at.name}.hessian.csv")),
+        ],
+        ignore_index=True,
+    )
 
 
 def analyse_all(s: Settings, out: Path, runs: dict, device: str, progress: bool) -> pd.DataFrame:
@@ -169,9 +174,7 @@ def analyse_all(s: Settings, out: Path, runs: dict, device: str, progress: bool)
     parts = []
     for i, ((method, seed), run_dir) in enumerate(runs.items(), 1):
         say(f"[analyse {i}/{len(runs)}] {run_dir.name}")
-        df = analyse_run(
-            s, run_dir, data, out / "analysis" / f"{run_dir.name}.csv", device, progress
-        )
+        df = analyse_run(s, run_dir, data, out / "analysis", device, progress)
         parts.append(df.assign(method=method, seed=seed)[list(CURVE_COLUMNS)])
         parts.append(melt_metrics(read_metrics(run_dir), method, seed))
     curves = pd.concat(parts, ignore_index=True)
@@ -289,10 +292,12 @@ def sweep(s: Settings, out: Path, device: str, progress: bool) -> pd.DataFrame:
         if not _finished(run_dir, s.epochs):
             cfg = train_config(s, "saf", seed, run_dir, device, progress, lam=lam, lag=lag)
             train(cfg, resume=(run_dir / "state.pt").is_file())
-        vals = checkpoint_metrics(_final_model(run_dir, device), data, True, device)
+        csv = out / "analysis" / "sweep" / f"{run_dir.name}.csv"
+        final = analyse_checkpoints(run_dir, SHARPNESS + HESSIAN, [s.epochs], data, csv,
+                                    device, progress)  # fmt: skip
         acc = float(read_metrics(run_dir)["test_acc"].iloc[-1])
         rows.append({"lam": lam, "lag": lag, "seed": seed, "test_acc": acc,
-                     **{k: v for k, (v, _) in vals.items()}})  # fmt: skip
+                     **dict(zip(final["metric"], final["value"], strict=True))})  # fmt: skip
     df = pd.DataFrame(rows)
     _csv(df, path)
     return df

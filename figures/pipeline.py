@@ -5,7 +5,8 @@ and an interrupted run resumes):
 
 1. **train** every method x seed (finished runs are skipped, unfinished ones resume);
 2. **analyse** checkpoints: SAM sharpness (:math:`\rho=0.05`) every epoch, Hessian
-   :math:`\lambda_{\max}` and trace every ``hessian_every`` epochs (cached CSV per run);
+   :math:`\lambda_{\max}` and trace every ``hessian_every`` epochs, with
+   :func:`analysis.analyze_run` (the engine of ``saf analyze``: cached per checkpoint);
 3. **m-sharpness** of the final models against m (cached CSV);
 4. **surfaces**: 2D filter-normalized surfaces of the seed-0 final models (two random
    directions, the same draw for every method) and the SGD -> SAF interpolation

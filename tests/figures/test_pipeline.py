@@ -81,7 +81,7 @@ def test_report_renders(study, render_dom):
 
 def test_rerun_reuses_everything(study, capsys):
     ckpt = study / "runs" / "sgd-s0" / "checkpoints" / "epoch_0002.pt"
-    cache = study / "analysis" / "sgd-s0.csv"
+    cache = study / "analysis" / "sgd-s0.sam.csv"
     before = (ckpt.stat().st_mtime_ns, cache.read_bytes())
     assert main(["figures", "--out", str(study), *TINY]) == 0
     err = capsys.readouterr().err
