@@ -71,6 +71,14 @@ def test_m_sharpness_columns_and_every(tmp_path):
     assert not (folder / "analysis.csv").exists()
 
 
+def test_epochs_keeps_only_those_checkpoints(tmp_path):
+    folder = _folder(tmp_path, n=4)
+    df = _run(folder, metrics=["loss"], epochs=[1, 3, 7], out=False)
+    assert list(df.epoch) == [1, 3]  # epoch 7 has no checkpoint: nothing to keep
+    both = _run(folder, metrics=["loss"], epochs=[1, 2, 3], every=2, out=False)
+    assert list(both.epoch) == [2]
+
+
 def test_bad_checkpoints_are_named_skipped_and_the_rest_analysed(tmp_path):
     folder = _folder(tmp_path)
     (folder / "epoch_7.pt").write_bytes(b"\x00garbage")
