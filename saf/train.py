@@ -103,27 +103,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             nothing to resume.
         TrainingDiverged: the loss became NaN/Inf (checkpoints so far are kept).
     """
-    run_dir = config.run_dir
-    if resume:
-        run = runs.read_run(run_dir)
-        config = TrainConfig(
-            **{
-                **_saved_config(run, run_dir),
-                "out": str(run_dir),
-                "device": config.device,
-                "progress": config.progress,
-            }
-        )
-        # killed after run.json but before the first state.pt: nothing trained, start over
-        state = runs.load_state(run_dir) if (run_dir / "state.pt").exists() else None
-    else:
-        if (run_dir / "run.json").exists() or (run_dir / "state.pt").exists():
-            raise ValueError(
-                f"{run_dir} already holds a run; pass --resume to continue it "
-                "or choose another --out"
-            )
-        state = None
-    cfg = config.validate()
+    cfg, state = _config_and_state(config, resume)
+    run_dir = cfg.run_dir
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     dist = DistInfo.current(cfg.device)
@@ -213,6 +194,23 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             runs.write_metrics(run_dir, rows)
             runs.save_state(run_dir, _state(epoch + 1, rows, *parts))
     return run_dir
+
+
+def _config_and_state(config: TrainConfig, resume: bool) -> tuple[TrainConfig, dict | None]:
+    """The validated config and the resume state (None: start from epoch 0)."""
+    run_dir = config.run_dir
+    if not resume:
+        if (run_dir / "run.json").exists() or (run_dir / "state.pt").exists():
+            raise ValueError(
+                f"{run_dir} already holds a run; pass --resume to continue it "
+                "or choose another --out"
+            )
+        return config.validate(), None
+    saved = _saved_config(runs.read_run(run_dir), run_dir)
+    over = {"out": str(run_dir), "device": config.device, "progress": config.progress}
+    # killed after run.json but before the first state.pt: nothing trained, start over
+    state = runs.load_state(run_dir) if (run_dir / "state.pt").exists() else None
+    return TrainConfig(**{**saved, **over}).validate(), state
 
 
 def _datasets(cfg: TrainConfig, device) -> tuple[IndexedDataset, IndexedDataset]:
