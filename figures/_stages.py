@@ -135,7 +135,13 @@ ANALYSIS = dict(sam_rho=0.05, tol=1e-3, trace_matvecs=30)
 
 
 def analyse_checkpoints(
-    run_dir: Path, metrics: list[str], epochs, data, csv: Path, device: str, progress: bool
+    run_dir: Path,
+    metrics: list[str],
+    epochs: list[int] | None,
+    data,
+    csv: Path,
+    device: str,
+    progress: bool,
 ) -> pd.DataFrame:
     """``analysis.analyze_run`` on some of a run's checkpoints: rows ``epoch, metric, value,
     stderr``, cached per checkpoint beside ``csv`` (resumable, also after SIGKILL)."""
@@ -153,14 +159,13 @@ def analyse_run(s: Settings, run_dir: Path, data, folder: Path, device: str, pro
     from saf.runs import list_checkpoints
 
     hessian = [e for e, _ in list_checkpoints(run_dir) if e % s.hessian_every == 0 or e == s.epochs]
-    at = folder / run_dir.name
     one = functools.partial(
         analyse_checkpoints, run_dir, data=data, device=device, progress=progress
     )
     return pd.concat(
         [
-            one(SHARPNESS, None, csv=at.with_name(f"{at.name}.sam.csv")),
-            one(HESSIAN, hessian, csv=at.with_name(f"{at.name}.hessian.csv")),
+            one(SHARPNESS, None, csv=folder / f"{run_dir.name}.sam.csv"),
+            one(HESSIAN, hessian, csv=folder / f"{run_dir.name}.hessian.csv"),
         ],
         ignore_index=True,
     )
