@@ -1,5 +1,9 @@
 """Step cost of sgd, saf, mesa and sam relative to sgd, measured side by side in one process.
 
+``saf-autograd`` is SAF with its KL term through autograd instead of the trainer's
+closed-form gradient hook (:func:`saf.trajectory_loss_and_grad`), to show what the hook
+saves.
+
 Each round takes one batch and runs one step of every method on it, in a rotating order, so
 slow phases of a shared machine hit every method alike. The per-round ratio
 ``t_method / t_sgd`` is summarised by its median with a bootstrap 95% confidence interval
@@ -18,17 +22,46 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-from saf import EMA, SAM, OutputStore, Stepper, build_model, load_dataset, scaled_ema_decay
+from saf import (
+    EMA,
+    SAM,
+    OutputStore,
+    Stepper,
+    build_model,
+    load_dataset,
+    scaled_ema_decay,
+    trajectory_loss,
+)
 from saf.train import _batches
 
-METHODS = ("sgd", "saf", "mesa", "sam")
+METHODS = ("sgd", "saf", "mesa", "sam", "saf-autograd")
+
+
+class AutogradKL:
+    """SAF with the KL term through autograd (``CE + trajectory_loss``, one backward):
+    the plain formulation the trainer's closed-form gradient hook replaces, for comparison."""
+
+    def __init__(self, stepper: Stepper):
+        self.s = stepper
+
+    def __call__(self, x, y, idx, epoch):
+        s = self.s
+        past, mask = s.store.read(idx, epoch)
+        logits = s.model(x)
+        loss = F.cross_entropy(logits, y) + trajectory_loss(logits, past, s.tau, s.lam, mask)
+        s.store.write(idx, logits, epoch)
+        s.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        s.opt.step()
 
 
 def make_steppers(ds, model_name, device, lag=3, seed=0):
     """One (model, Stepper) per method, all from the same initial weights."""
     steppers = {}
-    for m in METHODS:
+    for name in METHODS:
+        m = name.removesuffix("-autograd")
         torch.manual_seed(seed)
         net = build_model(model_name, ds.num_classes, ds.in_shape).to(device).train()
         kw = dict(lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)  # as saf.train
@@ -37,7 +70,8 @@ def make_steppers(ds, model_name, device, lag=3, seed=0):
         store = OutputStore(len(ds), ds.num_classes, lag, device=device) if m == "saf" else None
         ema = EMA(net, scaled_ema_decay(12, 40)) if m == "mesa" else None
         lam = {"saf": 0.3, "mesa": 0.8}.get(m, 0.0)
-        steppers[m] = Stepper(m, net, opt, lam, 5.0, 0, store, ema)
+        step = Stepper(m, net, opt, lam, 5.0, 0, store, ema)
+        steppers[name] = AutogradKL(step) if name != m else step
     return steppers
 
 
@@ -83,18 +117,20 @@ def forward_fraction(model, ds, batch_size, device, sgd_times, reps=50):
 
 
 def saf_extra_ms(store, ds, batch_size, device, reps=200):
-    """Median time of SAF's extra work alone (store read + KL fwd/bwd + store write), ms."""
-    from saf import trajectory_loss
+    """Median time of SAF's extra work alone (store read, KL loss and closed-form
+    gradient, the hook's add, store write), ms."""
+    from saf import trajectory_loss_and_grad
 
     idx = torch.arange(batch_size, device=device)
-    z = torch.randn(batch_size, ds.num_classes, device=device, requires_grad=True)
+    z = torch.randn(batch_size, ds.num_classes, device=device)
     t = []
     for _ in range(reps):
         _sync(device)
         t0 = time.perf_counter()
         past, mask = store.read(idx, 3)
-        trajectory_loss(z, past, 5.0, 0.3, mask).backward()
-        store.write(idx, z.detach(), 3)
+        _, grad = trajectory_loss_and_grad(z, past, 5.0, 0.3, mask)
+        z + grad  # noqa: B018  (what the hook adds to the logits' gradient)
+        store.write(idx, z, 3)
         _sync(device)
         t.append(time.perf_counter() - t0)
     return 1e3 * statistics.median(t)
@@ -150,11 +186,11 @@ def main(argv=None) -> int:
     for m in METHODS[1:]:
         med, lo, hi = ratio_summary(times[m], times["sgd"])
         res["ratio_to_sgd"][m] = {"median": med, "ci95": [lo, hi]}
-        print(f"  {m:5s} / sgd = {med:.3f}  (95% CI {lo:.3f} - {hi:.3f})")
+        print(f"  {m:12s} / sgd = {med:.3f}  (95% CI {lo:.3f} - {hi:.3f})")
     extra = saf_extra_ms(store, ds, a.batch_size, a.device)
     res["saf_extra_ms"] = extra
     print(
-        f"  SAF's extra work alone (store read/write, KL forward+backward): {extra:.3f} ms "
+        f"  SAF's extra work alone (store read/write, KL and its gradient): {extra:.3f} ms "
         f"= {extra / res['sgd_ms_median']:.2%} of an sgd step"
     )
     print(

@@ -20,7 +20,7 @@ from saf.runs import (
 )
 from saf.sam import SAM, disable_running_stats
 from saf.train import TrainConfig, TrainingDiverged, evaluate, train
-from saf.trajectory import OutputStore, trajectory_loss
+from saf.trajectory import OutputStore, trajectory_loss, trajectory_loss_and_grad
 
 __version__ = "0.1.0"
 
@@ -29,6 +29,7 @@ ModelEMA = EMA
 __all__ = [
     # the method
     "trajectory_loss",
+    "trajectory_loss_and_grad",
     "OutputStore",
     "SAM",
     "disable_running_stats",

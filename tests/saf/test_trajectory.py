@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from saf import OutputStore, Stepper, load_dataset, trajectory_loss
+from saf import OutputStore, Stepper, load_dataset, trajectory_loss, trajectory_loss_and_grad
 from saf.data import IndexedDataset
 from saf.train import _batches
 
@@ -36,6 +36,42 @@ def test_mask_rows_contribute_exactly_zero():
     got = trajectory_loss(z, zp, 2.0, mask=mask)
     expect = _oracle(z[mask], zp[mask], 2.0, 1.0) * 2 / 4  # mean over all 4 rows
     torch.testing.assert_close(got, expect)
+
+
+def test_closed_form_loss_and_grad_equal_autograd_float64():
+    z = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
+    zp = torch.randn(6, 4, dtype=torch.float64)
+    mask = torch.tensor([True, False, True, True, False, True])
+    for m in (None, mask):
+        ref = trajectory_loss(z, zp, 5.0, 0.8, m)
+        (ref_grad,) = torch.autograd.grad(ref, z)
+        loss, grad = trajectory_loss_and_grad(z, zp, 5.0, 0.8, m)
+        assert not loss.requires_grad and not grad.requires_grad
+        torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
+    # A masked row may hold anything (an fp16 overflow, say): it stays out of both.
+    zp[1] = float("inf")
+    loss_inf, grad_inf = trajectory_loss_and_grad(z, zp, 5.0, 0.8, mask)
+    torch.testing.assert_close(loss_inf, loss)
+    torch.testing.assert_close(grad_inf, grad)
+    assert grad[~mask].eq(0).all()
+
+
+def test_stepper_gradient_equals_autograd_of_ce_plus_trajectory_loss():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    model = model.double()
+    x, y, idx = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 2]), torch.arange(4)
+    store = OutputStore(4, 3, lag=1, dtype=torch.float64)
+    store.write(idx[:3], torch.randn(3, 3, dtype=torch.float64), epoch=0)  # row 3: never
+    past, mask = store.read(idx, epoch=1)
+    out = model(x)
+    ref = F.cross_entropy(out, y) + trajectory_loss(out, past, 5.0, 0.3, mask)
+    expect = torch.autograd.grad(ref, list(model.parameters()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the step leaves the weights alone
+    Stepper("saf", model, opt, lam=0.3, tau=5.0, start_epoch=0, store=store)(x, y, idx, 1)
+    for p, e in zip(model.parameters(), expect, strict=True):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
 
 
 def test_store_is_lag_slots_fp16_and_reads_epoch_minus_lag():
