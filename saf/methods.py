@@ -9,6 +9,10 @@ r"""One training step per method, one signature: ``step(x, y, idx, epoch) -> (ce
 * ``mesa``: :math:`\mathrm{CE} + L_{tra}` with the target from the EMA teacher (one extra
   no-grad forward); the EMA is updated after every step from epoch 0.
 
+For saf and mesa, :math:`\nabla L_{tra}` with respect to the logits is closed-form
+(:func:`~saf.trajectory.trajectory_loss_and_grad`) and is added to the logits' gradient
+by a hook during the CE backward: the KL term builds no autograd graph.
+
 Returned tensors are detached and stay on the device (no host sync per step).
 
 **When the trajectory loss starts.** The issue (and the paper, §4.1) use it for epochs
