@@ -55,11 +55,14 @@ def trajectory_loss(
     3.2703
     """
     t = float(temperature)
+    past = past_logits.detach()
+    if mask is not None:  # a masked row may hold anything (inf: an fp16 overflow); not NaN
+        past = torch.where(mask.unsqueeze(1), past, 0.0)
     log_q = F.log_softmax(logits / t, dim=1)
-    log_p = F.log_softmax(past_logits.detach().to(logits.dtype) / t, dim=1)
+    log_p = F.log_softmax(past.to(logits.dtype) / t, dim=1)
     kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
     if mask is not None:
-        kl = torch.where(mask, kl, torch.zeros_like(kl))
+        kl = torch.where(mask, kl, 0.0)
     return kl.mean() * (lam * t * t)
 
 

@@ -55,6 +55,8 @@ def test_closed_form_loss_and_grad_equal_autograd_float64():
     torch.testing.assert_close(loss_inf, loss)
     torch.testing.assert_close(grad_inf, grad)
     assert grad[~mask].eq(0).all()
+    (autograd_inf,) = torch.autograd.grad(trajectory_loss(z, zp, 5.0, 0.8, mask), z)
+    torch.testing.assert_close(autograd_inf, grad)  # the autograd form: no NaN either
 
 
 def test_stepper_gradient_equals_autograd_of_ce_plus_trajectory_loss():
