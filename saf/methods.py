@@ -87,17 +87,16 @@ class Stepper:
         return self.step(x, y, idx, epoch)
 
     def _forward_ce(self, x, y):
+        """``(logits, z, ce)``: ``z`` is the float32 (or wider) view of the logits CE reads."""
         with self.autocast():
             logits = self.model(x)
-        return logits, F.cross_entropy(_upcast(logits), y)
+        z = _upcast(logits)
+        return logits, z, F.cross_entropy(z, y)
 
     def _forward_ce_traj(self, x, y, target):
         """Logits, CE and the trajectory loss; the latter's closed-form gradient is added
         to the logits' gradient by a hook (no autograd graph for the KL term)."""
-        with self.autocast():
-            logits = self.model(x)
-        z = _upcast(logits)
-        ce = F.cross_entropy(z, y)
+        logits, z, ce = self._forward_ce(x, y)
         if target is None:
             return logits, ce, torch.zeros_like(ce.detach())
         past, mask = target
@@ -106,7 +105,7 @@ class Stepper:
         return logits, ce, traj
 
     def _sgd(self, x, y, idx, epoch):
-        logits, ce = self._forward_ce(x, y)
+        logits, _, ce = self._forward_ce(x, y)
         self.opt.zero_grad(set_to_none=True)
         ce.backward()
         self.opt.step()
@@ -114,12 +113,12 @@ class Stepper:
 
     def _sam(self, x, y, idx, epoch):
         with getattr(self.model, "no_sync", contextlib.nullcontext)():  # local grad (DDP)
-            logits, ce = self._forward_ce(x, y)
+            logits, _, ce = self._forward_ce(x, y)
             self.opt.zero_grad(set_to_none=True)
             ce.backward()
         self.opt.first_step(zero_grad=True)
         with disable_running_stats(self.model):
-            self._forward_ce(x, y)[1].backward()
+            self._forward_ce(x, y)[2].backward()
         self.opt.second_step(zero_grad=True)
         return ce.detach(), torch.zeros_like(ce.detach()), logits.detach()
 

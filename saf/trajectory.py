@@ -58,12 +58,18 @@ def trajectory_loss(
     past = past_logits.detach()
     if mask is not None:  # a masked row may hold anything (inf: an fp16 overflow); not NaN
         past = torch.where(mask.unsqueeze(1), past, 0.0)
-    log_q = F.log_softmax(logits / t, dim=1)
-    log_p = F.log_softmax(past.to(logits.dtype) / t, dim=1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
+    kl, _, _ = _kl_rows(logits, past, t)
     if mask is not None:
         kl = torch.where(mask, kl, 0.0)
     return kl.mean() * (lam * t * t)
+
+
+def _kl_rows(logits: Tensor, past_logits: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor]:
+    """``(KL(p_i^past || p_i) per row, log p_i, p_i^past)`` at temperature ``t``."""
+    log_q = F.log_softmax(logits / t, dim=1)
+    log_p = F.log_softmax(past_logits.to(logits.dtype) / t, dim=1)
+    p = log_p.exp()
+    return (p * (log_p - log_q)).sum(dim=1), log_q, p
 
 
 @torch.no_grad()
@@ -95,10 +101,7 @@ def trajectory_loss_and_grad(
     (3.2703, [1.25, -1.25])
     """
     t = float(temperature)
-    log_q = F.log_softmax(logits / t, dim=1)
-    log_p = F.log_softmax(past_logits.to(logits.dtype) / t, dim=1)
-    p = log_p.exp()
-    kl = (p * (log_p - log_q)).sum(dim=1)
+    kl, log_q, p = _kl_rows(logits, past_logits, t)
     grad = log_q.exp_().sub_(p)
     if mask is not None:
         kl = torch.where(mask, kl, 0.0)
