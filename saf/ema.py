@@ -53,13 +53,14 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         """One step of :math:`v \\leftarrow \\beta v + (1-\\beta)\\theta`."""
         if not hasattr(self, "_cache") or self._cache[0] is not model:
-            self._cache = (model, *self._pairs(model))
-        _, floats, ints = self._cache
-        if floats:
-            ema_t, model_t = zip(*floats, strict=True)
-            torch._foreach_lerp_(
-                [t.data for t in ema_t], [t.data for t in model_t], 1.0 - self.decay
-            )
+            floats, ints = self._pairs(model)
+            # the tensors themselves, listed once (rebuilding 2x47 ``.data`` views every
+            # step cost ~60 us of a 12 ms CPU step)
+            ema_t, model_t = [e for e, _ in floats], [m for _, m in floats]
+            self._cache = (model, ema_t, model_t, ints)
+        _, ema_t, model_t, ints = self._cache
+        if ema_t:
+            torch._foreach_lerp_(ema_t, model_t, 1.0 - self.decay)
         for e, m in ints:
             e.copy_(m)
 

@@ -58,18 +58,12 @@ def trajectory_loss(
     past = past_logits.detach()
     if mask is not None:  # a masked row may hold anything (inf: an fp16 overflow); not NaN
         past = torch.where(mask.unsqueeze(1), past, 0.0)
-    kl, _, _ = _kl_rows(logits, past, t)
+    log_q = F.log_softmax(logits / t, dim=1)
+    log_p = F.log_softmax(past.to(logits.dtype) / t, dim=1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
     if mask is not None:
         kl = torch.where(mask, kl, 0.0)
     return kl.mean() * (lam * t * t)
-
-
-def _kl_rows(logits: Tensor, past_logits: Tensor, t: float) -> tuple[Tensor, Tensor, Tensor]:
-    """``(KL(p_i^past || p_i) per row, log p_i, p_i^past)`` at temperature ``t``."""
-    log_q = F.log_softmax(logits / t, dim=1)
-    log_p = F.log_softmax(past_logits.to(logits.dtype) / t, dim=1)
-    p = log_p.exp()
-    return (p * (log_p - log_q)).sum(dim=1), log_q, p
 
 
 @torch.no_grad()
@@ -86,9 +80,13 @@ def trajectory_loss_and_grad(
         \frac{\partial L_{tra}}{\partial z_i} = \frac{\lambda\tau}{B}\,
         \big(\mathrm{softmax}(z_i/\tau) - \mathrm{softmax}(z^{past}_i/\tau)\big)
 
-    (zero for masked rows). No autograd graph is built: the trainer adds the gradient to
-    the logits' gradient with a hook, which saves the KL term's backward nodes (about 0.05
-    ms a step on CPU; see ``benchmarks/train_cost.py``).
+    (zero for masked rows). No autograd graph is built: the trainer passes the gradient to
+    the backward pass as a second root (``torch.autograd.backward((ce, z), (None, grad))``).
+
+    A masked row's target is replaced by the row itself, so its KL and gradient are exactly
+    zero whatever the store held there. Both sides go through one ``log_softmax``: inside a
+    CPU training step every small kernel costs ~20 us (cold caches after the convolutions),
+    so the kernel count, not the arithmetic, is SAF's cost (``benchmarks/train_cost.py``).
 
     Returns:
         ``(loss, grad)``: the same scalar as :func:`trajectory_loss` and a tensor shaped
@@ -101,13 +99,14 @@ def trajectory_loss_and_grad(
     (3.2703, [1.25, -1.25])
     """
     t = float(temperature)
-    kl, log_q, p = _kl_rows(logits, past_logits, t)
-    grad = log_q.exp_().sub_(p)
-    if mask is not None:
-        kl = torch.where(mask, kl, 0.0)
-        grad = torch.where(mask.unsqueeze(1), grad, 0.0)
+    past = past_logits if mask is None else torch.where(mask.unsqueeze(1), past_logits, logits)
+    both = torch.cat([logits, past.to(logits.dtype)]).mul_(1.0 / t)
+    log_qp = F.log_softmax(both, dim=1)  # rows are independent: same row, same bits
+    qp = log_qp.exp()
+    (log_q, log_p), (q, p) = log_qp.chunk(2), qp.chunk(2)
     scale = lam * t / logits.shape[0]
-    return kl.sum() * (scale * t), grad.mul_(scale)
+    loss = torch.vdot(p.reshape(-1), (log_p - log_q).reshape(-1)) * (scale * t)
+    return loss, (q - p).mul_(scale)
 
 
 class OutputStore:
