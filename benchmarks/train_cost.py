@@ -39,15 +39,29 @@ from saf import (
 )
 from saf.train import _batches
 
-METHODS = ("sgd", "saf", "mesa", "sam", "saf-autograd", "sgd-copy")
+METHODS = ("sgd", "saf", "mesa", "sam", "saf-per-step", "saf-autograd", "sgd-copy")
 
 
-class AutogradKL:
-    """SAF with the KL term through autograd (``CE + trajectory_loss``, one backward):
-    the plain formulation the trainer's closed-form gradient hook replaces, for comparison."""
+class PerStep:
+    """A Stepper used step by step, without :meth:`~saf.Stepper.begin_epoch`: SAF then
+    reads and writes its store every step instead of once per chunk of steps."""
 
     def __init__(self, stepper: Stepper):
         self.s = stepper
+
+    def __call__(self, x, y, idx, epoch):
+        return self.s(x, y, idx, epoch)
+
+    def begin_epoch(self, epoch, batches):
+        pass
+
+    def end_epoch(self):
+        pass
+
+
+class AutogradKL(PerStep):
+    """SAF with the KL term through autograd (``CE + trajectory_loss``, one backward):
+    the plain formulation the trainer's closed-form gradient replaces, for comparison."""
 
     def __call__(self, x, y, idx, epoch):
         s = self.s
@@ -75,13 +89,14 @@ def make_steppers(ds, model_name, device, lag=3, seed=0):
     sgd = torch.optim.SGD(net.parameters(), **kw)
     steppers = {}
     for name in METHODS:
-        m = name.removesuffix("-autograd").removesuffix("-copy")
+        m = name.split("-")[0]
         opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, **kw) if m == "sam" else sgd
         store = OutputStore(len(ds), ds.num_classes, lag, device=device) if m == "saf" else None
         ema = EMA(net, scaled_ema_decay(12, 40)) if m == "mesa" else None
         lam = {"saf": 0.3, "mesa": 0.8}.get(m, 0.0)
         step = Stepper(m, net, opt, lam, 5.0, 0, store, ema)
-        steppers[name] = AutogradKL(step) if name == "saf-autograd" else step
+        wrap = {"saf-autograd": AutogradKL, "saf-per-step": PerStep}.get(name)
+        steppers[name] = wrap(step) if wrap else step
     return steppers
 
 
@@ -91,24 +106,38 @@ def _sync(device):
 
 
 def measure(steppers, ds, steps, batch_size, device, warmup=10, seed=0):
-    """Per-round step times ``{method: [seconds, ...]}`` (interleaved, random order)."""
+    """Per-round step times ``{method: [seconds, ...]}`` (interleaved, random order).
+
+    Epochs are announced to every stepper as the trainer does (``begin_epoch`` /
+    ``end_epoch``); their time counts too, added to the epoch's first and last step.
+    """
     gen, times = torch.Generator().manual_seed(seed), {m: [] for m in steppers}
     order_gen = torch.Generator().manual_seed(seed + 1)
-    names, r, batches = list(steppers), 0, []
+    names, r, epoch = list(steppers), 0, 2  # epoch >= 3: trajectory loss active
+
+    def timed(fn, *args):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn(*args)
+        _sync(device)
+        return time.perf_counter() - t0
+
     while r < steps + warmup:
-        if not batches:
-            batches = _batches(len(ds), batch_size, gen)
-        x, y, idx = (t.to(device) for t in ds.get_batch(batches.pop(0)))
-        epoch = 3 + r // 12  # trajectory loss active, store slots rotate like in training
-        for m in (names[k] for k in torch.randperm(len(names), generator=order_gen)):
-            _sync(device)
-            t0 = time.perf_counter()
-            steppers[m](x, y, idx, epoch)
-            _sync(device)
-            if r >= warmup:
-                times[m].append(time.perf_counter() - t0)
-        r += 1
-    return times
+        epoch += 1  # the store's slots rotate as in training
+        batches = [b.to(device) for b in _batches(len(ds), batch_size, gen)]
+        carry = {m: timed(steppers[m].begin_epoch, epoch, batches) for m in names}
+        for idx in batches:
+            x, y, _ = (t.to(device) for t in ds.get_batch(idx))
+            for m in (names[k] for k in torch.randperm(len(names), generator=order_gen)):
+                dt = timed(steppers[m], x, y, idx, epoch) + carry.pop(m, 0.0)
+                if r >= warmup:
+                    times[m].append(dt)
+            r += 1
+        for m in names:
+            dt = timed(steppers[m].end_epoch)
+            if times[m]:
+                times[m][-1] += dt
+    return {m: t[:steps] for m, t in times.items()}
 
 
 @torch.no_grad()
@@ -127,30 +156,48 @@ def forward_fraction(model, ds, batch_size, device, sgd_times, reps=50):
     return statistics.median(t) / statistics.median(sgd_times)
 
 
-def saf_extra_ms(store, ds, batch_size, device, reps=200, between=None):
-    """Median time of SAF's extra work alone (store read, KL loss and closed-form
-    gradient, the add autograd does at the logits, store write), ms.
-
-    With ``between`` (a callable, e.g. one sgd step) it runs untimed before every
-    repetition, so the extra work meets the caches a training step leaves behind.
-    """
+def saf_extra_ms(store, ds, batch_size, device, between, epochs=6):
+    """SAF's extra work per step alone, ms, each step right after ``between()`` (an sgd
+    step, untimed), so it meets the caches a training step leaves behind:
+    ``(per_step, planned)``. ``per_step``: store read, KL loss and closed-form gradient,
+    the add autograd does at the logits, store write; ``planned``: the same work as the
+    trainer does it (:class:`saf._prefetch.TargetPrefetch`), with the chunked reads and
+    writes counted (median over epochs of the mean per step)."""
     from saf import trajectory_loss_and_grad
+    from saf._prefetch import TargetPrefetch, kl_step
 
-    idx = torch.arange(batch_size, device=device)
+    gen = torch.Generator().manual_seed(0)
     z = torch.randn(batch_size, ds.num_classes, device=device)
-    t = []
-    for _ in range(reps):
-        if between is not None:
+    per_step, planned, pre = [], [], TargetPrefetch(store, 5.0, 0.3)
+    for epoch in range(3, 3 + epochs):
+        batches = [b.to(device) for b in _batches(len(ds), batch_size, gen)]
+        batches = [b for b in batches if len(b) == batch_size]
+        for idx in batches:
             between()
-        _sync(device)
-        t0 = time.perf_counter()
-        past, mask = store.read(idx, 3)
-        _, grad = trajectory_loss_and_grad(z, past, 5.0, 0.3, mask)
-        z + grad  # noqa: B018  (what autograd adds at the logits)
-        store.write(idx, z, 3)
-        _sync(device)
-        t.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(t)
+            _sync(device)
+            t0 = time.perf_counter()
+            past, mask = store.read(idx, epoch)
+            _, grad = trajectory_loss_and_grad(z, past, 5.0, 0.3, mask)
+            z + grad  # noqa: B018  (what autograd adds at the logits)
+            store.write(idx, z, epoch)
+            _sync(device)
+            per_step.append(time.perf_counter() - t0)
+        total = 0.0
+        for k, idx in enumerate(batches):
+            between()
+            _sync(device)
+            t0 = time.perf_counter()
+            if k == 0:
+                pre.begin_epoch(epoch, batches, read=True)
+            _, grad = kl_step(z, pre.next_target(), 5.0)
+            z + grad  # noqa: B018
+            pre.record(idx, z)
+            if k == len(batches) - 1:
+                pre.flush()
+            _sync(device)
+            total += time.perf_counter() - t0
+        planned.append(total / len(batches))
+    return 1e3 * statistics.median(per_step), 1e3 * statistics.median(planned)
 
 
 def ratio_summary(t, t_ref, n_boot=2000, seed=0):
@@ -204,17 +251,15 @@ def main(argv=None) -> int:
         med, lo, hi = ratio_summary(times[m], times["sgd"])
         res["ratio_to_sgd"][m] = {"median": med, "ci95": [lo, hi]}
         print(f"  {m:12s} / sgd = {med:.3f}  (95% CI {lo:.3f} - {hi:.3f})")
-    hot = saf_extra_ms(store, ds, a.batch_size, a.device)
     x, y, idx = (t.to(a.device) for t in ds.get_batch(torch.arange(a.batch_size)))
-    cold = saf_extra_ms(
-        store, ds, a.batch_size, a.device, reps=50,
-        between=lambda: steppers["sgd-copy"](x, y, idx, 0),
-    )  # fmt: skip
-    res["saf_extra_ms"] = {"back_to_back": hot, "after_an_sgd_step": cold}
+    per_step, planned = saf_extra_ms(
+        store, ds, a.batch_size, a.device, lambda: steppers["sgd-copy"](x, y, idx, 0)
+    )
+    res["saf_extra_ms"] = {"per_step": per_step, "planned": planned}
     print(
-        f"  SAF's extra work alone (store read/write, KL and its gradient): {hot:.3f} ms "
-        f"back to back, {cold:.3f} ms right after an sgd step "
-        f"= {cold / res['sgd_ms_median']:.2%} of one"
+        f"  SAF's extra work alone, per step, right after an sgd step: {per_step:.3f} ms "
+        f"step by step, {planned:.3f} ms as the trainer does it (store traffic per chunk) "
+        f"= {planned / res['sgd_ms_median']:.2%} of an sgd step"
     )
     print(
         f"  SAF store: {res['store_bytes_per_sample_per_class']} B/sample/class (fp16, "

@@ -158,14 +158,17 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
         t0 = time.perf_counter()
         sums = torch.zeros(4, device=device)  # ce*b, traj*b, correct, samples: synced once
         batches = _batches(len(train_ds), cfg.batch_size, sampler_gen, dist.rank, dist.world)
+        batches = [b.to(device) for b in batches]  # the ids, announced to the stepper
+        stepper.begin_epoch(epoch, batches)
         desc = f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}"
         for idx in tqdm(batches, desc, leave=False, disable=not cfg.progress or dist.rank > 0):
-            batch = train_ds.get_batch(idx, augment_gen)  # (x, y, idx): ids travel with x
-            x, y, idx = (t.to(device, non_blocking=True) for t in batch)
+            x, y, _ = train_ds.get_batch(idx, augment_gen)  # ids travel with x
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             ce, traj, logits = stepper(x, y, idx, epoch)
             scheduler.step()
             hits = (logits.argmax(1) == y).sum().to(ce.dtype)
             sums += torch.stack([ce * len(y), traj * len(y), hits, ce.new_tensor(len(y))])
+        stepper.end_epoch()  # SAF's buffered store writes land before anything is saved
         sums = dist.all_reduce(sums)  # all ranks' sums
         ce_m, traj_m, acc = (sums[:3] / sums[3]).tolist()  # the one host sync of the epoch
         n = sums[3].item()

@@ -101,7 +101,7 @@ def trajectory_loss_and_grad(
     t = float(temperature)
     past = past_logits if mask is None else torch.where(mask.unsqueeze(1), past_logits, logits)
     both = torch.cat([logits, past.to(logits.dtype)]).mul_(1.0 / t)
-    log_qp = F.log_softmax(both, dim=1)  # rows are independent: same row, same bits
+    log_qp = both.log_softmax(1)  # rows are independent: same row, same bits
     qp = log_qp.exp()
     (log_q, log_p), (q, p) = log_qp.chunk(2), qp.chunk(2)
     scale = lam * t / logits.shape[0]

@@ -207,11 +207,12 @@ def test_sigkilled_cli_run_resumes_bitwise(tmp_path):
 
 
 def test_saf_lambda_zero_equals_sgd_after_every_step():
+    """Both SAF paths: step by step, and with the epoch announced (the trainer's)."""
     from saf import OutputStore, Stepper, build_model, load_dataset
     from saf.train import _batches
 
     ds, nets, steppers = load_dataset("digits"), [], []
-    for method in ("sgd", "saf"):
+    for method in ("sgd", "saf", "saf"):
         torch.manual_seed(0)
         net = build_model("resnet_small", 10, ds.in_shape, width=4)
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
@@ -219,8 +220,13 @@ def test_saf_lambda_zero_equals_sgd_after_every_step():
         nets.append(net)
         steppers.append(Stepper(method, net, opt, lam=0.0, start_epoch=0, store=store))
     for epoch in range(2):  # epoch 1 reads real stored logits
-        for idx in _batches(len(ds), 256, torch.Generator().manual_seed(epoch)):
+        batches = _batches(len(ds), 256, torch.Generator().manual_seed(epoch))
+        steppers[2].begin_epoch(epoch, batches)
+        for idx in batches:
             x, y, i = ds.get_batch(idx)
             assert steppers[1].store.read(i, epoch)[1].all() == (epoch == 1)  # real targets
-            assert torch.equal(steppers[0](x, y, i, epoch)[0], steppers[1](x, y, i, epoch)[0])
+            ce = [s(x, y, idx, epoch)[0] for s in steppers]
+            assert torch.equal(ce[0], ce[1]) and torch.equal(ce[0], ce[2])
             assert _same(nets[0].state_dict(), nets[1].state_dict())
+            assert _same(nets[0].state_dict(), nets[2].state_dict())
+        steppers[2].end_epoch()
