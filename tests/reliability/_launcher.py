@@ -46,8 +46,8 @@ def _serve() -> None:
             os.dup2(fd, 1)
             os.dup2(fd, 2)
             code = 1
-            if req.get("slow_io"):  # a slow disk: every fsync lasts this long, so the
-                _slow_fsync(req["slow_io"])  # temporary file of a write lives that long
+            if req.get("slow_io") or req.get("hold_write"):
+                _slow_fsync(req["slow_io"], req.get("hold_write", 0), req["log"] + ".held")
             try:
                 code = saf.cli.main(req["argv"])
             except BaseException:
@@ -64,11 +64,20 @@ def _serve() -> None:
         print(json.dumps({"status": code}), flush=True)
 
 
-def _slow_fsync(seconds: float) -> None:
-    real = os.fsync
+def _slow_fsync(seconds: float, hold: int, marker: str) -> None:
+    """A slow disk: every fsync lasts ``seconds``, so the temporary file of an atomic write
+    lives that long. With ``hold`` > 0 the ``hold``-th fsync never returns: that write's
+    temporary file is complete but not yet moved into place, and ``marker`` is created to
+    say so (the process then waits for its SIGKILL)."""
+    real, count = os.fsync, [0]
 
     def fsync(fd):
         real(fd)
+        count[0] += 1
+        if count[0] == hold:
+            Path(marker).touch()
+            while True:
+                time.sleep(60)
         time.sleep(seconds)
 
     os.fsync = fsync
@@ -93,9 +102,13 @@ class Launcher:
             raise RuntimeError("the launcher died")
         return json.loads(line)
 
-    def start(self, argv: list[str], log: Path, slow_io: float = 0.0) -> int:
-        """Fork a child running ``saf argv``; with ``slow_io`` each fsync takes that long."""
+    def start(self, argv: list[str], log: Path, slow_io: float = 0.0, hold_write: int = 0) -> int:
+        """Fork a child running ``saf argv``; with ``slow_io`` each fsync takes that long;
+        with ``hold_write`` = k the child stops inside its k-th atomic write (after the
+        fsync, before ``os.replace``) and creates ``LOG.held`` (:func:`held_marker`)."""
+        Path(held_marker(log)).unlink(missing_ok=True)
         req = {"argv": [str(a) for a in argv], "log": str(log), "slow_io": slow_io}
+        req["hold_write"] = hold_write
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
         return self._read()["pid"]
@@ -111,6 +124,44 @@ class Launcher:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait(timeout=30)
+
+
+def held_marker(log: Path) -> str:
+    """The file a child started with ``hold_write`` creates once it is held in a write."""
+    return str(log) + ".held"
+
+
+def kill_at(launcher: Launcher, argv, log: Path, folders, k: int, delay: float,
+            in_write: bool, slow_io: float) -> tuple[bool, int, bool]:  # fmt: skip
+    """Start ``argv`` and SIGKILL it at one kill point: with ``in_write``, while its
+    ``k``-th atomic write is held between fsync and ``os.replace`` (so the kill surely lands
+    inside a write); otherwise ``delay`` seconds after ``k`` write events were seen.
+
+    Returns:
+        ``(landed, status, stray)``: whether the process was still running when killed, its
+        exit status, and whether a new temporary file was left behind.
+    """
+    seen, before = tmp_files(*folders), entries(*folders)
+    pid = launcher.start(argv, log, slow_io=slow_io, hold_write=k if in_write else 0)
+    if in_write:
+        wait_for_file(pid, Path(held_marker(log)))
+    else:
+        wait_for_writes(pid, folders, k, before)
+        if delay:
+            time.sleep(delay)
+    landed = kill(pid)
+    status = launcher.wait()
+    return landed, status, bool(tmp_files(*folders) - seen)
+
+
+def wait_for_file(pid: int, path: Path, timeout: float = 120.0) -> bool:
+    """Poll until ``path`` exists (or ``pid`` ends)."""
+    t_end = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < t_end:
+        if path.exists():
+            return True
+        time.sleep(0.001)
+    return path.exists()
 
 
 def alive(pid: int) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import random
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import torch
 
 import analysis._checkpoints as ac
 from landscape import Surface
-from tests.reliability._launcher import entries, kill, tmp_files, wait_for_writes
+from tests.reliability._launcher import kill_at
 from tests.reliability.conftest import run_cli
 
 KILLS = 10
@@ -27,24 +26,22 @@ SLOW_IO = 0.005  # each fsync of a killed run lasts 5 ms: kills land inside writ
 
 def kill_repeatedly(launcher, argv, folders, log, kills, seed, check) -> dict:
     """Launch ``argv`` and SIGKILL it at seeded random points until ``kills`` kills landed
-    (``check()`` after each); returns counts. Stops early if a launch finishes."""
+    (``check()`` after each); returns counts. Every other kill lands inside an atomic write
+    (held open between fsync and ``os.replace``), the others at a random time after the
+    first writes. Stops early if a launch finishes."""
     rng, report = random.Random(seed), {"kills": 0, "in_write": 0, "finished": False}
     while report["kills"] < kills:
-        seen, before = tmp_files(*folders), entries(*folders)
-        pid = launcher.start(argv, log, slow_io=SLOW_IO)
         k, delay = rng.randint(1, 2), rng.choice([0.0, rng.uniform(0.0, 0.02)])
-        wait_for_writes(pid, folders, k, before)
-        if delay:
-            time.sleep(delay)
-        landed = kill(pid)
-        status = launcher.wait()
+        held = report["kills"] % 2 == 0
+        landed, status, stray = kill_at(launcher, argv, log, folders, k, delay, held, SLOW_IO)
         if not landed:
             assert status == 0, log.read_text()
             report["finished"] = True
             return report
         assert status == -9, log.read_text()
+        assert stray or not held, "a kill inside a write left no temporary file"
         report["kills"] += 1
-        report["in_write"] += bool(tmp_files(*folders) - seen)
+        report["in_write"] += stray
         check()
     return report
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import random
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -18,7 +17,7 @@ import torch
 from analysis import load_state_dict, safe_torch_load
 from saf import METRIC_COLUMNS, list_checkpoints, model_from_run, read_metrics, read_run
 from saf.cli import main
-from tests.reliability._launcher import entries, kill, tmp_files, wait_for_writes
+from tests.reliability._launcher import kill_at
 
 TINY = ["--method", "saf", "--model", "mlp", "--model-kwargs", '{"width": 16}', "--limit", "64"]
 TINY += ["--batch-size", "16", "--saf-start", "1", "--saf-lag", "1", "--no-progress"]
@@ -76,23 +75,19 @@ def train_with_kills(launcher, run_dir: Path, epochs: int, kills: int, seed: int
     report = {"kills": 0, "in_write": 0, "launches": 0}
     while True:
         argv = fresh if not (run_dir / "run.json").exists() else ["train", "--resume", run_dir]
-        seen, before = tmp_files(*folders), entries(*folders)
-        pid = launcher.start(argv, log, slow_io=SLOW_IO)
         report["launches"] += 1
         if report["kills"] < kills:
-            # a kill point: right after the k-th atomic write began (inside it), or a
-            # random few milliseconds later (inside the training computation)
+            # a kill point: inside the k-th atomic write (every other kill: the write is
+            # held open between fsync and os.replace), or a random few milliseconds after
+            # the k-th write began (inside it, or inside the training computation)
             k, delay = rng.randint(1, 4), rng.choice([0.0, rng.uniform(0.0, 0.03)])
-            wait_for_writes(pid, folders, k, before)
-            if delay:
-                time.sleep(delay)
-            landed = kill(pid)
-            status = launcher.wait()
+            held = report["kills"] % 2 == 0
+            landed, status, stray = kill_at(launcher, argv, log, folders, k, delay, held, SLOW_IO)
             if landed:
                 assert status == -9, log.read_text()
+                assert stray or not held, "a kill inside a write left no temporary file"
                 report["kills"] += 1
-                stray = tmp_files(*folders) - seen
-                report["in_write"] += bool(stray)
+                report["in_write"] += stray
                 assert_complete(run_dir)
                 assert_analyze_reads(run_dir, report["kills"])
                 if report["kills"] == 3:  # a torn write from another writer: stray temp files
@@ -102,7 +97,7 @@ def train_with_kills(launcher, run_dir: Path, epochs: int, kills: int, seed: int
                     (run_dir / ".state.pt.torn.tmp").write_bytes(b"\x80\x02garbage")
                 continue
         else:
-            status = launcher.wait()
+            status = launcher.run(argv, log)
         assert status == 0, log.read_text()
         return report
 
