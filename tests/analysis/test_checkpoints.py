@@ -201,7 +201,7 @@ def test_sigkill_midway_then_rerun_gives_the_uninterrupted_table(tmp_path):
     cache = folder / ".analysis.csv.cache"
     deadline = time.time() + 120
     while time.time() < deadline and len(list(cache.glob("*.json"))) < 1:
-        time.sleep(0.05)
+        time.sleep(0.001)  # poll often: the kill must land before the last file
     child.send_signal(signal.SIGKILL)
     child.wait()
     done_before = {p.name: p.read_text() for p in cache.glob("*.json")}
