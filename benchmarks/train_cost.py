@@ -164,7 +164,7 @@ def saf_extra_ms(store, ds, batch_size, device, between, epochs=6):
     trainer does it (:class:`saf._prefetch.TargetPrefetch`), with the chunked reads and
     writes counted (median over epochs of the mean per step)."""
     from saf import trajectory_loss_and_grad
-    from saf._prefetch import TargetPrefetch, kl_step
+    from saf._prefetch import TargetPrefetch, kl_grad
 
     gen = torch.Generator().manual_seed(0)
     z = torch.randn(batch_size, ds.num_classes, device=device)
@@ -189,7 +189,7 @@ def saf_extra_ms(store, ds, batch_size, device, between, epochs=6):
             t0 = time.perf_counter()
             if k == 0:
                 pre.begin_epoch(epoch, batches, read=True)
-            _, grad = kl_step(z, pre.next_target(), 5.0)
+            grad = kl_grad(z, pre.next_target()[0], 5.0)
             z + grad  # noqa: B018
             pre.record(idx, z)
             if k == len(batches) - 1:

@@ -4,20 +4,24 @@ When the trainer knows an epoch's batches in advance (it always does: one permut
 epoch), :class:`TargetPrefetch` reads the targets of the next ``chunk`` batches from the
 :class:`~saf.trajectory.OutputStore` in one gather and turns them into what each step
 needs, and it writes the logits the steps record back in one scatter per chunk. A step
-then costs SAF a handful of small kernels (:func:`kl_step`) instead of about twenty.
+then costs SAF three small kernels (:func:`kl_grad`) instead of about twenty.
 Inside a CPU training step each small kernel costs ~20 us (cold caches after the
 convolutions), so on the default model this is most of SAF's overhead; on a GPU it saves
 kernel launches, and under DDP one all-gather per chunk replaces one per step.
 
 Per step, with :math:`w_i = m_i\lambda\tau/B` (:math:`m_i` the store's validity mask),
 :math:`p_i = \mathrm{softmax}(z^{past}_i/\tau)` and :math:`\tilde p_i = w_i p_i`, all
-prepared per chunk, and :math:`q_i = \mathrm{softmax}(z_i/\tau)`:
+prepared per chunk, and :math:`q_i = \mathrm{softmax}(z_i/\tau)`, a step computes only the
+gradient (:func:`kl_grad`, three small kernels):
 
 .. math::
-    L_{tra} = \tau\sum_i \tilde p_i\cdot(\log p_i - \log q_i),\qquad
     \frac{\partial L_{tra}}{\partial z_i} = w_i\,q_i - \tilde p_i
 
-which is :func:`~saf.trajectory.trajectory_loss_and_grad` rearranged (tested against it).
+The loss value, needed only for the metrics, is computed when the chunk's logits are
+written, for all its steps at once: :math:`L_{tra} = \tau\sum_i \tilde p_i\cdot(\log p_i
+- \log q_i)`. A step therefore returns its trajectory loss as a 0-d view that is filled in
+at that write (:meth:`TargetPrefetch.flush`; at the latest by ``Stepper.end_epoch``). Both
+are :func:`~saf.trajectory.trajectory_loss_and_grad` rearranged (tested against it).
 
 **Order of reads and writes.** Before a chunk is read, the writes of the previous chunk
 land, so every read sees what the per-step order (read, step, write) would have shown it,
@@ -37,15 +41,14 @@ from saf.trajectory import OutputStore
 
 
 @torch.no_grad()
-def kl_step(z: Tensor, target: tuple[Tensor, ...], tau: float) -> tuple[Tensor, Tensor]:
-    """``(loss, grad)`` of the trajectory loss from a prepared target
-    ``(-p~, w, log p, tau p~)`` (:meth:`TargetPrefetch.next_target`)."""
-    neg_pw, w, log_p, pwt = target
+def kl_grad(z: Tensor, target: tuple[Tensor, Tensor], tau: float) -> Tensor:
+    """The trajectory loss's gradient ``w q - p~`` at the logits ``z``, from a prepared
+    target ``(-p~, w)`` (:meth:`TargetPrefetch.next_target`)."""
+    neg_pw, w = target
     if w.dtype != z.dtype:
-        neg_pw, w, log_p, pwt = (t.to(z.dtype) for t in target)
-    log_q = (z * (1.0 / tau)).log_softmax(1)  # tensor methods: no Python wrapper
-    grad = torch.addcmul(neg_pw, log_q.exp(), w)
-    return torch.vdot(pwt.view(-1), (log_p - log_q).view(-1)), grad
+        neg_pw, w = neg_pw.to(z.dtype), w.to(z.dtype)
+    q = (z * (1.0 / tau)).softmax(1)  # tensor methods: no Python wrapper
+    return torch.addcmul(neg_pw, q, w)
 
 
 class TargetPrefetch:
@@ -69,8 +72,9 @@ class TargetPrefetch:
     ):
         self.store, self.tau, self.lam, self.chunk, self.gather = store, tau, lam, chunk, gather
         self.epoch, self.read, self.batches, self.pos = 0, False, [], 0
-        self.ready: list[tuple[Tensor, Tensor, Tensor]] = []
+        self.ready: list[tuple[tuple[Tensor, Tensor], Tensor]] = []
         self.pending: list[tuple[Tensor, Tensor]] = []
+        self._loss: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # the chunk's
 
     def begin_epoch(self, epoch: int, batches: list[Tensor], read: bool) -> None:
         """Start an epoch whose steps will see ``batches`` in this order; ``read``: whether
@@ -83,8 +87,9 @@ class TargetPrefetch:
         """Whether ``idx`` is the next planned batch (the same tensor object)."""
         return self.pos < len(self.batches) and self.batches[self.pos] is idx
 
-    def next_target(self) -> tuple[Tensor, Tensor, Tensor]:
-        """The prepared target of the next planned batch."""
+    def next_target(self) -> tuple[tuple[Tensor, Tensor], Tensor]:
+        """The prepared target ``(-p~, w)`` of the next planned batch, and the 0-d tensor
+        its trajectory loss will be written to when its chunk is flushed."""
         if not self.ready:
             self._fetch()
         return self.ready.pop(0)
@@ -96,16 +101,29 @@ class TargetPrefetch:
         if not self.read and len(self.pending) >= self.chunk:
             self.flush()
 
+    @torch.no_grad()
     def flush(self) -> None:
-        """Write the buffered logits to the store."""
+        """Write the buffered logits to the store; fill in their steps' trajectory losses."""
         if not self.pending:
             return
         idx = torch.cat([i for i, _ in self.pending])
         z = torch.cat([z for _, z in self.pending])
         self.pending = []
+        if self._loss is not None:
+            self._fill_losses(z)
         if self.gather is not None:
             idx, z = self.gather(idx, z)
         self.store.write(idx, z, self.epoch)
+
+    def _fill_losses(self, z: Tensor) -> None:
+        """Each step's trajectory loss (the module's formula) from the logits ``z`` of
+        the chunk's first ``len(z)`` rows (the steps taken)."""
+        pwt, log_p, step_of_row, losses = self._loss
+        self._loss, n = None, len(z)
+        z = z.to(torch.promote_types(z.dtype, pwt.dtype))
+        log_q = (z * (1.0 / self.tau)).log_softmax(1)
+        rows = (pwt[:n] * (log_p[:n] - log_q)).sum(1)
+        losses.index_add_(0, step_of_row[:n], rows.to(losses.dtype))
 
     @torch.no_grad()
     def _fetch(self) -> None:
@@ -123,5 +141,8 @@ class TargetPrefetch:
         past = torch.where(mask.unsqueeze(1), past, 0.0).to(dtype)  # masked rows: anything
         log_p = past.mul_(1.0 / t).log_softmax(1)
         pw = log_p.exp().mul_(w)
-        parts = (-pw, w, log_p, pw.mul_(t))
-        self.ready = list(zip(*(p.split(sizes) for p in parts), strict=True))
+        losses = torch.zeros(len(batches), dtype=dtype, device=dev)
+        step_of_row = torch.arange(len(batches), device=dev).repeat_interleave(counts)
+        parts = zip(pw.neg().split(sizes), w.split(sizes), strict=True)
+        self.ready = list(zip(parts, losses.unbind(), strict=True))
+        self._loss = (pw.mul_(t), log_p, step_of_row, losses)

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saf._prefetch import TargetPrefetch, kl_step
+from saf._prefetch import TargetPrefetch, kl_grad
 from saf.ema import EMA
 from saf.sam import SAM, disable_running_stats
 from saf.trajectory import OutputStore, trajectory_loss_and_grad
@@ -62,7 +62,9 @@ class Stepper:
 
     Call it once per batch: ``ce, traj, logits = step(x, y, idx, epoch)``. Optionally
     announce each epoch's batches first (:meth:`begin_epoch`, then :meth:`end_epoch`):
-    the results are the same (to float rounding; tested in float64) at a lower cost.
+    the results are the same (to float rounding; tested in float64) at a lower cost, but
+    SAF's ``traj`` is then a 0-d tensor filled in when its chunk of store writes lands:
+    read it after :meth:`end_epoch` (the trainer does).
     """
 
     def __init__(
@@ -161,12 +163,13 @@ class Stepper:
                 "Stepper.begin_epoch announced other batches: call each step with the "
                 "announced idx tensors, in order, and the announced epoch"
             )
-        target = pre.next_target() if pre.read else None
+        target, traj = pre.next_target() if pre.read else (None, None)
         logits, z, ce = self._forward_ce(x, y)
-        roots, traj = ((ce,), None), torch.zeros_like(ce.detach())
-        if target is not None:
-            traj, grad = kl_step(z, target, self.tau)
-            roots = ((ce, z), (None, grad))
+        roots = ((ce,), None)
+        if target is None:
+            traj = torch.zeros_like(ce.detach())
+        else:
+            roots = ((ce, z), (None, kl_grad(z, target, self.tau)))
         pre.record(idx, logits)
         self.opt.zero_grad(set_to_none=True)
         torch.autograd.backward(*roots)

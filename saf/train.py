@@ -156,7 +156,8 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     model.train()
     for epoch in range(first_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        sums = torch.zeros(4, device=device)  # ce*b, traj*b, correct, samples: synced once
+        sums = torch.zeros(3, device=device)  # ce*b, correct, samples
+        trajs, sizes = [], []  # per step; SAF fills its trajectory losses in at end_epoch
         batches = _batches(len(train_ds), cfg.batch_size, sampler_gen, dist.rank, dist.world)
         batches = [b.to(device) for b in batches]  # the ids, announced to the stepper
         stepper.begin_epoch(epoch, batches)
@@ -167,8 +168,14 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             ce, traj, logits = stepper(x, y, idx, epoch)
             scheduler.step()
             hits = (logits.argmax(1) == y).sum().to(ce.dtype)
-            sums += torch.stack([ce * len(y), traj * len(y), hits, ce.new_tensor(len(y))])
+            sums += torch.stack([ce * len(y), hits, ce.new_tensor(len(y))])
+            trajs.append(traj)
+            sizes.append(len(y))
         stepper.end_epoch()  # SAF's buffered store writes land before anything is saved
+        traj_sum = sums.new_zeros(())
+        if trajs:
+            traj_sum = torch.dot(torch.stack(trajs).to(sums.dtype), sums.new_tensor(sizes))
+        sums = torch.stack([sums[0], traj_sum, sums[1], sums[2]])  # synced once, below
         sums = dist.all_reduce(sums)  # all ranks' sums
         ce_m, traj_m, acc = (sums[:3] / sums[3]).tolist()  # the one host sync of the epoch
         n = sums[3].item()
