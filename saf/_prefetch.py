@@ -75,6 +75,7 @@ class TargetPrefetch:
         self.ready: list[tuple[tuple[Tensor, Tensor], Tensor]] = []
         self.pending: list[tuple[Tensor, Tensor]] = []
         self._loss: tuple[Tensor, Tensor, Tensor, Tensor] | None = None  # the chunk's
+        self._row_cache: dict = {}
 
     def begin_epoch(self, epoch: int, batches: list[Tensor], read: bool) -> None:
         """Start an epoch whose steps will see ``batches`` in this order; ``read``: whether
@@ -118,12 +119,27 @@ class TargetPrefetch:
     def _fill_losses(self, z: Tensor) -> None:
         """Each step's trajectory loss (the module's formula) from the logits ``z`` of
         the chunk's first ``len(z)`` rows (the steps taken)."""
-        pwt, log_p, step_of_row, losses = self._loss
+        pw, log_p, step_of_row, losses = self._loss
         self._loss, n = None, len(z)
-        z = z.to(torch.promote_types(z.dtype, pwt.dtype))
-        log_q = (z * (1.0 / self.tau)).log_softmax(1)
-        rows = (pwt[:n] * (log_p[:n] - log_q)).sum(1)
-        losses.index_add_(0, step_of_row[:n], rows.to(losses.dtype))
+        log_q = (z.to(pw.dtype) * (1.0 / self.tau)).log_softmax(1)
+        rows = torch.linalg.vecdot(pw[:n], log_p[:n] - log_q)
+        losses.index_add_(0, step_of_row[:n], rows, alpha=self.tau)
+
+    def _rows(self, sizes: list[int], dtype: torch.dtype, dev: torch.device):
+        """Per row of a chunk: ``lam * tau / B`` of its batch, its step within the chunk,
+        and zeros shaped like the chunk's logits (made once per chunk shape)."""
+        key = (tuple(sizes), dtype, dev, self.lam, self.tau)
+        if key not in self._row_cache:
+            if len(self._row_cache) >= 4:  # e.g. full chunks, an epoch's last one
+                self._row_cache.clear()
+            counts = torch.tensor(sizes, device=dev)
+            scale = [self.lam * self.tau / s for s in sizes]
+            self._row_cache[key] = (
+                torch.tensor(scale, dtype=dtype, device=dev).repeat_interleave(counts),
+                torch.arange(len(sizes), device=dev).repeat_interleave(counts),
+                torch.zeros(sum(sizes), self.store.logits.shape[2], dtype=dtype, device=dev),
+            )
+        return self._row_cache[key]
 
     @torch.no_grad()
     def _fetch(self) -> None:
@@ -133,16 +149,13 @@ class TargetPrefetch:
             raise RuntimeError("TargetPrefetch: more steps than planned batches")
         sizes = [len(b) for b in batches]
         past, mask = self.store.read(torch.cat(batches), self.epoch)
-        dev, dtype = past.device, torch.promote_types(past.dtype, torch.float32)
-        t = float(self.tau)
-        scale = torch.tensor([self.lam * t / s for s in sizes], dtype=dtype, device=dev)
-        counts = torch.tensor(sizes, device=dev)
-        w = (scale.repeat_interleave(counts) * mask).unsqueeze(1)  # (N, 1), 0 where masked
-        past = torch.where(mask.unsqueeze(1), past, 0.0).to(dtype)  # masked rows: anything
-        log_p = past.mul_(1.0 / t).log_softmax(1)
+        dtype = torch.promote_types(past.dtype, torch.float32)
+        scale, step_of_row, zeros = self._rows(sizes, dtype, past.device)
+        w = (scale * mask).unsqueeze(1)  # (N, 1), 0 where masked
+        past = torch.where(mask.unsqueeze(1), past, zeros)  # masked rows may hold inf; dtype
+        log_p = past.mul_(1.0 / self.tau).log_softmax(1)
         pw = log_p.exp().mul_(w)
-        losses = torch.zeros(len(batches), dtype=dtype, device=dev)
-        step_of_row = torch.arange(len(batches), device=dev).repeat_interleave(counts)
+        losses = torch.zeros(len(batches), dtype=dtype, device=past.device)
         parts = zip(pw.neg().split(sizes), w.split(sizes), strict=True)
         self.ready = list(zip(parts, losses.unbind(), strict=True))
-        self._loss = (pw.mul_(t), log_p, step_of_row, losses)
+        self._loss = (pw, log_p, step_of_row, losses)
