@@ -1,7 +1,10 @@
 """Step cost of sgd, saf, mesa and sam relative to sgd, measured side by side in one process.
 
-``saf-autograd`` is SAF with its KL term through autograd instead of the trainer's
-closed-form gradient (:func:`saf.trajectory_loss_and_grad`), to show what that saves.
+``saf`` runs as the trainer runs it, with each epoch's batches announced (store traffic and
+loss values once per chunk of steps, :mod:`saf._prefetch`); ``saf-per-step`` reads and
+writes the store and computes the loss every step; ``saf-autograd`` is SAF with its KL term
+through autograd instead of the closed-form gradient (:func:`saf.trajectory_loss_and_grad`),
+to show what that saves.
 ``sgd-copy`` is sgd a second time: an A/A control whose ratio shows what this benchmark
 resolves (it should read 1.00 within its interval). All methods step one shared model
 (see :func:`make_steppers`).
