@@ -127,7 +127,7 @@ class TargetPrefetch:
 
     def _rows(self, sizes: list[int], dtype: torch.dtype, dev: torch.device):
         """Per row of a chunk: ``lam * tau / B`` of its batch, its step within the chunk,
-        and zeros shaped like the chunk's logits (made once per chunk shape)."""
+        and a row of zeros in the compute dtype (made once per chunk shape)."""
         key = (tuple(sizes), dtype, dev, self.lam, self.tau)
         if key not in self._row_cache:
             if len(self._row_cache) >= 4:  # e.g. full chunks, an epoch's last one
@@ -137,7 +137,7 @@ class TargetPrefetch:
             self._row_cache[key] = (
                 torch.tensor(scale, dtype=dtype, device=dev).repeat_interleave(counts),
                 torch.arange(len(sizes), device=dev).repeat_interleave(counts),
-                torch.zeros(sum(sizes), self.store.logits.shape[2], dtype=dtype, device=dev),
+                torch.zeros(1, self.store.logits.shape[2], dtype=dtype, device=dev),
             )
         return self._row_cache[key]
 
@@ -152,7 +152,7 @@ class TargetPrefetch:
         dtype = torch.promote_types(past.dtype, torch.float32)
         scale, step_of_row, zeros = self._rows(sizes, dtype, past.device)
         w = (scale * mask).unsqueeze(1)  # (N, 1), 0 where masked
-        past = torch.where(mask.unsqueeze(1), past, zeros)  # masked rows may hold inf; dtype
+        past = torch.where(mask.unsqueeze(1), past, zeros)  # masked rows may hold inf
         log_p = past.mul_(1.0 / self.tau).log_softmax(1)
         pw = log_p.exp().mul_(w)
         losses = torch.zeros(len(batches), dtype=dtype, device=past.device)

@@ -92,3 +92,27 @@ def test_unannounced_batch_is_refused():
     with pytest.raises(ValueError, match="announced"):
         step(x, y, batches[0], 1)  # another epoch
     step(x, y, batches[0], 0)
+
+
+def test_masked_row_holding_inf_gives_finite_loss_and_zero_gradient():
+    """A stale row that overflowed fp16 (inf) is masked: no NaN reaches the step."""
+    from saf import trajectory_loss_and_grad
+    from saf._prefetch import kl_grad
+
+    store = OutputStore(4, C, lag=1)  # fp16, like the trainer's
+    store.write(torch.tensor([0, 1, 2]), torch.randn(3, C), epoch=0)
+    store.logits[0, 3] = float("inf")  # row 3 was never written at epoch 0
+    pre = TargetPrefetch(store, 5.0, 0.3)
+    idx = torch.tensor([3, 0, 2, 1])
+    past, mask = store.read(idx, 1)  # before this epoch's writes replace the slot
+    assert mask.tolist() == [False, True, True, True] and torch.isinf(past[0]).all()
+    pre.begin_epoch(1, [idx], read=True)
+    target, loss = pre.next_target()
+    z = torch.randn(4, C)
+    grad = kl_grad(z, target, 5.0)
+    pre.record(idx, z)
+    pre.flush()
+    want_loss, want_grad = trajectory_loss_and_grad(z, past.float(), 5.0, 0.3, mask)
+    assert torch.isfinite(grad).all() and (grad[0] == 0).all()
+    torch.testing.assert_close(grad, want_grad)
+    torch.testing.assert_close(loss, want_loss)
