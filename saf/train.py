@@ -172,9 +172,11 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             trajs.append(traj)
             sizes.append(len(y))
         stepper.end_epoch()  # SAF's buffered store writes land before anything is saved
-        traj_sum = sums.new_zeros(())
-        if trajs:
-            traj_sum = torch.dot(torch.stack(trajs).to(sums.dtype), sums.new_tensor(sizes))
+        traj_sum = (
+            torch.dot(torch.stack(trajs).to(sums.dtype), sums.new_tensor(sizes))
+            if trajs
+            else sums.new_zeros(())
+        )
         sums = torch.stack([sums[0], traj_sum, sums[1], sums[2]])  # synced once, below
         sums = dist.all_reduce(sums)  # all ranks' sums
         ce_m, traj_m, acc = (sums[:3] / sums[3]).tolist()  # the one host sync of the epoch

@@ -47,7 +47,7 @@ def _serve() -> None:
             os.dup2(fd, 2)
             code = 1
             if req.get("slow_io") or req.get("hold_write"):
-                _slow_fsync(req["slow_io"], req.get("hold_write", 0), req["log"] + ".held")
+                _slow_fsync(req["slow_io"], req.get("hold_write", 0), held_marker(req["log"]))
             try:
                 code = saf.cli.main(req["argv"])
             except BaseException:
