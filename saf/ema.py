@@ -38,10 +38,11 @@ class EMA:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = float(decay)
-        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.module = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
         self._pairs(model)  # check the structures match
 
     def _pairs(self, model: nn.Module):
+        model = _unwrap(model)
         ema_sd, sd = self.module.state_dict(keep_vars=True), model.state_dict(keep_vars=True)
         if ema_sd.keys() != sd.keys():
             raise ValueError("EMA.update got a model with a different structure")
@@ -51,7 +52,10 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        """One step of :math:`v \\leftarrow \\beta v + (1-\\beta)\\theta`."""
+        """One step of :math:`v \\leftarrow \\beta v + (1-\\beta)\\theta`.
+
+        ``model`` may be wrapped in ``DistributedDataParallel`` or ``DataParallel`` (the
+        trainer steps the wrapper): the wrapped module's tensors are averaged."""
         if not hasattr(self, "_cache") or self._cache[0] is not model:
             floats, ints = self._pairs(model)
             # the tensors themselves, listed once (rebuilding 2x47 ``.data`` views every
@@ -74,6 +78,12 @@ class EMA:
         self.decay = float(state["decay"])
 
 
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a (Distributed)DataParallel wrapper, else ``model``."""
+    wrappers = (nn.DataParallel, nn.parallel.DistributedDataParallel)
+    return model.module if isinstance(model, wrappers) else model
+
+
 def scaled_ema_decay(steps_per_epoch: int, epochs: int) -> float:
     r"""MESA's EMA decay for a run of ``epochs`` epochs of ``steps_per_epoch`` steps.
 
@@ -85,7 +95,9 @@ def scaled_ema_decay(steps_per_epoch: int, epochs: int) -> float:
               \text{steps/epoch})}\Big)
 
     So the paper's settings give the paper's 0.9998 (CIFAR and ImageNet), and a 40-epoch
-    run of 12 steps per epoch averages over its last ~31 steps.
+    run of 12 steps per epoch averages over its last ~31 steps. A run of at most 15 steps
+    gets :math:`\beta = 0`: the teacher then equals the student and MESA's loss is 0, so
+    pass an explicit decay for such smoke runs.
 
     >>> scaled_ema_decay(391, 200), scaled_ema_decay(5005, 90), round(scaled_ema_decay(12, 40), 4)
     (0.9998, 0.9998, 0.9674)

@@ -56,9 +56,14 @@ def test_store_gather_two_gloo_processes(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
-def test_ddp_two_cpu_ranks_store_correct_and_matches_single_process(tmp_path):
+@pytest.mark.parametrize("method", ["saf", "mesa"])
+def test_ddp_two_cpu_ranks_match_single_process(tmp_path, method):
+    """SAF: the store is correct across ranks. MESA: the EMA teacher of the wrapped model
+    (eval-mode targets, no BatchNorm in the MLP) matches too."""
+    # (an explicit decay: this 12-step run's scaled one is 0, a teacher equal to the student)
+    args = {**ARGS, "method": method, **({"ema_decay": 0.5} if method == "mesa" else {})}
     flags = []
-    for k, v in ARGS.items():
+    for k, v in args.items():
         flags += [
             f"--{ {'lag': 'saf-lag', 'start_epoch': 'saf-start'}.get(k, k).replace('_', '-') }",
             str(v),
@@ -70,7 +75,7 @@ def test_ddp_two_cpu_ranks_store_correct_and_matches_single_process(tmp_path):
         env=env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert out.returncode == 0, out.stderr[-2000:]
-    single = train(TrainConfig(**ARGS, out=tmp_path / "one", progress=False, threads=1))
+    single = train(TrainConfig(**args, out=tmp_path / "one", progress=False, threads=1))
 
     # Same global batches, gradients averaged over the two halves: equal up to float rounding
     # (tolerance: 1e-5 relative, the sum-order difference of a 64-sample mean in float32).
@@ -87,6 +92,12 @@ def test_ddp_two_cpu_ranks_store_correct_and_matches_single_process(tmp_path):
         rtol=1e-4, atol=1e-6,
     )  # fmt: skip
     assert m_ddp["traj_loss"].iloc[1:].gt(0).all()
+    if method == "mesa":
+        e_ddp = safe_torch_load(tmp_path / "ddp" / "state.pt")["ema"]["module"]
+        e_one = safe_torch_load(single / "state.pt")["ema"]["module"]
+        for k in e_one:
+            torch.testing.assert_close(e_ddp[k], e_one[k], rtol=1e-5, atol=1e-6)
+        return
 
     # Rank 0's store holds every sample's own logits of the last epoch, whichever rank saw it.
     s_ddp = safe_torch_load(tmp_path / "ddp" / "state.pt")["store"]

@@ -131,6 +131,21 @@ def test_ema_update_equals_formula_for_params_and_buffers():
     assert not ema.module.training
 
 
+def test_ema_of_a_wrapped_model_averages_the_wrapped_modules_tensors():
+    """The trainer steps the DDP wrapper (keys ``module.*``); the EMA must unwrap it."""
+    net, beta = _bn_net(), 0.5
+    wrapped = torch.nn.DataParallel(net)  # same key prefix as DDP, no process group needed
+    ema = EMA(wrapped, beta)
+    assert ema.module.state_dict().keys() == net.state_dict().keys()
+    before = {k: t.clone() for k, t in ema.module.state_dict().items()}
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)
+    ema.update(wrapped)
+    for k, p in net.named_parameters():
+        torch.testing.assert_close(ema.module.state_dict()[k], beta * before[k] + (1 - beta) * p)
+
+
 def test_ema_decay_scaling_and_validation():
     assert scaled_ema_decay(391, 200) == 0.9998  # the paper's CIFAR run: the paper's value
     assert scaled_ema_decay(5005, 90) == 0.9998  # ImageNet: capped at the paper's value
