@@ -9,7 +9,8 @@ r"""One training step per method, one signature: ``step(x, y, idx, epoch) -> (ce
   are announced (:meth:`Stepper.begin_epoch`, as the trainer does), the store is read and
   written once per chunk of steps (:mod:`saf._prefetch`): fewer small kernels per step.
 * ``mesa``: :math:`\mathrm{CE} + L_{tra}` with the target from the EMA teacher (one extra
-  no-grad forward); the EMA is updated after every step from epoch 0.
+  no-grad forward, BatchNorm folded into its convolutions: :mod:`saf._teacher`); the EMA
+  is updated after every step from epoch 0 (one ``lerp_`` over packed tensors).
 
 For saf and mesa, :math:`\nabla L_{tra}` with respect to the logits is closed-form
 (:func:`~saf.trajectory.trajectory_loss_and_grad`); the backward pass starts from two
@@ -152,7 +153,7 @@ class Stepper:
         if self.method == "saf":
             return self.store.read(idx, epoch)
         with torch.inference_mode(), self.autocast():  # leaner than no_grad
-            return self.ema.module(x), None
+            return self.ema(x), None
 
     def _planned_saf(self, x, y, idx, epoch):
         """SAF on an announced batch: the target was prepared for a chunk of steps, and

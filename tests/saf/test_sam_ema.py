@@ -4,8 +4,9 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from saf import EMA, SAM, Stepper, scaled_ema_decay
+from saf import EMA, SAM, Stepper, build_model, scaled_ema_decay
 from saf.sam import disable_running_stats
 
 A = torch.tensor([[3.0, 1.0], [1.0, 2.0]], dtype=torch.float64)
@@ -144,6 +145,67 @@ def test_ema_of_a_wrapped_model_averages_the_wrapped_modules_tensors():
     ema.update(wrapped)
     for k, p in net.named_parameters():
         torch.testing.assert_close(ema.module.state_dict()[k], beta * before[k] + (1 - beta) * p)
+
+
+def _randomize(net, gen):
+    """Random weights and BatchNorm statistics (away from the identity at init)."""
+    with torch.no_grad():
+        for k, t in net.state_dict().items():
+            if t.is_floating_point():
+                t.copy_(torch.rand(t.shape, generator=gen, dtype=t.dtype) + 0.5 if "var" in k
+                        else torch.randn(t.shape, generator=gen, dtype=t.dtype))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name,in_shape,n_pairs",
+    [("resnet_small", (1, 8, 8), 9), ("resnet_small", (1, 40), 9), ("wrn", (3, 8, 8), 3)],
+)
+def test_ema_teacher_with_folded_batchnorm_equals_the_plain_module(name, in_shape, n_pairs):
+    """Oracle: the teacher module's own eval forward, float64, after EMA updates of random
+    weights and statistics. The folded pairs are counted: pre-activation blocks (WRN's
+    BN->ReLU->conv) fold only their conv->BN pairs."""
+    from saf.models import WideResNet
+
+    gen = torch.Generator().manual_seed(0)
+    net = (WideResNet(5, in_shape, depth=10, widen=1) if name == "wrn"
+           else build_model(name, 5, in_shape)).double()  # fmt: skip
+    _randomize(net, gen)
+    ema = EMA(net, 0.5)
+    assert ema._folded is not None
+    folded_convs = [n for n in ema._folded[0].gm.graph.nodes if n.op == "call_function"
+                    and n.target in (F.conv1d, F.conv2d)]  # fmt: skip
+    assert len(folded_convs) == n_pairs
+    for _ in range(2):
+        _randomize(net, gen)
+        ema.update(net)
+        x = torch.randn(6, *in_shape, generator=gen, dtype=torch.float64)
+        torch.testing.assert_close(ema(x), ema.module(x), rtol=1e-12, atol=1e-12)
+    ema.module.float()  # re-pointed tensors: the teacher falls back to its plain forward
+    x = x.float()
+    assert torch.equal(ema(x), ema.module(x)) and ema._folded is None
+
+
+def test_ema_packs_the_student_in_place_and_notices_when_it_is_re_pointed():
+    net = _bn_net()
+    before = {k: t.clone() for k, t in net.state_dict().items()}
+    params = list(net.parameters())
+    ema, beta = EMA(net, 0.5), 0.5
+    assert ema._flat is not None  # one lerp over one buffer
+    assert list(net.parameters()) == params  # same objects, same values
+    assert all(torch.equal(t, before[k]) for k, t in net.state_dict().items())
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    net(torch.randn(8, 4)).sum().backward()
+    opt.step()  # the optimizer updates the packed tensors
+    assert not torch.equal(net[0].weight, before["0.weight"])
+    with torch.no_grad():
+        net[0].weight.data = net[0].weight.data.clone()  # no longer in the packed buffer
+        net[0].weight.add_(1.0)
+    v = {k: t.clone() for k, t in ema.module.state_dict().items()}
+    ema.update(net)
+    for k, t in net.state_dict().items():
+        if t.is_floating_point():
+            torch.testing.assert_close(ema.module.state_dict()[k], beta * v[k] + (1 - beta) * t)
+    assert ema._flat is None  # fell back to the per-tensor update
 
 
 def test_ema_decay_scaling_and_validation():
