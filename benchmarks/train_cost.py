@@ -147,18 +147,17 @@ def measure(steppers, ds, steps, batch_size, device, warmup=10, seed=0):
 
 
 @torch.no_grad()
-def forward_fraction(model, ds, batch_size, device, sgd_times, reps=50):
-    """Median time of a no-grad eval-mode forward over the median sgd step time."""
+def forward_fraction(forward, ds, batch_size, device, sgd_times, reps=50):
+    """Median time of ``forward(x)`` (a no-grad eval-mode forward) over the median sgd
+    step time."""
     x = ds.get_batch(torch.arange(batch_size))[0].to(device)
-    model.eval()
     t = []
     for _ in range(reps):
         _sync(device)
         t0 = time.perf_counter()
-        model(x)
+        forward(x)
         _sync(device)
         t.append(time.perf_counter() - t0)
-    model.train()
     return statistics.median(t) / statistics.median(sgd_times)
 
 
@@ -246,12 +245,18 @@ def main(argv=None) -> int:
            "reference_code_bytes_per_sample_per_class": 16,
            "store_logits_MB": store.logits.numel() * store.logits.element_size() / 2**20,
            "store_total_MB": store.nbytes / 2**20, "mesa_ema_MB": ema_bytes / 2**20}  # fmt: skip
-    fwd = forward_fraction(steppers["sgd"].model, ds, a.batch_size, a.device, times["sgd"])
+    ema, net = steppers["mesa"].ema, steppers["sgd"].model
+    net.eval()
+    fwd = forward_fraction(net, ds, a.batch_size, a.device, times["sgd"])
+    teacher = forward_fraction(ema, ds, a.batch_size, a.device, times["sgd"])
+    net.train()
     res["eval_forward_over_sgd_step"] = fwd
+    res["mesa_teacher_forward_over_sgd_step"] = teacher
     print(
         f"{a.model} on {a.data}, batch {a.batch_size}, {a.steps} interleaved steps each, "
         f"{res['threads']} thread(s), {a.device}; sgd step {res['sgd_ms_median']:.2f} ms "
-        f"(median); a no-grad eval forward costs {fwd:.3f} of it (MESA's floor: {1 + fwd:.3f})"
+        f"(median); a no-grad eval forward costs {fwd:.3f} of it, MESA's teacher forward "
+        f"(BatchNorm folded, refold included) {teacher:.3f} (MESA's floor: {1 + teacher:.3f})"
     )
     for m in METHODS[1:]:
         med, lo, hi = ratio_summary(times[m], times["sgd"])

@@ -160,12 +160,16 @@ def _randomize(net, gen):
     "name,in_shape,n_pairs",
     [("resnet_small", (1, 8, 8), 9), ("resnet_small", (1, 40), 9), ("wrn", (3, 8, 8), 3)],
 )
-def test_ema_teacher_with_folded_batchnorm_equals_the_plain_module(name, in_shape, n_pairs):
+def test_ema_teacher_with_folded_batchnorm_equals_the_plain_module(
+    name, in_shape, n_pairs, monkeypatch
+):
     """Oracle: the teacher module's own eval forward, float64, after EMA updates of random
     weights and statistics. The folded pairs are counted: pre-activation blocks (WRN's
     BN->ReLU->conv) fold only their conv->BN pairs."""
+    from saf import _teacher
     from saf.models import WideResNet
 
+    monkeypatch.setattr(_teacher, "FOLD_MIN_RATIO", 0.0)  # fold at any batch size
     gen = torch.Generator().manual_seed(0)
     net = (WideResNet(5, in_shape, depth=10, widen=1) if name == "wrn"
            else build_model(name, 5, in_shape)).double()  # fmt: skip
@@ -180,9 +184,20 @@ def test_ema_teacher_with_folded_batchnorm_equals_the_plain_module(name, in_shap
         ema.update(net)
         x = torch.randn(6, *in_shape, generator=gen, dtype=torch.float64)
         torch.testing.assert_close(ema(x), ema.module(x), rtol=1e-12, atol=1e-12)
+    assert list(ema._folded[0]._use.values()) == [True]
     ema.module.float()  # re-pointed tensors: the teacher falls back to its plain forward
     x = x.float()
     assert torch.equal(ema(x), ema.module(x)) and ema._folded is None
+
+
+def test_ema_teacher_folds_only_where_it_pays():
+    """resnet_small on 8x8 images: a batch of 128 has 9x more BatchNorm outputs than conv
+    weights (fold), a batch of 8 has 0.56x (plain: refolding would cost more)."""
+    ema = EMA(build_model("resnet_small", 10, (1, 8, 8)), 0.5)
+    for b in (128, 8, 128):
+        ema(torch.randn(b, 1, 8, 8))
+    use = {k[0][0]: v for k, v in ema._folded[0]._use.items()}
+    assert use == {128: True, 8: False}
 
 
 def test_ema_packs_the_student_in_place_and_notices_when_it_is_re_pointed():
