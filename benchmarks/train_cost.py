@@ -256,7 +256,8 @@ def main(argv=None) -> int:
         f"{a.model} on {a.data}, batch {a.batch_size}, {a.steps} interleaved steps each, "
         f"{res['threads']} thread(s), {a.device}; sgd step {res['sgd_ms_median']:.2f} ms "
         f"(median); a no-grad eval forward costs {fwd:.3f} of it, MESA's teacher forward "
-        f"(BatchNorm folded, refold included) {teacher:.3f} (MESA's floor: {1 + teacher:.3f})"
+        f"as it runs (BatchNorm folded where it pays, refold included) {teacher:.3f} "
+        f"(MESA's floor: {1 + teacher:.3f})"
     )
     for m in METHODS[1:]:
         med, lo, hi = ratio_summary(times[m], times["sgd"])
