@@ -4,8 +4,8 @@
 loss values once per chunk of steps, :mod:`saf._prefetch`); ``saf-per-step`` reads and
 writes the store and computes the loss every step; ``saf-autograd`` is SAF with its KL term
 through autograd instead of the closed-form gradient (:func:`saf.trajectory_loss_and_grad`),
-to show what that saves. ``mesa-plain`` is MESA with the teacher's plain forward and a
-per-tensor EMA update (no packing, no BatchNorm folding: :mod:`saf._teacher`).
+to show what that saves. ``mesa-plain`` is MESA with the teacher's plain forward (no BatchNorm
+folding: :mod:`saf._teacher`).
 ``sgd-copy`` is sgd a second time: an A/A control whose ratio shows what this benchmark
 resolves (it should read 1.00 within its interval). All methods step one shared model
 (see :func:`make_steppers`).
@@ -98,7 +98,7 @@ def make_steppers(ds, model_name, device, lag=3, seed=0):
         store = OutputStore(len(ds), ds.num_classes, lag, device=device) if m == "saf" else None
         ema = EMA(net, scaled_ema_decay(12, 40)) if m == "mesa" else None
         if name == "mesa-plain":
-            ema._flat = ema._folded = None  # the fallback paths
+            ema._folded = None  # the plain forward
         lam = {"saf": 0.3, "mesa": 0.8}.get(m, 0.0)
         step = Stepper(m, net, opt, lam, 5.0, 0, store, ema)
         wrap = {"saf-autograd": AutogradKL, "saf-per-step": PerStep}.get(name)

@@ -1,30 +1,24 @@
-r"""MESA's teacher made cheap: packed tensors and BatchNorm folded into its convolutions.
+r"""MESA's teacher forward with BatchNorm folded into its convolutions, where that pays.
 
-A MESA step adds the teacher's no-grad forward and the EMA update to an SGD step. On a
-small CPU model both are dominated by per-kernel overhead (20-40 us a kernel inside a
-training step), so this module cuts kernels, not arithmetic:
+A MESA step adds the teacher's no-grad eval forward to an SGD step (:class:`saf.EMA`). In
+eval mode a convolution followed by BatchNorm is one convolution with
 
-* **Packing.** The student's and the teacher's floating-point tensors are re-pointed into
-  one contiguous buffer each, in the same order (:func:`pack`; values unchanged, every
-  tensor stays the same object, so optimizers, hooks and state dicts keep working). The
-  EMA update :math:`v \leftarrow \beta v + (1-\beta)\theta` is then one ``lerp_`` over
-  the buffer instead of one per tensor.
-* **Folding** (where it pays: :data:`FOLD_MIN_RATIO`). In eval mode a convolution
-  followed by BatchNorm is one convolution with
+.. math:: s = \gamma/\sqrt{\sigma^2+\epsilon},\quad W' = s\,W,\quad b' = \beta - s\,\mu
 
-  .. math:: s = \gamma/\sqrt{\sigma^2+\epsilon},\quad W' = s\,W,\quad b' = \beta - s\,\mu
-
-  (per output channel). The packing puts every folded pair's :math:`W`, :math:`\gamma`,
-  :math:`\beta`, :math:`\mu` and :math:`\sigma^2` side by side, so the fold of the whole
-  network is six kernels (:meth:`FoldedForward.refold`), redone before every teacher
-  forward: exact for the current EMA weights, up to float rounding. The teacher's graph
-  is captured with ``torch.fx``; pairs it cannot fold (a convolution with a bias, one
-  used twice, a BatchNorm before its convolution as in pre-activation blocks) run as
-  they are, and a model fx cannot trace runs unfolded.
+(per output channel). The teacher's weights change after every step, so the fold is
+redone before every forward; to make that cheap, the folded pairs' :math:`W`,
+:math:`\gamma`, :math:`\beta`, :math:`\mu` and :math:`\sigma^2` are packed side by side
+into one buffer (:func:`pack`: the same tensor objects, re-pointed, values unchanged) and
+the whole network refolds in six kernels (:meth:`FoldedForward.refold`): exact for the
+current EMA weights, up to float rounding. Folding pays when a batch's BatchNorm outputs
+outnumber the conv weights enough (:data:`FOLD_MIN_RATIO`), decided once per input shape.
+The teacher's graph is captured with ``torch.fx``; pairs it cannot fold (a convolution
+with a bias, a module called twice, a BatchNorm before its convolution as in
+pre-activation blocks) run as they are, and a model fx cannot trace runs unfolded.
 
 Measured side by side (``benchmarks/train_cost.py``, resnet_small on digits, CPU) this
-takes MESA from 1.254 to 1.247 SGD steps (medians of five 2-thread runs) and from 1.254
-to 1.227 at 1 thread.
+takes MESA from 1.249 to 1.238 SGD steps (medians of six 2-thread runs) and from 1.264 to
+1.240 at 1 thread.
 """
 
 from __future__ import annotations
@@ -207,26 +201,21 @@ class FoldedForward:
         return sum(counts) >= FOLD_MIN_RATIO * self.weight.numel()
 
 
-def layout(module: nn.Module) -> tuple[list[str], list[str], list, fx.GraphModule | None]:
-    """State-dict keys in packing order, and what folding needs.
+def layout(module: nn.Module) -> tuple[list[str], list, fx.GraphModule | None]:
+    """What folding needs: the state-dict keys to pack, in order, the pairs, the graph.
 
     Returns:
-        ``(float_keys, int_keys, pairs, gm)``: the folded pairs' conv weights, then their
-        BatchNorms' weights, biases, running means and running variances, then every other
-        floating-point tensor (each tensor once); the integer tensors; the pairs and the fx
-        graph (``[]`` and ``None`` when nothing can be folded).
+        ``(keys, pairs, gm)``: the foldable pairs' conv weights, then their BatchNorms'
+        weights, biases, running means and running variances; the ``(conv, bn)`` names;
+        the fx graph. ``([], [], None)`` when nothing can be folded.
     """
     try:
         gm = fx.symbolic_trace(module)
         pairs = _foldable_pairs(gm)
     except Exception:  # data-dependent control flow, unsupported ops, ...
-        gm, pairs = None, []
+        return [], [], None
+    if not pairs:
+        return [], [], None
     keys = [f"{c}.weight" for c, _ in pairs]
     keys += [f"{b}.{part}" for part in _BN_PARTS for _, b in pairs]
-    sd = module.state_dict(keep_vars=True)
-    seen, rest, ints = {id(sd[k]) for k in keys}, [], []
-    for k, t in sd.items():
-        if id(t) not in seen:
-            seen.add(id(t))
-            (rest if t.is_floating_point() else ints).append(k)
-    return keys + rest, ints, pairs, gm if pairs else None
+    return keys, pairs, gm

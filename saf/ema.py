@@ -4,13 +4,10 @@ After every optimizer step, for every parameter and floating-point buffer,
 
 .. math:: v \leftarrow \beta v + (1-\beta)\,\theta
 
-(integer buffers such as BatchNorm's ``num_batches_tracked`` are copied). The student's
-and the teacher's tensors are packed into one buffer each, so the update is one ``lerp_``;
-the teacher's forward runs with BatchNorm folded into its convolutions
-(:mod:`saf._teacher`; both exact up to float rounding). Where packing is impossible
-(mixed dtypes or devices, non-contiguous tensors) or the tensors are later re-pointed
-(``model.to(...)``), the update falls back to one ``torch._foreach_lerp_`` over all
-tensors and the forward to the plain module.
+(integer buffers such as BatchNorm's ``num_batches_tracked`` are copied). The update
+uses one ``torch._foreach_lerp_`` over all tensors: no per-tensor Python loop. The
+teacher's forward runs with BatchNorm folded into its convolutions where that pays
+(:mod:`saf._teacher`; exact up to float rounding). The student is never modified.
 """
 
 from __future__ import annotations
@@ -31,14 +28,15 @@ class EMA:
     r"""EMA copy of a model, :math:`v \leftarrow \beta v + (1-\beta)\theta` after each step.
 
     Args:
-        model: the model being trained (its current weights initialise the average). Its
-            floating-point tensors are re-pointed into one contiguous buffer (same objects,
-            same values), which makes :meth:`update` one kernel.
+        model: the model being trained (its current weights initialise the average).
         decay: :math:`\beta \in [0, 1)`.
 
     The teacher (:attr:`module`) is kept in eval mode and never needs gradients. Call the
     EMA itself for the teacher's output: ``ema(x)`` equals ``ema.module(x)`` up to float
-    rounding, with its conv->BatchNorm pairs folded (:class:`saf._teacher.FoldedForward`).
+    rounding, with its conv->BatchNorm pairs folded where that pays
+    (:class:`saf._teacher.FoldedForward`; the folded tensors of the teacher are packed into
+    one buffer for it). If the teacher's tensors are re-pointed later (``ema.module.to(...)``),
+    ``ema(x)`` falls back to the plain module.
 
     >>> m = nn.Linear(1, 1, bias=False)
     >>> _ = m.weight.data.fill_(1.0)
@@ -55,34 +53,15 @@ class EMA:
         self.decay = float(decay)
         self.module = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
         self._pairs(model)  # check the structures match
-        self._flat = self._folded = None
-        self._pack(_unwrap(model))
-
-    def _pack(self, student: nn.Module) -> None:
-        """Pack both models' tensors in :func:`saf._teacher.layout` order (teacher first:
-        the fold needs it; the student only if its tensors pack the same way)."""
-        float_keys, int_keys, pairs, gm = layout(self.module)
-        t_sd, s_sd = self.module.state_dict(keep_vars=True), student.state_dict(keep_vars=True)
-        t_floats = [t_sd[k] for k in float_keys]
-        t_flat = pack(t_floats)
-        if t_flat is None:
-            return
-        t_ints, s_ints = [t_sd[k] for k in int_keys], [s_sd[k] for k in int_keys]
-        if gm is not None:
-            self._folded = (
-                FoldedForward(self.module, pairs, gm, t_flat),
-                t_floats,
-                _ptrs(t_floats),
-            )
-        s_floats = [s_sd[k] for k in float_keys]
-        s_flat = pack(s_floats)
-        if s_flat is None or s_flat.shape != t_flat.shape:
-            return
-        ints = (pack(t_ints), pack(s_ints)) if t_ints else (None, None)
-        if None in ints and t_ints:
-            ints = None  # mixed integer dtypes: copied one by one
-        tensors = t_floats + s_floats
-        self._flat = (student, t_flat, s_flat, ints, tensors, _ptrs(tensors))
+        self._folded = None
+        keys, pairs, gm = layout(self.module)
+        if gm is not None:  # something to fold: pack those tensors in the fold's order
+            sd = self.module.state_dict(keep_vars=True)
+            floats = [sd[k] for k in keys]
+            flat = pack(floats)
+            if flat is not None:
+                folded = FoldedForward(self.module, pairs, gm, flat)
+                self._folded = (folded, floats, _ptrs(floats))
 
     def _pairs(self, model: nn.Module):
         model = _unwrap(model)
@@ -100,18 +79,6 @@ class EMA:
         ``model`` may be wrapped in ``DistributedDataParallel`` or ``DataParallel`` (the
         trainer steps the wrapper): the wrapped module's tensors are averaged."""
         model = _unwrap(model)
-        flat = self._flat
-        if flat is not None and flat[0] is model:
-            if _ptrs(flat[4]) == flat[5]:  # still packed (no .to(), no .data = ...)
-                _, t_flat, s_flat, ints, _, _ = flat
-                t_flat.lerp_(s_flat, 1.0 - self.decay)
-                if ints is not None and ints[0] is not None:
-                    ints[0].copy_(ints[1])
-                elif ints is None:
-                    for e, m in self._pairs(model)[1]:
-                        e.copy_(m)
-                return
-            self._flat = None
         if not hasattr(self, "_cache") or self._cache[0] is not model:
             floats, ints = self._pairs(model)
             # the tensors themselves, listed once (rebuilding 2x47 ``.data`` views every
@@ -139,7 +106,7 @@ class EMA:
         return {"module": self.module.state_dict(), "decay": self.decay}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from :meth:`state_dict` (copies in place: the packing stays)."""
+        """Restore from :meth:`state_dict` (copies in place: the fold's packing stays)."""
         self.module.load_state_dict(state["module"])
         self.decay = float(state["decay"])
 
