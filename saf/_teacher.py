@@ -105,7 +105,9 @@ class FoldedForward:
     weights and each BatchNorm part are contiguous runs of the buffer ``flat``.
 
     Whether folding pays is decided once per input shape (:data:`FOLD_MIN_RATIO`); the
-    two paths agree to float rounding.
+    two paths agree to float rounding. Memory: three buffers the size of the folded conv
+    weights (the folded weights, the gathered scales, the int32 channel index): 128 MiB for
+    resnet18, 193 MiB for WRN-28-10 (whose pre-activation blocks fold one pair each).
     """
 
     def __init__(self, module: nn.Module, pairs, gm: fx.GraphModule, flat: Tensor):
@@ -125,7 +127,8 @@ class FoldedForward:
         per_channel = torch.tensor(
             [c.weight[0].numel() for c in convs for _ in range(c.out_channels)]
         )
-        self.channel = torch.arange(n_c).repeat_interleave(per_channel).to(dev)
+        # the BatchNorm channel of every conv weight (int32: 4 bytes a weight)
+        self.channel = torch.arange(n_c, dtype=torch.int32).repeat_interleave(per_channel).to(dev)
         self.scale, self.shift = flat.new_empty(n_c), flat.new_empty(n_c)
         self.folded, self._gathered = flat.new_empty(n_w), flat.new_empty(n_w)
         self.gm = self._rewrite(gm, convs, pairs)
