@@ -17,7 +17,7 @@ with a bias, a module called twice, a BatchNorm before its convolution as in
 pre-activation blocks) run as they are, and a model fx cannot trace runs unfolded.
 
 Measured side by side (``benchmarks/train_cost.py``, resnet_small on digits, CPU) this
-takes MESA from 1.249 to 1.238 SGD steps (medians of six 2-thread runs) and from 1.264 to
+takes MESA from 1.251 to 1.238 SGD steps (medians of eight 2-thread runs) and from 1.264 to
 1.240 at 1 thread.
 """
 
