@@ -100,9 +100,11 @@ class FoldedForward:
         module: the teacher (eval mode).
         pairs: its foldable ``(conv, bn)`` names (:func:`_foldable_pairs`).
         gm: its fx graph.
+        flat: the buffer ``packed`` lives in.
+        packed: the pairs' conv weights, then each BatchNorm part, in that order.
 
-    The teacher's tensors must be packed in :func:`layout` order, so that the pairs' conv
-    weights and each BatchNorm part are contiguous runs of the buffer ``flat``.
+    Built by :func:`fold_teacher`, which packs ``packed`` (the pairs' conv weights, then
+    each BatchNorm part) into ``flat`` so that each is one contiguous run.
 
     Whether folding pays is decided once per input shape (:data:`FOLD_MIN_RATIO`); the
     two paths agree to float rounding. Memory: three buffers the size of the folded conv
@@ -110,7 +112,10 @@ class FoldedForward:
     resnet18, 193 MiB for WRN-28-10 (whose pre-activation blocks fold one pair each).
     """
 
-    def __init__(self, module: nn.Module, pairs, gm: fx.GraphModule, flat: Tensor):
+    def __init__(
+        self, module: nn.Module, pairs, gm: fx.GraphModule, flat: Tensor, packed: list[Tensor]
+    ):
+        self._packed, self._ptrs = packed, [t.data_ptr() for t in packed]
         mods = dict(module.named_modules())
         convs, bns = [mods[c] for c, _ in pairs], [mods[b] for _, b in pairs]
         n_w = sum(c.weight.numel() for c in convs)
@@ -166,6 +171,11 @@ class FoldedForward:
         gm.recompile()
         return gm
 
+    def is_current(self) -> bool:
+        """Whether the teacher's tensors still live in the packed buffer (not after
+        ``module.to(...)`` or ``t.data = ...``)."""
+        return [t.data_ptr() for t in self._packed] == self._ptrs
+
     @torch.no_grad()
     def refold(self) -> None:
         """:math:`s = \\gamma/\\sqrt{\\sigma^2+\\epsilon}`, :math:`W' = sW`,
@@ -204,21 +214,21 @@ class FoldedForward:
         return sum(counts) >= FOLD_MIN_RATIO * self.weight.numel()
 
 
-def layout(module: nn.Module) -> tuple[list[str], list, fx.GraphModule | None]:
-    """What folding needs: the state-dict keys to pack, in order, the pairs, the graph.
-
-    Returns:
-        ``(keys, pairs, gm)``: the foldable pairs' conv weights, then their BatchNorms'
-        weights, biases, running means and running variances; the ``(conv, bn)`` names;
-        the fx graph. ``([], [], None)`` when nothing can be folded.
-    """
+def fold_teacher(module: nn.Module) -> FoldedForward | None:
+    """The folded forward of ``module`` (its foldable pairs' tensors packed for it), or
+    ``None`` when nothing can be folded or packed."""
     try:
         gm = fx.symbolic_trace(module)
         pairs = _foldable_pairs(gm)
     except Exception:  # data-dependent control flow, unsupported ops, ...
-        return [], [], None
+        return None
     if not pairs:
-        return [], [], None
+        return None
+    # packing order: the pairs' conv weights, then their BatchNorms' weights, biases,
+    # running means and running variances (each part one contiguous run)
     keys = [f"{c}.weight" for c, _ in pairs]
     keys += [f"{b}.{part}" for part in _BN_PARTS for _, b in pairs]
-    return keys, pairs, gm
+    sd = module.state_dict(keep_vars=True)
+    tensors = [sd[k] for k in keys]
+    flat = pack(tensors)
+    return None if flat is None else FoldedForward(module, pairs, gm, flat, tensors)

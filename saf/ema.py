@@ -17,11 +17,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from saf._teacher import FoldedForward, layout, pack
-
-
-def _ptrs(tensors) -> list[int]:
-    return [t.data_ptr() for t in tensors]
+from saf._teacher import fold_teacher
 
 
 class EMA:
@@ -53,15 +49,7 @@ class EMA:
         self.decay = float(decay)
         self.module = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
         self._pairs(model)  # check the structures match
-        self._folded = None
-        keys, pairs, gm = layout(self.module)
-        if gm is not None:  # something to fold: pack those tensors in the fold's order
-            sd = self.module.state_dict(keep_vars=True)
-            floats = [sd[k] for k in keys]
-            flat = pack(floats)
-            if flat is not None:
-                folded = FoldedForward(self.module, pairs, gm, flat)
-                self._folded = (folded, floats, _ptrs(floats))
+        self._folded = fold_teacher(self.module)
 
     def _pairs(self, model: nn.Module):
         model = _unwrap(model)
@@ -94,10 +82,9 @@ class EMA:
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:
         """The teacher's output (eval mode), BatchNorm folded where it can be."""
-        folded = self._folded
-        if folded is not None:
-            if _ptrs(folded[1]) == folded[2]:
-                return folded[0](x)
+        if self._folded is not None:
+            if self._folded.is_current():
+                return self._folded(x)
             self._folded = None
         return self.module(x)
 

@@ -176,7 +176,7 @@ def test_ema_teacher_with_folded_batchnorm_equals_the_plain_module(
     _randomize(net, gen)
     ema = EMA(net, 0.5)
     assert ema._folded is not None
-    folded_convs = [n for n in ema._folded[0].gm.graph.nodes if n.op == "call_function"
+    folded_convs = [n for n in ema._folded.gm.graph.nodes if n.op == "call_function"
                     and n.target in (F.conv1d, F.conv2d)]  # fmt: skip
     assert len(folded_convs) == n_pairs
     for _ in range(2):
@@ -184,7 +184,7 @@ def test_ema_teacher_with_folded_batchnorm_equals_the_plain_module(
         ema.update(net)
         x = torch.randn(6, *in_shape, generator=gen, dtype=torch.float64)
         torch.testing.assert_close(ema(x), ema.module(x), rtol=1e-12, atol=1e-12)
-    assert list(ema._folded[0]._use.values()) == [True]
+    assert list(ema._folded._use.values()) == [True]
     ema.module.float()  # re-pointed tensors: the teacher falls back to its plain forward
     x = x.float()
     assert torch.equal(ema(x), ema.module(x)) and ema._folded is None
@@ -196,7 +196,7 @@ def test_ema_teacher_folds_only_where_it_pays():
     ema = EMA(build_model("resnet_small", 10, (1, 8, 8)), 0.5)
     for b in (128, 8, 128):
         ema(torch.randn(b, 1, 8, 8))
-    use = {k[0][0]: v for k, v in ema._folded[0]._use.items()}
+    use = {k[0][0]: v for k, v in ema._folded._use.items()}
     assert use == {128: True, 8: False}
 
 
