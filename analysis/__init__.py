@@ -1,15 +1,25 @@
 """Curvature and sharpness measures on any PyTorch model and any checkpoint.
 
-Imports point one way: ``landscape`` may import ``analysis``; ``analysis``
-never imports ``saf`` or ``landscape``.
+The bottom layer: it imports nothing else of this toolkit. Its public modules
+:mod:`analysis.batches` (the batch convention and the size-weighted loop),
+:mod:`analysis.io` (atomic writes, safe checkpoint reading), :mod:`analysis.distributed`
+(rank, world, reductions) and :mod:`analysis.fold` (BatchNorm folding) are the pieces
+every other package shares.
 """
 
-from analysis._checkpoints import analyze_run, epoch_from_name, find_checkpoints
+from analysis._checkpoints import AnalysisSettings, analyze_run, parse_metrics
 from analysis._density import SpectralDensity, hessian_density, plot_density, slq
 from analysis._eigen import hessian_eigenvalues
 from analysis._functional import params_without_norm_and_bias
 from analysis._hvp import HessianOperator, hessian_operator
-from analysis._io import (
+from analysis._lanczos import lanczos
+from analysis._linop import EigenResult
+from analysis._power import power_iteration
+from analysis._sharpness import SharpnessResult, m_sharpness, sam_sharpness
+from analysis._trace import TraceResult, hessian_trace, hutchinson, hutchpp
+from analysis.batches import batch_mean, model_mode
+from analysis.fold import fold_batchnorm
+from analysis.io import (
     CHECKPOINT_SUFFIXES,
     CheckpointError,
     atomic_open,
@@ -17,14 +27,12 @@ from analysis._io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    epoch_from_name,
+    find_checkpoints,
+    load_checkpoint,
     load_state_dict,
     safe_torch_load,
 )
-from analysis._lanczos import lanczos
-from analysis._linop import EigenResult
-from analysis._power import power_iteration
-from analysis._sharpness import SharpnessResult, m_sharpness, sam_sharpness
-from analysis._trace import TraceResult, hessian_trace, hutchinson, hutchpp
 
 __all__ = [
     # Hessian operator
@@ -50,10 +58,14 @@ __all__ = [
     "m_sharpness",
     "sam_sharpness",
     # checkpoint folders
+    "AnalysisSettings",
     "analyze_run",
-    "epoch_from_name",
-    "find_checkpoints",
-    # safe I/O
+    "parse_metrics",
+    # batches and models
+    "batch_mean",
+    "fold_batchnorm",
+    "model_mode",
+    # checkpoints and files
     "CHECKPOINT_SUFFIXES",
     "CheckpointError",
     "atomic_open",
@@ -61,6 +73,9 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "epoch_from_name",
+    "find_checkpoints",
+    "load_checkpoint",
     "load_state_dict",
     "safe_torch_load",
 ]

@@ -7,13 +7,13 @@ the model's weights stay bitwise unchanged and no model is ever deep-copied.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call
+
+from analysis.batches import forward, split, to
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ParamSpec = None | Iterable[str] | Iterable[torch.Tensor] | Callable[[str, torch.Tensor], bool]
@@ -101,8 +101,7 @@ class ParamSpace:
         self.fixed = {n: self._cast(t).clone() for n, t in fixed.items()}
 
     def _cast(self, t: torch.Tensor) -> torch.Tensor:
-        dtype = self.dtype if t.is_floating_point() else t.dtype
-        return t.detach().to(device=self.device, dtype=dtype)
+        return to(t.detach(), self.device, self.dtype)
 
     def unflatten(self, flat: torch.Tensor) -> dict[str, torch.Tensor]:
         """Split a flat vector into ``{name: tensor}`` views of the parameter shapes."""
@@ -110,47 +109,15 @@ class ParamSpace:
         return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
 
     def forward(self, flat: torch.Tensor, inputs: Any) -> torch.Tensor:
-        """Model outputs with the selected parameters set to ``flat``."""
-        args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
-        return functional_call(self.model, {**self.fixed, **self.unflatten(flat)}, args)
+        """Model output tensor with the selected parameters set to ``flat``
+        (:mod:`analysis.batches` convention)."""
+        return forward(self.model, inputs, {**self.fixed, **self.unflatten(flat)})
 
     def loss(self, flat: torch.Tensor, loss_fn: LossFn, inputs: Any, targets) -> torch.Tensor:
         """``loss_fn(model(inputs), targets)`` at parameters ``flat``."""
         return loss_fn(self.forward(flat, inputs), targets)
 
-    def batch(self, batch) -> tuple[Any, Any, int]:
-        """Move one ``(inputs, targets)`` batch to the device and dtype; also its size."""
-        try:
-            inputs, targets = batch
-        except (TypeError, ValueError):
-            raise ValueError(
-                "data must yield (inputs, targets) pairs, e.g. a DataLoader or a list of tuples"
-            ) from None
-        x = (
-            [self._cast(t) for t in inputs]
-            if isinstance(inputs, (tuple, list))
-            else self._cast(inputs)
-        )
-        y = self._cast(targets) if isinstance(targets, torch.Tensor) else targets
-        return x, y, int(len(targets))
-
-
-def reiterable(data: Iterable) -> Iterable:
-    """``data`` itself when it can be iterated again; a list of its batches otherwise."""
-    if iter(data) is data:  # a generator or iterator: read it once
-        return list(data)
-    return data
-
-
-@contextlib.contextmanager
-def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
-    """Put every submodule in ``mode`` ("eval" or "train"); restore each one's mode after."""
-    if mode not in ("eval", "train"):
-        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
-    saved = [(m, m.training) for m in model.modules()]
-    model.train(mode == "train")
-    try:
-        yield
-    finally:
-        for m, training in saved:
-            m.training = training
+    def batch(self, batch) -> tuple[Any, Any]:
+        """One ``(inputs, targets)`` batch on the device, floating tensors in the dtype."""
+        inputs, targets = split(batch)
+        return to(inputs, self.device, self.dtype), to(targets, self.device, self.dtype)

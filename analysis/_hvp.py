@@ -17,10 +17,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis._distributed import all_reduce_sum, shard
-from analysis._functional import LossFn, ParamSpace, ParamSpec, model_mode, reiterable
+from analysis._functional import LossFn, ParamSpace, ParamSpec
+from analysis.batches import batch_mean, count_samples, model_mode, reiterable
+from analysis.distributed import all_reduce_sum, shard
 
 DEFAULT_CACHE_BUDGET = 2 * 2**30  # bytes of saved activations kept across matvecs
+
+
+class _OverBudget(Exception):
+    """The first batch's graph, times the number of batches, exceeds the cache budget."""
 
 
 class HessianOperator:
@@ -91,8 +96,7 @@ class HessianOperator:
         self.space = ParamSpace(model, params, dtype, device)
         self.distributed = distributed
         self.batches = shard(reiterable(data), distributed)
-        sizes = torch.tensor([float(len(y)) for _, y in self.batches], dtype=torch.float64)
-        self.n_samples = int(all_reduce_sum(sizes.sum().reshape(1), distributed).item())
+        self.n_samples = count_samples(self.batches, distributed)
         if self.n_samples == 0:
             raise ValueError("data has no samples; pass at least one (inputs, targets) batch")
         self.n_params = self.space.n
@@ -113,17 +117,29 @@ class HessianOperator:
             theta, g = self._graph
             (hv,) = torch.autograd.grad(g, theta, v, retain_graph=True)
             return all_reduce_sum(hv.detach(), self.distributed)
-        hv = torch.zeros_like(v)
-        with model_mode(self.model, self.mode):
-            for batch in self.batches:
-                x, y, nb = self.space.batch(batch)
-                theta = self.space.theta.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    loss = self.space.loss(theta, self.loss_fn, x, y)
-                    (g,) = torch.autograd.grad(loss, theta, create_graph=True)
-                    (hvb,) = torch.autograd.grad(g, theta, v)
-                hv.add_(hvb, alpha=nb / self.n_samples)
-        return all_reduce_sum(hv, self.distributed)
+
+        def hvp(theta, loss):
+            (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+            return torch.autograd.grad(g, theta, v)[0]
+
+        return self._mean(hvp)
+
+    def _mean(self, per_batch, theta=None, distributed=None) -> torch.Tensor:
+        """Size-weighted mean over the batches of ``per_batch(theta, batch_loss)``, summed
+        over ranks (unless ``distributed=False``)."""
+        theta = self.space.theta.detach().requires_grad_(True) if theta is None else theta
+
+        def one(batch):
+            x, y = self.space.batch(batch)
+            return per_batch(theta, self.space.loss(theta, self.loss_fn, x, y))
+
+        with model_mode(self.model, self.mode), torch.enable_grad():
+            return batch_mean(
+                one,
+                self.batches,
+                n_samples=self.n_samples,
+                distributed=self.distributed if distributed is None else distributed,
+            )
 
     __matmul__ = matvec
 
@@ -138,31 +154,34 @@ class HessianOperator:
         return v.to(device=self.device, dtype=self.dtype)
 
     def _build_graph(self) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Sum of size-weighted first-order graphs of all batches (None if over budget)."""
+        """The size-weighted sum of every batch's first-order graph (None if over budget)."""
         theta = self.space.theta.detach().requires_grad_(True)
-        total, saved = None, [0]
+        saved, batches = [0], [0]
 
         def pack(t):
             saved[0] += t.numel() * t.element_size()
             return t
 
-        with model_mode(self.model, self.mode), torch.enable_grad():
-            for i, batch in enumerate(self.batches):
-                x, y, nb = self.space.batch(batch)
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                    loss = self.space.loss(theta, self.loss_fn, x, y)
-                    (g,) = torch.autograd.grad(loss, theta, create_graph=True)
-                g = g * (nb / self.n_samples)
-                total = g if total is None else total + g
-                if (
-                    self._cache_mode == "auto"
-                    and i == 0
-                    and saved[0] * len(self.batches) > self._budget()
-                ):
-                    self._cache_mode = False
-                    return None
+        def gradient_graph(theta, loss):
+            (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+            first, batches[0] = batches[0] == 0, batches[0] + 1
+            # the first batch's size times the number of batches estimates the whole cache
+            if (
+                first
+                and self._cache_mode == "auto"
+                and saved[0] * len(self.batches) > self._budget()
+            ):
+                raise _OverBudget
+            return g
+
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                g = self._mean(gradient_graph, theta, distributed=False)
+        except _OverBudget:
+            self._cache_mode = False
+            return None
         self.cache_bytes = saved[0]
-        return theta, total
+        return theta, g
 
     def _budget(self) -> int:
         if self._cache_budget is not None:
@@ -174,17 +193,12 @@ class HessianOperator:
     # -- first-order quantities -------------------------------------------
     def loss_and_gradient(self) -> tuple[float, torch.Tensor]:
         """Mean loss and its flat gradient at the current weights (one pass)."""
-        total = torch.zeros(self.n_params + 1, dtype=torch.float64, device=self.device)
-        with model_mode(self.model, self.mode):
-            for batch in self.batches:
-                x, y, nb = self.space.batch(batch)
-                theta = self.space.theta.detach().requires_grad_(True)
-                with torch.enable_grad():
-                    loss = self.space.loss(theta, self.loss_fn, x, y)
-                    (g,) = torch.autograd.grad(loss, theta)
-                total[0] += float(loss.detach()) * nb
-                total[1:] += g.to(torch.float64) * nb
-        total = all_reduce_sum(total, self.distributed) / self.n_samples
+
+        def loss_grad(theta, loss):
+            (g,) = torch.autograd.grad(loss, theta)
+            return torch.cat([loss.detach().reshape(1), g]).to(torch.float64)
+
+        total = self._mean(loss_grad)
         return float(total[0]), total[1:].to(self.dtype)
 
     # -- interop ------------------------------------------------------------

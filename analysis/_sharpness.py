@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from analysis._distributed import gather_floats, is_distributed
-from analysis._functional import LossFn, ParamSpace, ParamSpec, model_mode
+from analysis._functional import LossFn, ParamSpace, ParamSpec
+from analysis.batches import model_mode
+from analysis.distributed import gather_floats, rank_world
 
 
 @dataclass
@@ -103,15 +104,14 @@ def m_sharpness(
     space = ParamSpace(model, params, dtype, device)
     T = space.theta.abs() if adaptive else torch.ones_like(space.theta)
     vals = []
-    dist_on = is_distributed(distributed)
-    rank, world = _rank_world(dist_on)
+    rank, world = rank_world(distributed)
     with model_mode(model, "eval"):
         for i, batch in enumerate(
             tqdm(_rebatch(data, m), desc="m-sharpness", disable=not progress, leave=False)
         ):
             if i % world != rank:
                 continue
-            x, y, _ = space.batch(batch)
+            x, y = space.batch(batch)
             if kind == "worst":
                 vals.append(_worst(space, loss_fn, x, y, T, rho, alpha, steps, norm))
             else:
@@ -179,14 +179,6 @@ def _rebatch(data: Iterable, m: int | None) -> Iterator[tuple]:
                 yield X[start : start + m], Y[start : start + m]
             rest = count - count % m
             xs, ys, count = [X[rest:]], [Y[rest:]], count % m
-
-
-def _rank_world(on: bool) -> tuple[int, int]:
-    if not on:
-        return 0, 1
-    import torch.distributed as dist
-
-    return dist.get_rank(), dist.get_world_size()
 
 
 def _validate(rho, m, steps, kind, norm, n_draws) -> None:

@@ -28,9 +28,7 @@ import time
 import torch
 from torch import nn
 
-from analysis import HessianOperator, lanczos, power_iteration
-from analysis._io import atomic_write_json
-from analysis._linop import random_vector
+from analysis import HessianOperator, atomic_write_json, lanczos, power_iteration
 
 CE = nn.CrossEntropyLoss()
 
@@ -84,7 +82,8 @@ def scipy_eigsh(model, data, k, tol, cache=True):
     from scipy.sparse.linalg import eigsh
 
     H = HessianOperator(model, CE, data, cache=cache)
-    v0 = random_vector(H.n_params, 0, torch.float64, "cpu").numpy()
+    v0 = torch.randn(H.n_params, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    v0 = v0.numpy()
     vals = eigsh(H.to_scipy(), k=k, which="LA", tol=tol, v0=v0, return_eigenvectors=False)
     return sorted(vals.tolist(), reverse=True), H.n_matvecs
 

@@ -27,11 +27,11 @@ import torch
 import torch.nn.functional as F
 
 import landscape as L
+from analysis import atomic_write_json
+from saf import build_model
 
 
 def build(args):
-    from saf.models import build_model
-
     torch.manual_seed(0)
     model = build_model(args.model, 10, (3, args.size, args.size), width=args.width)
     model.train()
@@ -120,8 +120,6 @@ def main(argv=None) -> int:
         print("loss-landscapes: not installed (pip install loss-landscapes); row skipped")
     print(f"model state unchanged by landscape: {unchanged}")
     if args.json:
-        from analysis import atomic_write_json
-
         atomic_write_json(args.json, {"args": vars(args) | {"json": str(args.json)},
                                       "seconds": rows, "median": med})  # fmt: skip
     return 0

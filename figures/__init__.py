@@ -2,18 +2,13 @@
 
 One short recipe per figure reads a tidy table and writes PNG + PDF (HTML where it
 helps); :func:`run_pipeline` does the whole study and writes ``index.html``. This
-package sits on top of ``saf`` (trainer), ``landscape`` and ``analysis``.
+package sits on top of ``saf`` (trainer), ``landscape`` and ``analysis``; only the
+command line (``cli``) imports it.
 """
 
 from figures._results import Grid, mean_std, melt_metrics, metric_curves
-from figures.pipeline import (
-    Settings,
-    export_reference,
-    full_settings,
-    quick_settings,
-    run_pipeline,
-    scaled_hparams,
-)
+from figures._settings import Settings, full_settings, quick_settings, say
+from figures.pipeline import export_reference, run_pipeline
 from figures.recipes import (
     hessian,
     interpolation,
@@ -54,5 +49,5 @@ __all__ = [
     "full_settings",
     "quick_settings",
     "run_pipeline",
-    "scaled_hparams",
+    "say",
 ]

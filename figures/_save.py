@@ -13,7 +13,8 @@ if "matplotlib.pyplot" not in sys.modules:  # leave an interactive session's bac
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from analysis._io import atomic_write_text, atomic_write_with  # noqa: E402
+import landscape  # noqa: E402
+from analysis.io import atomic_write_text  # noqa: E402
 
 METHODS = ("sgd", "sam", "asam", "saf", "mesa")
 LABELS = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "saf": "SAF", "mesa": "MESA"}
@@ -25,10 +26,6 @@ COLORS = {
     "mesa": "#2ca02c",
 }
 PLOTLY_JS = "plotly.min.js"
-
-# Fixed metadata: the same inputs give byte-identical PNG and PDF files.
-_PNG_META = {"Software": None}
-_PDF_META = {"Creator": None, "Producer": None, "CreationDate": None}
 
 
 def label(method: str) -> str:
@@ -49,18 +46,9 @@ def method_order(methods) -> list[str]:
 
 
 def save_figure(fig, stem: str | os.PathLike, dpi: int = 110) -> list[Path]:
-    """Write ``fig`` as ``stem.png`` and ``stem.pdf`` atomically, then close it.
-
-    Returns:
-        The two paths written.
-    """
-    stem = Path(stem)
-    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
-    with plt.rc_context({"svg.hashsalt": "saf", "pdf.compression": 6}):
-        atomic_write_with(
-            paths[0], lambda f: fig.savefig(f, format="png", dpi=dpi, metadata=_PNG_META)
-        )
-        atomic_write_with(paths[1], lambda f: fig.savefig(f, format="pdf", metadata=_PDF_META))
+    """Write ``fig`` as ``stem.png`` and ``stem.pdf`` (:func:`landscape.save_figure`), then
+    close it."""
+    paths = landscape.save_figure(fig, stem, dpi=dpi)
     plt.close(fig)
     return paths
 

@@ -10,11 +10,12 @@ import pandas as pd
 import torch
 from torch import nn
 
-from analysis._io import atomic_write_json, atomic_write_text, load_state_dict
+from analysis import AnalysisSettings, analyze_run, load_checkpoint, load_state_dict, m_sharpness
+from analysis.io import atomic_write_json, atomic_write_text
 from figures import recipes
 from figures._results import CURVE_COLUMNS, Grid, melt_metrics
 from figures._save import label
-from figures.pipeline import Settings, run_name, say, scaled_hparams
+from figures._settings import Settings, run_name, say
 from figures.report import (
     Section,
     display_table,
@@ -23,6 +24,26 @@ from figures.report import (
     sweep_findings,
     write_final_table,
     write_report,
+)
+from landscape import (
+    Surface,
+    interpolation_directions,
+    random_direction,
+    surface_1d,
+    surface_2d,
+)
+from saf import (
+    OutputStore,
+    TrainConfig,
+    data_batches,
+    list_checkpoints,
+    load_dataset,
+    model_from_run,
+    read_metrics,
+    read_run,
+    scaled_hparams,
+    steps_per_epoch,
+    train,
 )
 
 LOSS = nn.CrossEntropyLoss()
@@ -38,22 +59,10 @@ def _csv(df: pd.DataFrame, path: Path) -> None:
 
 
 def _data(s: Settings, split: str, limit: int | None, device: str, batch_size: int = 256):
-    from saf.data import data_batches
-
     return data_batches(s.data, split, batch_size, limit, s.data_dir, device)
 
 
 # -- 1. training -------------------------------------------------------------------------
-
-
-def steps_per_epoch(n: int, batch_size: int) -> int:
-    """The trainer's optimizer steps per epoch: a last batch of one sample is dropped (BN).
-
-    >>> steps_per_epoch(1437, 128), steps_per_epoch(257, 128), steps_per_epoch(100, 128)
-    (12, 2, 1)
-    """
-    steps = -(-n // batch_size)
-    return max(1, steps - 1 if n % batch_size == 1 and steps > 1 else steps)
 
 
 def train_config(
@@ -63,11 +72,8 @@ def train_config(
 
     ``over`` replaces scaled hyperparameters (``lam``, ``lag``) for the sweep only.
     """
-    from saf.data import load_dataset
-    from saf.train import TrainConfig
-
     n = len(load_dataset(s.data, "train", s.data_dir))
-    h = scaled_hparams(s, steps_per_epoch(n, s.batch_size))
+    h = scaled_hparams(s.epochs, steps_per_epoch(n, s.batch_size))
     lam = {"saf": h["saf_lambda"], "mesa": h["mesa_lambda"]}.get(method)
     kwargs = dict(
         method=method,
@@ -94,16 +100,12 @@ def train_config(
 
 
 def _finished(run_dir: Path, epochs: int) -> bool:
-    from saf.runs import read_metrics
-
     m = read_metrics(run_dir)
     return len(m) > 0 and int(m["epoch"].max()) >= epochs
 
 
 def train_all(s: Settings, out: Path, device: str, progress: bool) -> dict[tuple[str, int], Path]:
     """Train every method x seed; skip finished runs, resume unfinished ones."""
-    from saf.train import train
-
     runs = {}
     todo = [(m, k) for m in s.methods for k in range(s.seeds)]
     for i, (method, seed) in enumerate(todo, 1):
@@ -122,8 +124,6 @@ def train_all(s: Settings, out: Path, device: str, progress: bool) -> dict[tuple
 
 
 def _model_factory(run_dir: Path):
-    from saf.runs import model_from_run, read_run
-
     run = read_run(run_dir)
     return lambda: model_from_run(run)
 
@@ -131,7 +131,7 @@ def _model_factory(run_dir: Path):
 # What the figures measure, and how (analysis.analyze_run's settings).
 SHARPNESS = ["sam_sharpness"]  # one-step SAM sharpness, rho = 0.05, every checkpoint
 HESSIAN = ["lambda_max", "trace"]  # every `hessian_every` epochs and at the last
-ANALYSIS = dict(sam_rho=0.05, tol=1e-3, trace_matvecs=30)
+ANALYSIS = AnalysisSettings(sam_rho=0.05, tol=1e-3, trace_matvecs=30)
 
 
 def analyse_checkpoints(
@@ -145,19 +145,15 @@ def analyse_checkpoints(
 ) -> pd.DataFrame:
     """``analysis.analyze_run`` on some of a run's checkpoints: rows ``epoch, metric, value,
     stderr``, cached per checkpoint beside ``csv`` (resumable, also after SIGKILL)."""
-    from analysis import analyze_run
-
     df = analyze_run(
         run_dir, metrics, model_factory=_model_factory(run_dir), data=data, epochs=epochs,
-        out=csv, device=device, progress=progress, **ANALYSIS,
+        settings=ANALYSIS, out=csv, device=device, progress=progress,
     )  # fmt: skip
     return df[["epoch", "metric", "value", "stderr"]]
 
 
 def analyse_run(s: Settings, run_dir: Path, data, folder: Path, device: str, progress: bool):
     """SAM sharpness of every checkpoint; Hessian lambda_max and trace of some."""
-    from saf.runs import list_checkpoints
-
     hessian = [e for e, _ in list_checkpoints(run_dir) if e % s.hessian_every == 0 or e == s.epochs]
     one = functools.partial(
         analyse_checkpoints, run_dir, data=data, device=device, progress=progress
@@ -173,8 +169,6 @@ def analyse_run(s: Settings, run_dir: Path, data, folder: Path, device: str, pro
 
 def analyse_all(s: Settings, out: Path, runs: dict, device: str, progress: bool) -> pd.DataFrame:
     """SAM sharpness every epoch, Hessian lambda_max/trace every ``hessian_every`` epochs."""
-    from saf.runs import read_metrics
-
     data = _data(s, "train", s.analysis_samples, device, batch_size=s.batch_size)
     parts = []
     for i, ((method, seed), run_dir) in enumerate(runs.items(), 1):
@@ -191,17 +185,12 @@ def analyse_all(s: Settings, out: Path, runs: dict, device: str, progress: bool)
 
 
 def _final_model(run_dir: Path, device: str) -> nn.Module:
-    from saf.runs import list_checkpoints
-
-    model = _model_factory(run_dir)()
-    model.load_state_dict(load_state_dict(list_checkpoints(run_dir)[-1][1]))
+    model = load_checkpoint(_model_factory(run_dir)(), list_checkpoints(run_dir)[-1][1])
     return model.to(device).eval()
 
 
 def m_sharpness_all(s: Settings, out: Path, runs: dict, device: str, progress: bool):
     """m-sharpness (rho=0.05) of each final model for each m (cached CSV)."""
-    from analysis import m_sharpness
-
     path = out / "analysis" / "m_sharpness.csv"
     if path.is_file():
         return pd.read_csv(path)
@@ -212,7 +201,7 @@ def m_sharpness_all(s: Settings, out: Path, runs: dict, device: str, progress: b
         model = _final_model(run_dir, device)
         for m in s.m_values:
             r = m_sharpness(model, LOSS, data, rho=0.05, m=m, device=device, progress=False)
-            rows.append((method, seed, m, float(getattr(r, "value", r))))
+            rows.append((method, seed, m, r.value))
     df = pd.DataFrame(rows, columns=["method", "seed", "m", "value"])
     _csv(df, path)
     return df
@@ -223,8 +212,6 @@ def m_sharpness_all(s: Settings, out: Path, runs: dict, device: str, progress: b
 
 def surfaces_all(s: Settings, out: Path, runs: dict, device: str, progress: bool) -> dict:
     """2D surfaces of the seed-0 final models; the same Gaussian draw for every method."""
-    from landscape import Surface, random_direction, surface_2d
-
     data = _data(s, "train", s.analysis_samples, device)
     xs = np.linspace(-s.surface_span, s.surface_span, s.surface_points)
     grids = {}
@@ -243,8 +230,6 @@ def surfaces_all(s: Settings, out: Path, runs: dict, device: str, progress: bool
 
 def interpolation(s: Settings, out: Path, runs: dict, device: str, progress: bool):
     """Train and test loss along the line from the SGD to the SAF minimum (seed 0)."""
-    from landscape import interpolation_directions, surface_1d
-
     a, b = ("sgd", "saf") if {"sgd", "saf"} <= set(s.methods) else s.methods[:2]
     path = out / "analysis" / f"interpolation_{a}_{b}.csv"
     if path.is_file():
@@ -270,8 +255,6 @@ def interpolation(s: Settings, out: Path, runs: dict, device: str, progress: boo
 
 
 def _last(run_dir: Path) -> Path:
-    from saf.runs import list_checkpoints
-
     return list_checkpoints(run_dir)[-1][1]
 
 
@@ -280,9 +263,6 @@ def _last(run_dir: Path) -> Path:
 
 def sweep(s: Settings, out: Path, device: str, progress: bool) -> pd.DataFrame:
     """Final SAM sharpness, lambda_max and test accuracy of SAF for each (lambda, lag)."""
-    from saf.runs import read_metrics
-    from saf.train import train
-
     path = out / "analysis" / "sweep.csv"
     if path.is_file():
         return pd.read_csv(path)
@@ -313,8 +293,6 @@ def sweep(s: Settings, out: Path, device: str, progress: bool) -> pd.DataFrame:
 
 def runs_table(s: Settings, runs: dict) -> pd.DataFrame:
     """One row per run: final test accuracy, mean images/s and the method's store memory."""
-    from saf.runs import read_metrics, read_run
-
     rows = []
     for (method, seed), run_dir in runs.items():
         m = read_metrics(run_dir)
@@ -332,9 +310,6 @@ def runs_table(s: Settings, runs: dict) -> pd.DataFrame:
 
 def _store_mb(run: dict) -> float:
     """Extra memory the method keeps: SAF's output store, MESA's EMA weights, else 0 (MiB)."""
-    from saf.runs import model_from_run
-    from saf.trajectory import OutputStore
-
     if run["method"] == "saf":
         d = run["data"]
         store = OutputStore(d["num_train"], d["num_classes"], run["hparams"]["lag"], device="meta")
@@ -375,11 +350,10 @@ def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, sweep, d
         "Table 3 (test accuracy, speed, memory)": table,
         "Final-epoch metrics (mean ± std over seeds)": display_table(final),
     }
-    from saf.runs import read_run
 
     steps = read_run(next(iter(runs.values())))["hparams"]["steps_per_epoch"]
     scaled = ("start_epoch", "lag", "ema_beta")
-    hp = {k + " (scaled)" * (k in scaled): v for k, v in scaled_hparams(s, steps).items()}
+    hp = {k + " (scaled)" * (k in scaled): v for k, v in scaled_hparams(s.epochs, steps).items()}
     settings = {**s.key(), **hp, "steps_per_epoch": steps, "device": device}
     notes = (
         findings(final)

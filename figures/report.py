@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis._io import atomic_write_text
+from analysis.io import atomic_write_text
 from figures._results import check_curves, mean_std
 from figures._save import label, method_order, save_table
 

@@ -1,7 +1,8 @@
 """Loss surfaces on any PyTorch model: filter-normalized directions, 1D/2D slices, plots.
 
 Directions are ``dict[str, Tensor]`` keyed by parameter (and optionally buffer)
-names; a state dict is a point (``origin``). See README "Loss surfaces".
+names; a state dict is a point (``origin``). Data follow the batch convention of
+:mod:`analysis.batches`. Imports ``analysis`` only.
 """
 
 from landscape._directions import (
@@ -14,13 +15,13 @@ from landscape._directions import (
     pca_directions,
     random_direction,
 )
-from landscape._fast import fold_batchnorm
 from landscape._plot import plot_1d, plot_2d, plot_trajectory, save_figure, write_html
 from landscape._surface import (
     Surface,
     evaluate_grid,
     fingerprint,
     make_point_evaluator,
+    surface,
     surface_1d,
     surface_2d,
 )
@@ -39,8 +40,8 @@ __all__ = [
     "Surface",
     "evaluate_grid",
     "fingerprint",
-    "fold_batchnorm",
     "make_point_evaluator",
+    "surface",
     "surface_1d",
     "surface_2d",
     # plots

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from analysis import HessianOperator, lanczos
+
 Direction = dict[str, torch.Tensor]
 
 NORMS = ("filter", "layer", "model", "none")
@@ -310,8 +312,6 @@ def hessian_directions(
         ``(directions, eigenvalues)``, largest eigenvalue first; each direction
         has unit norm over the chosen parameters (the sign is arbitrary).
     """
-    from analysis import HessianOperator, lanczos
-
     solver = {n: kwargs.pop(n) for n in ("tol", "max_iter", "seed", "progress") if n in kwargs}
     H = HessianOperator(model, loss_fn, data, params, **kwargs)
     res = lanczos(H, k, which="largest", **solver)

@@ -1,6 +1,6 @@
 """Paper-quality (matplotlib) and interactive (plotly) pictures of loss surfaces.
 
-Every writer is atomic (:mod:`analysis._io`) and uses ``matplotlib.figure.Figure``
+Every writer is atomic (:mod:`analysis.io`) and uses ``matplotlib.figure.Figure``
 directly, so no pyplot state or display backend is touched. ``log=True`` shows
 :math:`\\log_{10}` of the loss (levels and colour scale in log space).
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from analysis._io import atomic_write_text, atomic_write_with
+from analysis.io import atomic_write_text, atomic_write_with
 from landscape._directions import PCAResult
 from landscape._surface import Surface
 
@@ -22,13 +22,16 @@ KINDS = ("contour", "filled", "heatmap", "3d")
 _PDF_META = {"Creator": None, "Producer": None, "CreationDate": None}
 
 
-def save_figure(fig: Figure, path: str | os.PathLike, formats=("png", "pdf")) -> list[Path]:
-    """Write ``fig`` as ``path.png`` and ``path.pdf`` (the suffix of ``path`` is replaced)."""
+def save_figure(
+    fig: Figure, path: str | os.PathLike, formats=("png", "pdf"), dpi: int = 150
+) -> list[Path]:
+    """Write ``fig`` as ``path.png`` and ``path.pdf`` (the suffix of ``path`` is replaced),
+    atomically and byte-for-byte reproducibly (no dates or versions in the files)."""
     out = []
     for fmt in formats:
         p = Path(path).with_suffix(f".{fmt}")
         meta = _PDF_META if fmt == "pdf" else {"Software": None}
-        atomic_write_with(p, lambda f, fmt=fmt, meta=meta: fig.savefig(f, format=fmt, dpi=150,
+        atomic_write_with(p, lambda f, fmt=fmt, meta=meta: fig.savefig(f, format=fmt, dpi=dpi,
                                                                         metadata=meta))  # fmt: skip
         out.append(p)
     return out

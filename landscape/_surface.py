@@ -14,7 +14,6 @@ perturbed tensors, so the model's state is bit-identical afterwards.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import time
@@ -26,11 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from analysis._io import atomic_write_json, atomic_write_with
-from landscape._fast import prefold_batchnorm
+from analysis import batches as B
+from analysis.distributed import all_reduce_sum, barrier, rank_world
+from analysis.fold import prefold_batchnorm
+from analysis.io import atomic_write_json, atomic_write_with
 
 FORMAT = "saf-surface/1"
 
@@ -102,33 +102,6 @@ def _json_view(s: Surface, meta: dict) -> dict:
     }
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module):
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, t in flags:
-            m.training = t
-
-
-def _dist_info(distributed: bool | None) -> tuple[int, int, Any]:
-    import torch.distributed as dist
-
-    on = dist.is_available() and dist.is_initialized()
-    if distributed and not on:
-        raise ValueError("distributed=True but torch.distributed is not initialized (torchrun?)")
-    if on and distributed is not False:
-        return dist.get_rank(), dist.get_world_size(), dist
-    return 0, 1, None
-
-
-def _batch_size(y: Any, x: Any) -> int:
-    t = y if isinstance(y, torch.Tensor) and y.dim() > 0 else x
-    return int(t.shape[0]) if isinstance(t, torch.Tensor) and t.dim() > 0 else 1
-
-
 def make_point_evaluator(
     model: nn.Module,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
@@ -167,15 +140,25 @@ def make_point_evaluator(
         k: v for k, v in base.items() if k in own and k not in keys and not _same_tensor(v, own[k])
     }
     move = _mover([base[k] for k in keys], [[d.get(k) for k in keys] for d in dirs])
-    prep = (lambda t: _to(t, device, fast)) if net is not model else (lambda t: _to(t, device))
-    cached = [(prep(x), _to(y, device)) for x, y in data] if isinstance(data, Sequence) else None
+    channels_last = fast and net is not model
+
+    def prep(batch):
+        x, y = B.split(batch)
+        return _channels_last(B.to(x, device), channels_last), B.to(y, device)
+
+    cached = [prep(b) for b in data] if isinstance(data, Sequence) else None
 
     def point(coeffs: Sequence[float]) -> tuple[float, float]:
         params = {**fixed, **dict(zip(keys, move(coeffs), strict=True))}
+
+        def loss_and_accuracy(batch):
+            return B.loss_and_accuracy(loss_fn, B.forward(net, batch[0], params), batch[1])
+
         ctx = torch.inference_mode() if fast else torch.no_grad()
-        with _eval_mode(model), ctx:
-            batches = cached if cached is not None else ((prep(x), _to(y, device)) for x, y in data)
-            return _average(lambda x: functional_call(net, params, (x,)), loss_fn, batches)
+        with B.model_mode(model, "eval"), ctx:
+            batches = cached if cached is not None else (prep(b) for b in data)
+            loss, acc = B.batch_mean(loss_and_accuracy, batches).tolist()
+        return loss, acc
 
     return point
 
@@ -226,23 +209,6 @@ def _mover(origin: list[torch.Tensor], steps: list[list[torch.Tensor | None]]) -
     return move
 
 
-def _average(forward: Callable, loss_fn: Callable, batches: Iterable) -> tuple[float, float]:
-    """(loss, accuracy) over all samples, batch losses weighted by batch size."""
-    tot = correct = n = 0.0
-    classes = True
-    for x, y in batches:
-        out = forward(x)
-        b = _batch_size(y, x)
-        tot += float(loss_fn(out, y)) * b
-        n += b
-        classes = classes and _is_class(out, y)
-        if classes:
-            correct += float((out.argmax(-1) == y).sum())
-    if n == 0:
-        raise ValueError("data yielded no batches")
-    return tot / n, (correct / n if classes else float("nan"))
-
-
 def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     return (
         a.device == b.device
@@ -253,24 +219,11 @@ def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
     )
 
 
-def _to(t: Any, device: torch.device, channels_last: bool = False) -> Any:
-    if not isinstance(t, torch.Tensor):
-        return t
-    t = t.to(device, non_blocking=True)
-    if channels_last and t.dim() == 4 and t.is_floating_point():
-        t = t.contiguous(memory_format=torch.channels_last)
-    return t
-
-
-def _is_class(out: Any, y: Any) -> bool:
-    return (
-        isinstance(out, torch.Tensor)
-        and isinstance(y, torch.Tensor)
-        and out.dim() == 2
-        and y.dim() == 1
-        and not y.is_floating_point()
-        and out.shape[0] == y.shape[0]
-    )
+def _channels_last(x: Any, on: bool) -> Any:
+    """4-D floating input tensors in channels-last order (what folded convolutions prefer)."""
+    if on and isinstance(x, torch.Tensor) and x.dim() == 4 and x.is_floating_point():
+        return x.contiguous(memory_format=torch.channels_last)
+    return x
 
 
 def _digest(tensors: Mapping[str, torch.Tensor] | None, h) -> None:
@@ -333,7 +286,7 @@ def evaluate_grid(
     """
     coords = [np.asarray(c, dtype=float) for c in coords]
     shape = tuple(len(c) for c in coords)
-    rank, world, dist = _dist_info(distributed)
+    rank, world = rank_world(distributed)
     path = Path(path) if path is not None else None
     fp = fp or fingerprint(coords, [], None, dict(metadata or {}))
     meta = {**(metadata or {}), "fingerprint": fp, "dim": len(shape)}
@@ -351,8 +304,8 @@ def evaluate_grid(
         loss.flat[flat], acc.flat[flat], done.flat[flat] = l, a, True
         if part is not None and count % save_every == 0 and count < len(mine):
             Surface(coords, loss, acc, done, meta).save(part)
-    if dist is not None:
-        loss, acc, done = _gather(dist, loss, acc, done, new_l, new_a, new_d, shape)
+    if world > 1:
+        loss, acc, done = _gather(loss, acc, done, new_l, new_a, new_d, shape)
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     meta["evaluated_points"] = int(len(todo))
     s = Surface(coords, loss, acc, done, meta)
@@ -361,20 +314,16 @@ def evaluate_grid(
         for p in path.parent.glob(path.name + ".rank*.npz"):
             p.unlink(missing_ok=True)
             p.with_suffix(".json").unlink(missing_ok=True)
-    if dist is not None:
-        dist.barrier()
+    barrier(world > 1)
     return s
 
 
-def _gather(dist, loss, acc, done, new_l, new_a, new_d, shape):
-    backend = dist.get_backend()
-    dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
-    t = torch.tensor(np.stack([new_l, new_a, new_d]), dtype=torch.float64, device=dev)
-    dist.all_reduce(t)
-    nl, na, nd = (v.reshape(shape) for v in t.cpu().numpy())
+def _gather(loss, acc, done, new_l, new_a, new_d, shape):
+    """Every rank's new points, summed over ranks (each point is computed by one rank)."""
+    t = all_reduce_sum(torch.tensor(np.stack([new_l, new_a, new_d]), dtype=torch.float64), True)
+    nl, na, nd = (v.reshape(shape) for v in t.numpy())
     mask = nd > 0.5
-    loss, acc = np.where(mask, nl, loss), np.where(mask, na, acc)
-    return loss, acc, done | mask
+    return np.where(mask, nl, loss), np.where(mask, na, acc), done | mask
 
 
 def _grid_meta(directions, origin, extra) -> dict[str, Any]:
@@ -384,12 +333,12 @@ def _grid_meta(directions, origin, extra) -> dict[str, Any]:
     return {"direction_norms": norms, "custom_origin": origin is not None, **(extra or {})}
 
 
-def surface_1d(
+def surface(
     model: nn.Module,
     loss_fn: Callable,
     data: Iterable,
-    direction: Mapping[str, torch.Tensor],
-    coords: Sequence[float],
+    directions: Sequence[Mapping[str, torch.Tensor]],
+    coords: Sequence[Sequence[float]],
     *,
     origin: Mapping[str, torch.Tensor] | None = None,
     path: str | Path | None = None,
@@ -400,52 +349,16 @@ def surface_1d(
     progress: bool = True,
     distributed: bool | None = None,
 ) -> Surface:
-    r"""Loss and accuracy along :math:`o + \alpha d` for each :math:`\alpha` in ``coords``.
-
-    See :func:`surface_2d` for the arguments. With an interpolation direction
-    (:func:`landscape.interpolation_directions`) and ``origin=start``,
-    :math:`\alpha = 0` and :math:`\alpha = 1` are the two checkpoints.
-
-    Example:
-        >>> lin = torch.nn.Linear(1, 1, bias=False)
-        >>> _ = lin.weight.data.fill_(0.0)
-        >>> data = [(torch.ones(4, 1), torch.zeros(4, 1))]
-        >>> s = surface_1d(lin, torch.nn.functional.mse_loss, data,
-        ...                {"weight": torch.ones(1, 1)}, [-1, 0, 2], progress=False)
-        >>> s.loss.tolist()
-        [1.0, 0.0, 4.0]
-    """
-    return _surface(
-        model, loss_fn, data, [direction], [coords], origin, path, metadata, device, fast,
-        save_every, progress, distributed,
-    )  # fmt: skip
-
-
-def surface_2d(
-    model: nn.Module,
-    loss_fn: Callable,
-    data: Iterable,
-    directions: tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor]],
-    xs: Sequence[float],
-    ys: Sequence[float],
-    *,
-    origin: Mapping[str, torch.Tensor] | None = None,
-    path: str | Path | None = None,
-    metadata: Mapping[str, Any] | None = None,
-    device: str | torch.device | None = None,
-    fast: bool = True,
-    save_every: int = 10,
-    progress: bool = True,
-    distributed: bool | None = None,
-) -> Surface:
-    r"""Loss and accuracy on the plane :math:`o + \alpha d_1 + \beta d_2` (Li et al. 2018).
+    r"""Loss and accuracy on the grid :math:`o + \sum_j c_j d_j`, one axis per direction.
 
     Args:
         model: any ``nn.Module``; evaluated in eval mode, never copied nor modified.
         loss_fn: ``loss_fn(outputs, targets)`` returning the batch mean.
-        data: re-iterable ``(inputs, targets)`` batches (list or DataLoader).
-        directions: ``(d1, d2)``, e.g. from :func:`landscape.random_direction`.
-        xs, ys: grid coordinates along ``d1`` and ``d2``.
+        data: re-iterable ``(inputs, targets)`` batches (list or DataLoader), in the
+            :mod:`analysis.batches` convention.
+        directions: one direction per axis (1 or 2), e.g. from
+            :func:`landscape.random_direction`.
+        coords: the grid coordinates along each direction.
         origin: base point (e.g. a state dict); default the model's current tensors.
         path: ``.npz`` file to save to and resume from (same settings only:
             grid, directions, origin and ``metadata`` form the resume key).
@@ -458,25 +371,64 @@ def surface_2d(
             when initialized).
 
     Returns:
-        A :class:`Surface` with ``loss[i, j]`` at ``(xs[i], ys[j])``.
+        A :class:`Surface` with ``loss[i, j]`` at ``(coords[0][i], coords[1][j])``.
     """
-    if len(directions) != 2:
-        raise ValueError(f"surface_2d needs 2 directions, got {len(directions)}")
-    return _surface(
-        model, loss_fn, data, list(directions), [xs, ys], origin, path, metadata, device, fast,
-        save_every, progress, distributed,
-    )  # fmt: skip
-
-
-def _surface(model, loss_fn, data, dirs, coords, origin, path, metadata, device, fast, save_every,
-             progress, distributed) -> Surface:  # fmt: skip
+    if len(directions) != len(coords) or len(coords) not in (1, 2):
+        raise ValueError(
+            f"give one direction per grid axis (1 or 2), got {len(directions)} directions "
+            f"and {len(coords)} axes"
+        )
     coords = [np.asarray(c, dtype=float).ravel() for c in coords]
     for c in coords:
         if c.size == 0 or not np.isfinite(c).all():
             raise ValueError("grid coordinates must be a non-empty list of finite numbers")
     if save_every < 1:
         raise ValueError(f"save_every must be >= 1, got {save_every}")
-    point = make_point_evaluator(model, loss_fn, data, dirs, origin, device, fast)
-    meta = _grid_meta(dirs, origin, metadata)
-    fp = fingerprint(coords, dirs, origin, metadata)
+    point = make_point_evaluator(model, loss_fn, data, directions, origin, device, fast)
+    meta = _grid_meta(directions, origin, metadata)
+    fp = fingerprint(coords, directions, origin, metadata)
     return evaluate_grid(point, coords, path, meta, fp, save_every, progress, distributed)
+
+
+def surface_1d(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Iterable,
+    direction: Mapping[str, torch.Tensor],
+    coords: Sequence[float],
+    **options: Any,
+) -> Surface:
+    r"""Loss and accuracy along :math:`o + \alpha d` for each :math:`\alpha` in ``coords``.
+
+    ``options`` are those of :func:`surface`. With an interpolation direction
+    (:func:`landscape.interpolation_directions`) and ``origin=start``,
+    :math:`\alpha = 0` and :math:`\alpha = 1` are the two checkpoints.
+
+    Example:
+        >>> lin = torch.nn.Linear(1, 1, bias=False)
+        >>> _ = lin.weight.data.fill_(0.0)
+        >>> data = [(torch.ones(4, 1), torch.zeros(4, 1))]
+        >>> s = surface_1d(lin, torch.nn.functional.mse_loss, data,
+        ...                {"weight": torch.ones(1, 1)}, [-1, 0, 2], progress=False)
+        >>> s.loss.tolist()
+        [1.0, 0.0, 4.0]
+    """
+    return surface(model, loss_fn, data, [direction], [coords], **options)
+
+
+def surface_2d(
+    model: nn.Module,
+    loss_fn: Callable,
+    data: Iterable,
+    directions: Sequence[Mapping[str, torch.Tensor]],
+    xs: Sequence[float],
+    ys: Sequence[float],
+    **options: Any,
+) -> Surface:
+    r"""Loss and accuracy on the plane :math:`o + \alpha d_1 + \beta d_2` (Li et al. 2018).
+
+    ``options`` are those of :func:`surface`; ``loss[i, j]`` is at ``(xs[i], ys[j])``.
+    """
+    if len(directions) != 2:
+        raise ValueError(f"surface_2d needs 2 directions, got {len(directions)}")
+    return surface(model, loss_fn, data, list(directions), [xs, ys], **options)

@@ -1,9 +1,17 @@
 """SAF: Sharpness-Aware Training for Free (Du et al., NeurIPS 2022), with SGD, SAM, ASAM, MESA.
 
-The trainer writes self-describing run directories (:mod:`saf.runs`) that the ``analysis``
-and ``landscape`` packages read.
+The method (trajectory loss, output store, SAM, EMA teacher) and a compact trainer that
+writes self-describing run directories (:mod:`saf.runs`). Imports ``analysis`` only.
 """
 
+from saf.config import (
+    DEFAULT_LAM,
+    DEFAULT_RHO,
+    VERSION,
+    TrainConfig,
+    TrainingDiverged,
+    scaled_hparams,
+)
 from saf.data import DATASETS, IndexedDataset, data_batches, load_dataset
 from saf.ema import EMA, scaled_ema_decay
 from saf.methods import METHODS, Stepper
@@ -17,32 +25,35 @@ from saf.runs import (
     model_from_run,
     read_metrics,
     read_run,
+    read_run_lenient,
 )
 from saf.sam import SAM, disable_running_stats
-from saf.train import TrainConfig, TrainingDiverged, evaluate, train
-from saf.trajectory import OutputStore, trajectory_loss, trajectory_loss_and_grad
+from saf.train import epoch_batches, evaluate, steps_per_epoch, train
+from saf.trajectory import OutputStore, trajectory_loss
 
-__version__ = "0.1.0"
-
-ModelEMA = EMA
+__version__ = VERSION
 
 __all__ = [
     # the method
     "trajectory_loss",
-    "trajectory_loss_and_grad",
     "OutputStore",
     "SAM",
     "disable_running_stats",
     "EMA",
-    "ModelEMA",
     "scaled_ema_decay",
     "METHODS",
     "Stepper",
+    # hyperparameters
+    "DEFAULT_LAM",
+    "DEFAULT_RHO",
+    "scaled_hparams",
     # training
     "TrainConfig",
     "TrainingDiverged",
-    "train",
+    "epoch_batches",
     "evaluate",
+    "steps_per_epoch",
+    "train",
     # models and data
     "MODELS",
     "build_model",
@@ -54,6 +65,7 @@ __all__ = [
     "FORMAT",
     "METRIC_COLUMNS",
     "read_run",
+    "read_run_lenient",
     "model_from_run",
     "list_checkpoints",
     "checkpoint_path",

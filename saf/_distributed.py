@@ -9,12 +9,13 @@ saw it (the reference code keeps a per-rank store that the sampler's reshuffle b
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from analysis.distributed import all_reduce_sum, init_from_env
 
 
 @dataclass
@@ -27,17 +28,11 @@ class DistInfo:
     @classmethod
     def current(cls, device: str = "cpu") -> DistInfo:
         """Initialise the process group under torchrun if needed; return rank and world."""
-        if not dist.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-            return cls()
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
-        return cls(dist.get_rank(), dist.get_world_size())
+        return cls(*init_from_env(device))
 
     def all_reduce(self, t: Tensor) -> Tensor:
         """Sum over ranks (in place); a no-op on one process."""
-        if self.world > 1:
-            dist.all_reduce(t)
-        return t
+        return all_reduce_sum(t, self.world > 1)
 
     def gather(self, idx: Tensor, logits: Tensor) -> tuple[Tensor, Tensor]:
         """Every rank's ``(idx, logits)`` of this step, concatenated (padded, then trimmed)."""
@@ -54,10 +49,3 @@ class DistInfo:
         dist.all_gather(all_z, pad_z)
         keep = [(i[: int(s)], z[: int(s)]) for i, z, s in zip(all_i, all_z, sizes, strict=True)]
         return torch.cat([k[0] for k in keep]), torch.cat([k[1] for k in keep])
-
-
-def local_device(device: str) -> str:
-    """``cuda:LOCAL_RANK`` for a CUDA device under torchrun, else ``device`` unchanged."""
-    if torch.device(device).type == "cuda" and "LOCAL_RANK" in os.environ:
-        return f"cuda:{int(os.environ['LOCAL_RANK'])}"
-    return device

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -13,8 +14,16 @@ from saf.ema import scaled_ema_decay
 from saf.methods import METHODS
 from saf.models import MODELS
 
-DEFAULT_LAM = {"saf": 0.3, "mesa": 0.8}  # paper §4.1
+# The paper's hyperparameters (Du et al. 2022, §4.1) for its 200-epoch CIFAR schedule.
+DEFAULT_LAM = {"saf": 0.3, "mesa": 0.8}
+DEFAULT_TAU = 5.0
+DEFAULT_LAG = 3
+DEFAULT_START_EPOCH = 5
+PAPER_EPOCHS = 200
 DEFAULT_RHO = {"sam": 0.05, "asam": 0.5}  # SAM paper; ASAM paper (CIFAR)
+
+
+VERSION = "0.1.0"
 
 
 class TrainingDiverged(ValueError):
@@ -46,9 +55,9 @@ class TrainConfig:
     warmup_epochs: int = 0
     rho: float | None = None
     lam: float | None = None
-    tau: float = 5.0
-    lag: int = 3
-    start_epoch: int = 5
+    tau: float = DEFAULT_TAU
+    lag: int = DEFAULT_LAG
+    start_epoch: int = DEFAULT_START_EPOCH
     ema_decay: float | None = None
     augment: bool = True
     amp: bool = False
@@ -96,7 +105,6 @@ class TrainConfig:
 
     def resolved(self, steps_per_epoch: int) -> dict:
         """The hyperparameters with method defaults filled in."""
-        m = self.method
         m, keys = self.method, ("epochs", "batch_size", "lr", "momentum", "weight_decay")
         traj = m in DEFAULT_LAM
         rho = self.rho if self.rho is not None else DEFAULT_RHO.get(m)
@@ -118,17 +126,42 @@ class TrainConfig:
         }
 
 
-def _versions() -> dict:
-    import numpy
-    import sklearn
+def scaled_hparams(epochs: int, steps_per_epoch: int) -> dict:
+    r"""The paper's SAF/MESA defaults scaled to a schedule of ``epochs`` epochs.
 
-    import saf
+    The paper trains CIFAR for 200 epochs with :math:`E_{start}=5` and lag
+    :math:`\tilde E=3`, and MESA's EMA uses :math:`\beta=0.9998` (horizon
+    :math:`1/(1-\beta)=5000` steps, 6.4% of 200 epochs x 391 steps). We keep the same
+    *fractions of the run*, rounded, with a floor of one epoch:
 
+    .. math:: E_{start} = \max(1, \mathrm{round}(0.025\,E)),\quad
+              \tilde E = \max(1, \mathrm{round}(0.015\,E)),\quad
+              1/(1-\beta) = 0.064\,E\cdot\text{steps/epoch}
+
+    (:func:`saf.ema.scaled_ema_decay`, capped at 0.9998). :math:`\lambda` (0.3 SAF, 0.8
+    MESA), :math:`\tau=5` and SAM's :math:`\rho=0.05` are the paper's, unscaled.
+
+    >>> h = scaled_hparams(200, 391)
+    >>> h["start_epoch"], h["lag"], round(h["ema_beta"], 4)
+    (5, 3, 0.9998)
+    """
     return {
-        "saf": getattr(saf, "__version__", "0.1.0"),
+        "start_epoch": max(1, round(DEFAULT_START_EPOCH / PAPER_EPOCHS * epochs)),
+        "lag": max(1, round(DEFAULT_LAG / PAPER_EPOCHS * epochs)),
+        "ema_beta": scaled_ema_decay(steps_per_epoch, epochs),
+        "saf_lambda": DEFAULT_LAM["saf"],
+        "mesa_lambda": DEFAULT_LAM["mesa"],
+        "tau": DEFAULT_TAU,
+        "rho": DEFAULT_RHO["sam"],
+    }
+
+
+def _versions() -> dict:
+    return {
+        "saf": VERSION,
         "torch": torch.__version__,
-        "numpy": numpy.__version__,
-        "sklearn": sklearn.__version__,
+        "numpy": version("numpy"),
+        "sklearn": version("scikit-learn"),
     }
 
 

@@ -19,6 +19,7 @@ and :meth:`IndexedDataset.get_batch` fetches a batch by the very index tensor it
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import pickle
@@ -27,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+from analysis.io import atomic_write_with
 
 DATASETS = ("digits", "mnist1d", "cifar10", "cifar100")
 _CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -199,12 +202,8 @@ def _mnist1d_arrays():
         np.random.set_state(np_state)
         random.setstate(py_state)
     arrays = {k: np.asarray(d[k]) for k in ("x", "y", "x_test", "y_test")}
-    try:
-        from analysis._io import atomic_write_with
-
+    with contextlib.suppress(OSError):  # the cache is an optimisation only
         atomic_write_with(path, lambda f: np.savez(f, **arrays))
-    except OSError:
-        pass  # the cache is an optimisation only
     return arrays
 
 

@@ -6,8 +6,7 @@ After every optimizer step, for every parameter and floating-point buffer,
 
 (integer buffers such as BatchNorm's ``num_batches_tracked`` are copied). The update
 uses one ``torch._foreach_lerp_`` over all tensors: no per-tensor Python loop. The
-teacher's forward runs with BatchNorm folded into its convolutions where that pays
-(:mod:`saf._teacher`; exact up to float rounding). The student is never modified.
+student is never modified.
 """
 
 from __future__ import annotations
@@ -17,8 +16,6 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from saf._teacher import fold_teacher
-
 
 class EMA:
     r"""EMA copy of a model, :math:`v \leftarrow \beta v + (1-\beta)\theta` after each step.
@@ -27,12 +24,8 @@ class EMA:
         model: the model being trained (its current weights initialise the average).
         decay: :math:`\beta \in [0, 1)`.
 
-    The teacher (:attr:`module`) is kept in eval mode and never needs gradients. Call the
-    EMA itself for the teacher's output: ``ema(x)`` equals ``ema.module(x)`` up to float
-    rounding, with its conv->BatchNorm pairs folded where that pays
-    (:class:`saf._teacher.FoldedForward`; the folded tensors of the teacher are packed into
-    one buffer for it). If the teacher's tensors are re-pointed later (``ema.module.to(...)``),
-    ``ema(x)`` falls back to the plain module.
+    The teacher (:attr:`module`) is kept in eval mode and never needs gradients; call the
+    EMA itself for the teacher's output (``ema(x)``, no autograd graph).
 
     >>> m = nn.Linear(1, 1, bias=False)
     >>> _ = m.weight.data.fill_(1.0)
@@ -49,7 +42,7 @@ class EMA:
         self.decay = float(decay)
         self.module = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
         self._pairs(model)  # check the structures match
-        self._folded = fold_teacher(self.module)
+        self._cache: tuple | None = None
 
     def _pairs(self, model: nn.Module):
         model = _unwrap(model)
@@ -67,10 +60,8 @@ class EMA:
         ``model`` may be wrapped in ``DistributedDataParallel`` or ``DataParallel`` (the
         trainer steps the wrapper): the wrapped module's tensors are averaged."""
         model = _unwrap(model)
-        if not hasattr(self, "_cache") or self._cache[0] is not model:
-            floats, ints = self._pairs(model)
-            # the tensors themselves, listed once (rebuilding 2x47 ``.data`` views every
-            # step cost ~60 us of a 12 ms CPU step)
+        if self._cache is None or self._cache[0] is not model:
+            floats, ints = self._pairs(model)  # listed once per student, not every step
             ema_t, model_t = [e for e, _ in floats], [m for _, m in floats]
             self._cache = (model, ema_t, model_t, ints)
         _, ema_t, model_t, ints = self._cache
@@ -81,11 +72,7 @@ class EMA:
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:
-        """The teacher's output (eval mode), BatchNorm folded where it can be."""
-        if self._folded is not None:
-            if self._folded.is_current():
-                return self._folded(x)
-            self._folded = None
+        """The teacher's output (eval mode)."""
         return self.module(x)
 
     def state_dict(self) -> dict:
@@ -93,7 +80,7 @@ class EMA:
         return {"module": self.module.state_dict(), "decay": self.decay}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore from :meth:`state_dict` (copies in place: the fold's packing stays)."""
+        """Restore from :meth:`state_dict` (copies in place)."""
         self.module.load_state_dict(state["module"])
         self.decay = float(state["decay"])
 

@@ -12,7 +12,7 @@ Layout (format ``saf-run/1``)::
       state.pt                 resume state (optimizer, scheduler, store, EMA, RNG, epoch);
                                plain tensors/dicts/lists/numbers, weights_only-loadable
 
-Every file is written atomically (``analysis._io``); at an epoch boundary the checkpoint
+Every file is written atomically (:mod:`analysis.io`); at an epoch boundary the checkpoint
 and metrics are written before ``state.pt``, so a crash leaves a consistent resume point.
 """
 
@@ -27,14 +27,17 @@ from pathlib import Path
 import pandas as pd
 from torch import nn
 
-from analysis._io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
+from analysis.io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
+from saf.data import DATASETS
+from saf.models import MODELS, build_model
 
 FORMAT = "saf-run/1"
 METRIC_COLUMNS = (
     "epoch", "train_ce", "traj_loss", "train_loss", "train_acc",
     "test_loss", "test_acc", "lr", "seconds", "images_per_s",
 )  # fmt: skip
-_REQUIRED = ("format", "method", "model", "data", "seed", "hparams")
+REQUIRED = ("format", "method", "model", "data", "seed", "hparams")
+OPTIONAL = ("device", "versions", "config")
 
 
 def checkpoint_path(run_dir, epoch: int) -> Path:
@@ -50,12 +53,7 @@ def is_run_dir(path) -> bool:
         return False
 
 
-def read_run(run_dir) -> dict:
-    """Read and validate ``RUN_DIR/run.json``.
-
-    Raises:
-        ValueError: missing, unreadable or incomplete file (the message names it).
-    """
+def _load_json(run_dir) -> tuple[Path, dict]:
     path = Path(run_dir) / "run.json"
     try:
         run = json.loads(path.read_text())
@@ -67,12 +65,66 @@ def read_run(run_dir) -> dict:
         raise ValueError(f"{path}: unreadable ({e})") from None
     if not isinstance(run, dict) or run.get("format") != FORMAT:
         raise ValueError(f"{path}: not a {FORMAT} run description")
-    missing = [k for k in _REQUIRED if k not in run]
-    if missing or not {"name", "kwargs"} <= set(run["model"]):
-        raise ValueError(f"{path}: missing fields {missing or ['model.name/kwargs']}")
-    if not {"name", "num_classes", "in_shape"} <= set(run["data"]):
-        raise ValueError(f"{path}: data needs name, num_classes and in_shape")
+    return path, run
+
+
+def _unusable(run: dict) -> str | None:
+    """Why the run's model and data cannot be rebuilt from it (None when they can)."""
+    missing = [k for k in ("model", "data") if k not in run]
+    if missing:
+        return f"missing fields {missing}"
+    model, data = run["model"], run["data"]
+    if not (isinstance(model, dict) and model.get("name") in MODELS
+            and isinstance(model.get("kwargs"), dict)):  # fmt: skip
+        return f"model must be {{'name': one of {', '.join(MODELS)}, 'kwargs': {{...}}}}"
+    shape = data.get("in_shape") if isinstance(data, dict) else None
+    if not (isinstance(data, dict) and data.get("name") in DATASETS
+            and _positive_int(data.get("num_classes")) and isinstance(shape, list)
+            and shape and all(map(_positive_int, shape))):  # fmt: skip
+        return (
+            f"data needs name (one of {', '.join(DATASETS)}), num_classes and in_shape "
+            "(integers >= 1)"
+        )
+    return None
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def read_run(run_dir) -> dict:
+    """Read and validate ``RUN_DIR/run.json`` (every required key, a buildable model).
+
+    Raises:
+        ValueError: missing, unreadable or incomplete file (the message names it).
+    """
+    path, run = _load_json(run_dir)
+    missing = [k for k in REQUIRED if k not in run]
+    why = f"missing fields {missing}" if missing else _unusable(run)
+    if why:
+        raise ValueError(f"{path}: {why}")
     return run
+
+
+def read_run_lenient(run_dir) -> tuple[dict | None, str | None, list[str]]:
+    """``run.json`` for tools that need only its model and data descriptions.
+
+    Returns:
+        ``(run, error, notes)``: ``run`` is None and ``error`` says why when the model or
+        data cannot be rebuilt from it; ``notes`` name other missing or unknown keys.
+
+    Raises:
+        ValueError: no readable ``run.json`` of this format.
+    """
+    path, run = _load_json(run_dir)
+    why = _unusable(run)
+    if why:
+        return None, f"{path}: {why}", []
+    missing = sorted(set(REQUIRED) - set(run))
+    unknown = sorted(set(run) - set(REQUIRED) - set(OPTIONAL))
+    parts = [f"{what} keys {keys}" for what, keys in (("missing", missing), ("unknown", unknown))
+             if keys]  # fmt: skip
+    return run, None, [f"{path}: {', '.join(parts)} (ignored)"] if parts else []
 
 
 def write_run(run_dir, run: dict) -> None:
@@ -86,8 +138,6 @@ def model_from_run(run: dict | str | Path) -> nn.Module:
     Args:
         run: a dict from :func:`read_run`, or a run directory.
     """
-    from saf.models import build_model
-
     run = run if isinstance(run, dict) else read_run(run)
     d = run["data"]
     return build_model(

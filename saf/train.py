@@ -18,6 +18,7 @@ epochs before it are kept.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 import time
@@ -27,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from analysis.batches import batch_mean, loss_and_accuracy, model_mode
+from analysis.distributed import local_device
 from saf import runs
-from saf._distributed import DistInfo, local_device
+from saf._distributed import DistInfo
 from saf.config import TrainConfig, TrainingDiverged, describe_run
 from saf.data import IndexedDataset, _balanced, load_dataset
 from saf.ema import EMA
@@ -37,16 +40,27 @@ from saf.models import build_model
 from saf.sam import SAM
 from saf.trajectory import OutputStore
 
-__all__ = ["TrainConfig", "TrainingDiverged", "evaluate", "train"]
+__all__ = ["epoch_batches", "evaluate", "steps_per_epoch", "train"]
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator, rank=0, world=1):
-    """This rank's index batches of one shuffled epoch; a final batch < 2*world is dropped
-    (BatchNorm needs 2 samples). Ranks split each global batch: ``batch[rank::world]``."""
+def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """Optimizer steps per epoch: a last global batch of fewer than ``2 * world`` samples
+    is dropped (BatchNorm needs two samples on each rank).
+
+    >>> steps_per_epoch(1437, 128), steps_per_epoch(257, 128), steps_per_epoch(100, 128)
+    (12, 2, 1)
+    """
+    steps = -(-n // batch_size)
+    return steps - 1 if n - (steps - 1) * batch_size < 2 * world else steps
+
+
+def epoch_batches(
+    n: int, batch_size: int, generator: torch.Generator, rank: int = 0, world: int = 1
+) -> list[torch.Tensor]:
+    """This rank's index batches of one shuffled epoch (:func:`steps_per_epoch` of them).
+    Ranks split each global batch: ``batch[rank::world]``."""
     chunks = torch.randperm(n, generator=generator).split(batch_size)
-    if len(chunks[-1]) < 2 * world:
-        chunks = chunks[:-1]
-    return [c[rank::world] for c in chunks]
+    return [c[rank::world] for c in chunks[: steps_per_epoch(n, batch_size, world)]]
 
 
 def _cosine(total_steps: int, warmup_steps: int):
@@ -62,23 +76,22 @@ def _cosine(total_steps: int, warmup_steps: int):
 
 @torch.no_grad()
 def evaluate(model, dataset, device, batch_size: int = 1024) -> tuple[float, float]:
-    """(mean cross-entropy, accuracy) of ``model`` on ``dataset`` in eval mode."""
-    model.eval()
-    loss, correct = torch.zeros((), device=device), torch.zeros((), device=device)
-    for idx in torch.arange(len(dataset)).split(batch_size):
-        x, y, _ = dataset.get_batch(idx)
-        logits = model(x.to(device)).float()
-        loss += F.cross_entropy(logits, y.to(device), reduction="sum")
-        correct += (logits.argmax(1) == y.to(device)).sum()
-    model.train()
-    return loss.item() / len(dataset), correct.item() / len(dataset)
+    """(mean cross-entropy, accuracy) of ``model`` on ``dataset`` in eval mode (the model's
+    train/eval flags are restored after)."""
+
+    def one(batch):
+        x, y = batch
+        return loss_and_accuracy(F.cross_entropy, model(x.to(device)).float(), y.to(device))
+
+    chunks = torch.arange(len(dataset)).split(batch_size)
+    with model_mode(model, "eval"):
+        loss, acc = batch_mean(one, (dataset.get_batch(i)[:2] for i in chunks)).tolist()
+    return loss, acc
 
 
 def _saved_config(run: dict, run_dir: Path) -> dict:
     """``run.json``'s config, exactly this version's fields (a default filled in for a
     missing one would silently resume a different run)."""
-    import dataclasses
-
     saved, known = run.get("config"), {f.name for f in dataclasses.fields(TrainConfig)}
     if not isinstance(saved, dict) or set(saved) != known:
         have = set(saved) if isinstance(saved, dict) else set()
@@ -116,7 +129,7 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     train_ds, test_ds = _datasets(cfg, device)
     sampler_gen = torch.Generator().manual_seed(cfg.seed)  # the data order: same for all methods
     augment_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    steps = len(_batches(len(train_ds), cfg.batch_size, torch.Generator(), 0, dist.world))
+    steps = steps_per_epoch(len(train_ds), cfg.batch_size, dist.world)
     hp = cfg.resolved(steps)
     torch.manual_seed(cfg.seed)
     net = build_model(cfg.model, train_ds.num_classes, train_ds.in_shape, **cfg.model_kwargs)
@@ -157,13 +170,11 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
     for epoch in range(first_epoch, cfg.epochs):
         t0 = time.perf_counter()
         sums = torch.zeros(3, device=device)  # ce*b, correct, samples
-        trajs, sizes = [], []  # per step; SAF fills its trajectory losses in at end_epoch
-        batches = _batches(len(train_ds), cfg.batch_size, sampler_gen, dist.rank, dist.world)
-        batches = [b.to(device) for b in batches]  # the ids, announced to the stepper
-        stepper.begin_epoch(epoch, batches)
+        trajs, sizes = [], []  # per step, summed once at the end of the epoch
+        batches = epoch_batches(len(train_ds), cfg.batch_size, sampler_gen, dist.rank, dist.world)
         desc = f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}"
         for idx in tqdm(batches, desc, leave=False, disable=not cfg.progress or dist.rank > 0):
-            x, y, _ = train_ds.get_batch(idx, augment_gen)  # ids travel with x
+            x, y, idx = train_ds.get_batch(idx, augment_gen)  # ids travel with x
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             ce, traj, logits = stepper(x, y, idx, epoch)
             scheduler.step()
@@ -171,7 +182,6 @@ def train(config: TrainConfig, resume: bool = False) -> Path:
             sums += torch.stack([ce * len(y), hits, ce.new_tensor(len(y))])
             trajs.append(traj)
             sizes.append(len(y))
-        stepper.end_epoch()  # SAF's buffered store writes land before anything is saved
         traj_sum = (
             torch.dot(torch.stack(trajs).to(sums.dtype), sums.new_tensor(sizes))
             if trajs

@@ -16,7 +16,6 @@ later by :class:`OutputStore`.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -27,86 +26,71 @@ def trajectory_loss(
     lam: float = 1.0,
     mask: Tensor | None = None,
 ) -> Tensor:
-    r"""SAF trajectory loss :math:`\lambda\tau^2\,\frac1B\sum_i \mathrm{KL}(p_i^{past}\|p_i)`.
+    r"""SAF trajectory loss :math:`\lambda\tau^2\,\frac1B\sum_i \mathrm{KL}(p_i^{past}\|p_i)`,
+    with its gradient in closed form.
 
     .. math::
-        p^{past}_i = \mathrm{softmax}(z^{past}_i/\tau),\quad p_i = \mathrm{softmax}(z_i/\tau)
+        p^{past}_i = \mathrm{softmax}(z^{past}_i/\tau),\quad p_i = \mathrm{softmax}(z_i/\tau),
+        \qquad \frac{\partial L_{tra}}{\partial z_i} = \frac{\lambda\tau}{B}\,
+        \big(p_i - p^{past}_i\big)
+
+    The loss is an ordinary autograd scalar: add it to the cross-entropy and call
+    ``backward`` (a ``GradScaler``'s scale reaches it like any loss). Its backward is the
+    closed form above, computed once in the forward: no autograd graph is built for the
+    softmaxes. The target carries no gradient.
 
     Args:
-        logits: current logits ``z``, shape ``(B, C)`` (gradient flows into them).
+        logits: current logits ``z``, shape ``(B, C)``; fp16/bf16 (autocast) is computed
+            in float32.
         past_logits: logits of the same samples :math:`\tilde E` epochs ago, ``(B, C)``, any
-            float dtype (detached and upcast to ``logits.dtype``).
+            float dtype (detached).
         temperature: :math:`\tau > 0`.
         lam: :math:`\lambda` (0.3 for SAF, 0.8 for MESA in the paper).
-        mask: optional bool ``(B,)``; rows with ``False`` contribute exactly 0. The mean is
-            still over all ``B`` rows, so a valid sample's weight does not depend on how
-            many of its batch-mates are masked.
+        mask: optional bool ``(B,)``; rows with ``False`` contribute exactly 0 to the loss
+            and its gradient, whatever their target holds (even inf). The mean is still
+            over all ``B`` rows, so a valid sample's weight does not depend on how many of
+            its batch-mates are masked.
 
     Returns:
-        A scalar tensor.
+        A 0-d tensor (float32, or the logits' dtype when wider).
 
     Reference: Du et al., "Sharpness-Aware Training for Free", NeurIPS 2022, Eq. 8.
 
-    >>> z = torch.tensor([[0.0, 0.0]])
-    >>> float(trajectory_loss(z, z, temperature=5.0))  # same outputs: zero
+    >>> z = torch.tensor([[0.0, 0.0]], requires_grad=True)
+    >>> trajectory_loss(z, z, temperature=5.0).item()  # same outputs: zero
     0.0
     >>> p = torch.tensor([[0.0, 5.0 * torch.log(torch.tensor(3.0))]])  # softmax(p/5)=(1/4,3/4)
-    >>> round(float(trajectory_loss(z, p, temperature=5.0)), 4)  # 25*(3/4 ln3 - ln2)
-    3.2703
-    """
-    t = float(temperature)
-    past = past_logits.detach()
-    if mask is not None:  # a masked row may hold anything (inf: an fp16 overflow); not NaN
-        past = torch.where(mask.unsqueeze(1), past, 0.0)
-    log_q = F.log_softmax(logits / t, dim=1)
-    log_p = F.log_softmax(past.to(logits.dtype) / t, dim=1)
-    kl = (log_p.exp() * (log_p - log_q)).sum(dim=1)
-    if mask is not None:
-        kl = torch.where(mask, kl, 0.0)
-    return kl.mean() * (lam * t * t)
-
-
-@torch.no_grad()
-def trajectory_loss_and_grad(
-    logits: Tensor,
-    past_logits: Tensor,
-    temperature: float,
-    lam: float = 1.0,
-    mask: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    r""":func:`trajectory_loss` and its gradient with respect to ``logits``, in closed form.
-
-    .. math::
-        \frac{\partial L_{tra}}{\partial z_i} = \frac{\lambda\tau}{B}\,
-        \big(\mathrm{softmax}(z_i/\tau) - \mathrm{softmax}(z^{past}_i/\tau)\big)
-
-    (zero for masked rows). No autograd graph is built: the trainer passes the gradient to
-    the backward pass as a second root (``torch.autograd.backward((ce, z), (None, grad))``).
-
-    A masked row's target is replaced by the row itself, so its KL and gradient are exactly
-    zero whatever the store held there. Both sides go through one ``log_softmax``: inside a
-    CPU training step every small kernel costs ~20 us (cold caches after the convolutions),
-    so the kernel count, not the arithmetic, is SAF's cost (``benchmarks/train_cost.py``).
-
-    Returns:
-        ``(loss, grad)``: the same scalar as :func:`trajectory_loss` and a tensor shaped
-        like ``logits``.
-
-    >>> z = torch.tensor([[0.0, 0.0]])
-    >>> p = torch.tensor([[0.0, 5.0 * torch.log(torch.tensor(3.0))]])  # softmax(p/5)=(1/4,3/4)
-    >>> loss, g = trajectory_loss_and_grad(z, p, temperature=5.0)
-    >>> round(float(loss), 4), [round(v, 5) for v in g[0].tolist()]  # 5*((1,1)/2-(1,3)/4)
+    >>> loss = trajectory_loss(z, p, temperature=5.0)
+    >>> loss.backward()
+    >>> round(loss.item(), 4), [round(v, 5) for v in z.grad[0].tolist()]  # 25(3/4 ln3 - ln2)
     (3.2703, [1.25, -1.25])
     """
     t = float(temperature)
-    past = past_logits if mask is None else torch.where(mask.unsqueeze(1), past_logits, logits)
-    both = torch.cat([logits, past.to(logits.dtype)]).mul_(1.0 / t)
-    log_qp = both.log_softmax(1)  # rows are independent: same row, same bits
-    qp = log_qp.exp()
-    (log_q, log_p), (q, p) = log_qp.chunk(2), qp.chunk(2)
-    scale = lam * t / logits.shape[0]
-    loss = torch.vdot(p.reshape(-1), (log_p - log_q).reshape(-1)) * (scale * t)
-    return loss, (q - p).mul_(scale)
+    if not t > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    return _TrajectoryLoss.apply(logits, past_logits.detach(), t, float(lam), mask)
+
+
+class _TrajectoryLoss(torch.autograd.Function):
+    """Loss value and closed-form gradient of :func:`trajectory_loss`, both in the forward."""
+
+    @staticmethod
+    def forward(ctx, logits, past, t, lam, mask):
+        z = logits.detach().to(torch.promote_types(logits.dtype, torch.float32))
+        past = past.to(z.dtype)
+        if mask is not None:  # a masked row's target is the row itself: zero loss and gradient
+            past = torch.where(mask.unsqueeze(1), past, z)
+        log_qp = torch.cat([z, past]).mul_(1.0 / t).log_softmax(1)  # rows are independent
+        (log_q, log_p), (q, p) = log_qp.chunk(2), log_qp.exp().chunk(2)
+        scale = lam * t / z.shape[0]
+        ctx.save_for_backward((q - p).mul_(scale))
+        ctx.logits_dtype = logits.dtype
+        return torch.vdot(p.reshape(-1), (log_p - log_q).reshape(-1)) * (scale * t)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        return (grad * grad_loss).to(ctx.logits_dtype), None, None, None, None
 
 
 class OutputStore:

@@ -1,8 +1,8 @@
 """analyze_run on foreign checkpoint folders: values against oracles, skips, cache, resume."""
 
+import dataclasses
 import io
 import json
-import math
 import os
 
 import pandas as pd
@@ -11,7 +11,13 @@ import torch
 from torch import nn
 
 import analysis._checkpoints as ck
-from analysis import analyze_run, atomic_torch_save, sam_sharpness
+from analysis import (
+    AnalysisSettings,
+    analyze_run,
+    atomic_torch_save,
+    epoch_from_name,
+    sam_sharpness,
+)
 from tests.analysis._models import batches, dense_hessian, mlp
 
 CE = nn.CrossEntropyLoss()
@@ -27,9 +33,14 @@ def _folder(tmp_path, n=3):
     return folder
 
 
+SETTINGS = {f.name for f in dataclasses.fields(AnalysisSettings)}
+
+
 def _run(folder, **kw):
+    """analyze_run with test defaults; AnalysisSettings fields may be given as keywords."""
+    settings = AnalysisSettings(**{k: kw.pop(k) for k in list(kw) if k in SETTINGS})
     kw = {"model_factory": mlp, "data": batches(), "progress": False, "log": io.StringIO()} | kw
-    return analyze_run(folder, **kw)
+    return analyze_run(folder, settings=settings, **kw)
 
 
 def test_values_match_the_oracles(tmp_path):
@@ -167,14 +178,19 @@ def test_input_validation(tmp_path):
         _run(_folder(tmp_path), metrics=["sharpness"])
     with pytest.raises(ValueError, match="no checkpoint"):
         _run(tmp_path / "ckpts" / ".." / "ckpts" if False else tmp_path, metrics=["loss"])
-    assert ck.epoch_from_name("a1-b22.pt") == 22 and ck.epoch_from_name("x.pt") is None
-    assert ck._expand(["lambda_3", "loss", "lambda_max"]) == [
-        "lambda_max",
-        "lambda_2",
-        "lambda_3",
-        "loss",
-    ]
-    assert math.isnan(ck._row("x")["stderr"])
+    with pytest.raises(ValueError, match="kind must be"):
+        AnalysisSettings(kind="best")
+    with pytest.raises(ValueError, match="tol must be"):
+        AnalysisSettings(tol=float("nan"))
+    assert epoch_from_name("a1-b22.pt") == 22 and epoch_from_name("x.pt") is None
+
+
+def test_lambda_k_expands_to_the_top_k_rows_in_order(tmp_path):
+    df = _run(_folder(tmp_path, n=1), metrics=["lambda_3", "loss", "lambda_max"], out=False)
+    assert list(df.metric) == ["lambda_max", "lambda_2", "lambda_3", "loss"]
+    lam = df.set_index("metric").value
+    assert lam["lambda_max"] >= lam["lambda_2"] >= lam["lambda_3"]
+    assert df.stderr.isna().all()  # nothing here is stochastic
 
 
 _CHILD = """
@@ -183,8 +199,9 @@ sys.path.insert(0, {root!r})
 torch.set_num_threads(1)
 from analysis import analyze_run
 from tests.analysis._models import batches, mlp
+from analysis import AnalysisSettings
 analyze_run({folder!r}, ["loss", "lambda_max", "trace"], model_factory=mlp, data=batches(),
-            progress=False, trace_matvecs=12)
+            progress=False, settings=AnalysisSettings(trace_matvecs=12))
 """
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from analysis import atomic_torch_save
-from saf.cli import main
+from cli import main
 from saf.runs import save_checkpoint, write_run
 
 
@@ -54,7 +54,7 @@ def test_run_directory_end_to_end(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     # cross-check one value against the library on the same model and data
     from analysis import hessian_eigenvalues
-    from analysis._io import load_state_dict
+    from analysis.io import load_state_dict
     from saf.data import data_batches
     from saf.runs import model_from_run
 

@@ -6,10 +6,12 @@ import json
 
 import pytest
 
-from figures.pipeline import Settings, check_settings, scaled_hparams
-from saf._cli_common import UsageError
-from saf._cli_figures import build_settings
-from saf.cli import build_parser, main
+from cli import build_parser, main
+from cli._common import UsageError
+from cli._figures import build_settings
+from figures import Settings
+from figures._settings import check_settings
+from saf import scaled_hparams
 
 
 def _settings(*argv):
@@ -35,7 +37,7 @@ def test_paper_scale_cifar_plumbing(tmp_path):
         200,
         128,
     )
-    h = scaled_hparams(s, 391)  # CIFAR-10, batch 128: the paper's own schedule
+    h = scaled_hparams(s.epochs, 391)  # CIFAR-10, batch 128: the paper's own schedule
     assert (h["start_epoch"], h["lag"], h["saf_lambda"], h["tau"]) == (5, 3, 0.3, 5.0)
     assert h["ema_beta"] == pytest.approx(0.9998, abs=1e-6)
 
@@ -64,7 +66,7 @@ def test_hidden_options_override(tmp_path):
 
 
 def test_scaled_hparams_short_schedule():
-    h = scaled_hparams(Settings(epochs=30), 23)
+    h = scaled_hparams(30, 23)
     assert h["start_epoch"] == 1 and h["lag"] == 1
     # EMA horizon 1/(1-beta) = 6.4% of the 690 steps
     assert 1 / (1 - h["ema_beta"]) == pytest.approx(0.064 * 30 * 23)

@@ -7,8 +7,8 @@ import json
 import pandas as pd
 import pytest
 
-from figures.pipeline import quick_settings, run_pipeline
-from saf.cli import main
+from cli import main
+from figures import quick_settings, run_pipeline
 
 TINY = [
     "--quick", "--seeds", "2", "--epochs", "2", "--analysis-samples", "128",
@@ -104,7 +104,7 @@ def test_quick_mode_default_settings(tmp_path):
 def test_export_reference_is_smaller_and_complete(study, tmp_path):
     from PIL import Image
 
-    from figures.pipeline import export_reference
+    from figures import export_reference
 
     written = export_reference(study, tmp_path)
     pngs = [p for p in written if p.suffix == ".png"]

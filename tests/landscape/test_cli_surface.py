@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import landscape as L
-from saf.cli import main
+from cli import main
 from saf.data import data_batches
 from saf.runs import model_from_run, save_checkpoint, write_run
 
@@ -110,7 +110,7 @@ def test_pca_and_checkpoint_target(tmp_path, runs, capsys):
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_equals_single_process(tmp_path, runs):
-    """``torchrun --nproc_per_node 2 -m saf.cli surface ...`` (gloo) == one process."""
+    """``torchrun --nproc_per_node 2 -m cli surface ...`` (gloo) == one process."""
     import os
     import shutil
     import subprocess
@@ -121,7 +121,7 @@ def test_torchrun_two_ranks_equals_single_process(tmp_path, runs):
         pytest.skip("torchrun not found next to the Python executable")
     cmd = _surface_cmd(runs[0], tmp_path / "dist", "--no-plots")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "saf.cli", *cmd],
+    r = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "cli", *cmd],
                        capture_output=True, text=True, timeout=600, env=env)  # fmt: skip
     assert r.returncode == 0, r.stderr[-3000:]
     threads = torch.get_num_threads()

@@ -66,8 +66,9 @@ def test_plot_trajectory(tmp_path):
 def test_html_is_standalone(tmp_path):
     p = L.write_html([_bowl(label="SGD"), _bowl(3, label="SAF")], tmp_path / "s.html")
     html = p.read_text()
-    assert '<script src="http' not in html and "plotly.js v" in html.lower() or "Plotly" in html
-    assert len(html) > 1_000_000  # plotly.js inline: no network needed
+    assert "<script src=" not in html  # nothing is fetched: the page works offline
+    assert "plotly.js v" in html.lower()  # the library itself is inlined (its banner)
+    assert "SGD" in html and "SAF" in html  # both surfaces are on the page
 
 
 @pytest.mark.browser

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import landscape as L
+from analysis import fold_batchnorm
 
 
 class LinReg(nn.Module):
@@ -101,7 +102,7 @@ def test_center_point_is_eval_mode_loss_and_accuracy():
 
 def test_fast_path_folds_batchnorm_and_matches_plain():
     model = _cnn()
-    folded, n = L.fold_batchnorm(model)
+    folded, n = fold_batchnorm(model)
     assert n == 2
     d = [L.random_direction(model, seed=s, ignore=None) for s in (1, 2)]
     grid = np.linspace(-1, 1, 3)
@@ -123,7 +124,7 @@ def _fast_and_plain(model, dirs, data=None):
 
 
 def _n_prefolded(model, dirs):
-    from landscape._fast import prefold_batchnorm
+    from analysis.fold import prefold_batchnorm
 
     base = {k: v.detach() for k, v in [*model.named_parameters(), *model.named_buffers()]}
     keys = {k for d in dirs for k, v in d.items() if bool(v.any())}
@@ -359,7 +360,7 @@ class _SharedPreActivation(torch.nn.Module):
 def test_fast_path_relu_in_place_only_when_nothing_else_reads_the_input():
     model = _SharedPreActivation().eval()
     torch.nn.init.normal_(model.bn.running_mean)
-    folded, n = L.fold_batchnorm(model)
+    folded, n = fold_batchnorm(model)
     assert n == 1 and "relu_(" not in folded.code
     x = torch.randn(3, 2, 5, 5)
     torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)

@@ -2,7 +2,7 @@
 
 Starting a fresh Python per ``saf`` command costs seconds (torch, sklearn and dynamo
 imports). The launcher imports everything once, with one CPU thread and no torch work done,
-then forks one child per command: each child runs ``saf.cli.main(argv)`` exactly as the
+then forks one child per command: each child runs ``cli.main(argv)`` exactly as the
 console script does, in its own process, so ``os.kill(pid, SIGKILL)`` is a real SIGKILL.
 
 Protocol (one JSON object per line): the test sends ``{"argv": [...], "log": PATH}``; the
@@ -30,13 +30,13 @@ def _serve() -> None:
     import torch._dynamo  # noqa: F401
 
     import analysis  # noqa: F401
+    import cli
     import landscape  # noqa: F401  (matplotlib, plotly)
-    import saf.cli
     from saf.data import load_dataset
 
     for split in ("train", "test"):
         load_dataset("digits", split)  # cached in memory, inherited by every child
-    saf.cli.build_parser()
+    cli.build_parser()
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         req = json.loads(line)
@@ -49,7 +49,7 @@ def _serve() -> None:
             if req.get("slow_io") or req.get("hold_write"):
                 _slow_fsync(req["slow_io"], req.get("hold_write", 0), held_marker(req["log"]))
             try:
-                code = saf.cli.main(req["argv"])
+                code = cli.main(req["argv"])
             except BaseException:
                 import traceback
 

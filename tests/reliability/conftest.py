@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from saf.cli import main
+from cli import main
 from tests.reliability._launcher import Launcher
 
 TINY_TRAIN = ["--method", "saf", "--model", "mlp", "--model-kwargs", '{"width": 16}']
@@ -43,7 +43,7 @@ def files_under(path: Path) -> dict[str, bytes]:
 
 
 def run_cli(capsys, argv) -> tuple[int, str, str]:
-    """``saf.cli.main(argv)`` in-process: (exit code, stdout, stderr)."""
+    """``cli.main(argv)`` in-process: (exit code, stdout, stderr)."""
     rc = main([str(a) for a in argv])
     out, err = capsys.readouterr()
     return rc, out, err

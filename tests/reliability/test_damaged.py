@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from saf._cli_common import EXIT_SKIPPED
+from cli._common import EXIT_SKIPPED
 from saf.models import build_model
 from tests.reliability.conftest import run_cli
 

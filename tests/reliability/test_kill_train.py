@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from analysis import load_state_dict, safe_torch_load
+from cli import main
 from saf import METRIC_COLUMNS, list_checkpoints, model_from_run, read_metrics, read_run
-from saf.cli import main
 from tests.reliability._launcher import kill_at
 
 TINY = ["--method", "saf", "--model", "mlp", "--model-kwargs", '{"width": 16}', "--limit", "64"]

@@ -11,8 +11,8 @@ import torch
 
 import saf.methods
 from analysis import load_state_dict, safe_torch_load
+from cli import main
 from saf import list_checkpoints, read_metrics
-from saf.cli import main
 
 TINY = ["--model", "mlp", "--model-kwargs", '{"width": 16}', "--limit", "64"]
 TINY += ["--batch-size", "32", "--saf-start", "1", "--saf-lag", "1", "--no-progress"]

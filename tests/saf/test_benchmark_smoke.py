@@ -35,4 +35,4 @@ def test_train_cost_quick_mode(tmp_path, capsys):
     for r in res["ratio_to_sgd"].values():
         assert r["ci95"][0] <= r["median"] <= r["ci95"][1] and r["median"] > 0
     assert res["store_bytes_per_sample_per_class"] == 6  # fp16, lag 3
-    assert "mesa-plain" in capsys.readouterr().out
+    assert "MESA EMA copy" in capsys.readouterr().out

@@ -23,8 +23,8 @@ def _torchrun() -> list[str]:
 def _gather_worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    from saf import epoch_batches as _batches
     from saf._distributed import DistInfo
-    from saf.train import _batches
     from saf.trajectory import OutputStore
 
     n, c, info = 50, 3, DistInfo(rank, world)
@@ -69,7 +69,7 @@ def test_ddp_two_cpu_ranks_match_single_process(tmp_path, method):
             str(v),
         ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "saf.cli", "train"]
+    cmd = [*_torchrun(), "--standalone", "--nproc_per_node", "2", "-m", "cli", "train"]
     out = subprocess.run(
         [*cmd, *flags, "--out", str(tmp_path / "ddp"), "--no-progress", "--threads", "1"],
         env=env, capture_output=True, text=True, timeout=300,

@@ -3,9 +3,8 @@
 import torch
 import torch.nn.functional as F
 
-from saf import OutputStore, Stepper, load_dataset, trajectory_loss, trajectory_loss_and_grad
+from saf import OutputStore, Stepper, epoch_batches, load_dataset, trajectory_loss
 from saf.data import IndexedDataset
-from saf.train import _batches
 
 
 def _oracle(z, zp, tau, lam):
@@ -38,25 +37,43 @@ def test_mask_rows_contribute_exactly_zero():
     torch.testing.assert_close(got, expect)
 
 
-def test_closed_form_loss_and_grad_equal_autograd_float64():
+def test_closed_form_gradient_equals_autograd_of_the_formula_float64():
+    """The oracle: autograd through the plain formula, masked rows left out of the mean."""
     z = torch.randn(6, 4, dtype=torch.float64, requires_grad=True)
     zp = torch.randn(6, 4, dtype=torch.float64)
     mask = torch.tensor([True, False, True, True, False, True])
     for m in (None, mask):
-        ref = trajectory_loss(z, zp, 5.0, 0.8, m)
+        keep = torch.ones(6, dtype=torch.bool) if m is None else m
+        p, log_q = torch.softmax(zp / 5.0, 1), torch.log_softmax(z / 5.0, 1)
+        kl = (p * (p.log() - log_q)).sum(1)
+        ref = 0.8 * 25.0 * torch.where(keep, kl, 0.0).mean()
         (ref_grad,) = torch.autograd.grad(ref, z)
-        loss, grad = trajectory_loss_and_grad(z, zp, 5.0, 0.8, m)
-        assert not loss.requires_grad and not grad.requires_grad
+        loss = trajectory_loss(z, zp, 5.0, 0.8, m)
+        (grad,) = torch.autograd.grad(loss, z)
         torch.testing.assert_close(loss, ref.detach(), rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(grad, ref_grad, rtol=1e-10, atol=1e-12)
     # A masked row may hold anything (an fp16 overflow, say): it stays out of both.
     zp[1] = float("inf")
-    loss_inf, grad_inf = trajectory_loss_and_grad(z, zp, 5.0, 0.8, mask)
+    loss_inf = trajectory_loss(z, zp, 5.0, 0.8, mask)
+    (grad_inf,) = torch.autograd.grad(loss_inf, z)
     torch.testing.assert_close(loss_inf, loss)
     torch.testing.assert_close(grad_inf, grad)
-    assert grad[~mask].eq(0).all()
-    (autograd_inf,) = torch.autograd.grad(trajectory_loss(z, zp, 5.0, 0.8, mask), z)
-    torch.testing.assert_close(autograd_inf, grad)  # the autograd form: no NaN either
+    assert grad_inf[~mask].eq(0).all()
+
+
+def test_gradient_follows_the_upstream_scale_and_the_logits_dtype():
+    """A GradScaler multiplies the loss: the closed form must scale with it; fp16 logits
+    (autocast) get a gradient in their own dtype, computed in float32."""
+    z = torch.randn(5, 3, requires_grad=True)
+    zp = torch.randn(5, 3)
+    (g1,) = torch.autograd.grad(trajectory_loss(z, zp, 5.0, 0.3), z)
+    (g8,) = torch.autograd.grad(8.0 * trajectory_loss(z, zp, 5.0, 0.3), z)
+    torch.testing.assert_close(g8, 8.0 * g1)
+    zh = z.detach().half().requires_grad_(True)
+    loss = trajectory_loss(zh, zp.half(), 5.0, 0.3)
+    (gh,) = torch.autograd.grad(loss, zh)
+    assert loss.dtype == torch.float32 and gh.dtype == torch.float16
+    torch.testing.assert_close(gh.float(), g1, rtol=1e-2, atol=1e-4)
 
 
 def test_stepper_gradient_equals_autograd_of_ce_plus_trajectory_loss():
@@ -126,7 +143,7 @@ def test_sample_ids_stay_aligned_under_shuffling():
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     step = Stepper("saf", model, opt, lam=0.3, tau=5.0, start_epoch=0, store=store)
     gen = torch.Generator().manual_seed(0)
-    batches = _batches(n, 16, gen)
+    batches = epoch_batches(n, 16, gen)
     assert not torch.equal(torch.cat(batches), torch.arange(len(torch.cat(batches))))  # shuffled
     for idx in batches:
         x, y, i = ds.get_batch(idx)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from saf._cli_common import (
+from cli._common import (
     UsageError,
     device,
     existing_dir,
@@ -15,6 +15,7 @@ from saf._cli_common import (
     positive_int,
     unit_float,
 )
+from saf import DATASETS, METHODS, MODELS, TrainConfig, train
 
 EXAMPLES = """examples:
   saf train --method saf --out runs/saf-s0
@@ -44,10 +45,6 @@ def _json_dict(text: str) -> dict:
 
 def add_parser(subparsers) -> None:
     """Register ``saf train``."""
-    from saf.data import DATASETS
-    from saf.methods import METHODS
-    from saf.models import MODELS
-
     p = subparsers.add_parser(
         "train",
         help="train one run with sgd, sam, asam, saf or mesa",
@@ -88,8 +85,6 @@ def add_parser(subparsers) -> None:
 
 def run(args) -> int:
     """Train (or resume) and print the run directory."""
-    from saf.train import TrainConfig, train
-
     fields = {k: v for k, v in vars(args).items() if k not in ("command", "run", "resume")}
     fields["data_dir"] = None if args.data_dir is None else str(args.data_dir)
     if args.resume is not None:

@@ -1,18 +1,25 @@
 """The ``saf`` command: ``train``, ``analyze``, ``surface`` and ``figures``.
 
-This is the only module (with ``figures``) that sees every package. Each
-subcommand lives in its own ``saf._cli_<name>`` module exposing
-``add_parser(subparsers)`` and ``run(args) -> int``.
+The top layer: the only package that sees every other one. Each subcommand lives in its
+own module (``cli._train``, ...) exposing ``add_parser(subparsers)`` and ``run(args)``.
+Only the command line names code to import (``--model``, ``--data``: trusted input);
+a file on disk never does.
+
+Exit codes: 0 done, 2 bad input or diverged (one line on stderr, no traceback, nothing
+written), 3 done but something was skipped (each skip named on stderr), 130 interrupted.
 """
 
 from __future__ import annotations
 
-import importlib
+import argparse
 import sys
 
-from saf._cli_common import EXIT_USAGE, OneLineParser, UsageError
+from cli import _analyze, _figures, _surface, _train
+from cli._common import EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, OneLineParser, UsageError
 
-SUBCOMMANDS = ("train", "analyze", "surface", "figures")
+__all__ = ["EXIT_OK", "EXIT_SKIPPED", "EXIT_USAGE", "UsageError", "build_parser", "main"]
+
+SUBCOMMANDS = (_train, _analyze, _surface, _figures)
 
 EPILOG = """examples:
   saf train --method saf --epochs 20 --out runs/saf-s0
@@ -23,9 +30,7 @@ EPILOG = """examples:
 
 
 def build_parser() -> OneLineParser:
-    """The full argument parser, one subparser per available subcommand."""
-    import argparse
-
+    """The full argument parser, one subparser per subcommand."""
     parser = OneLineParser(
         prog="saf",
         description="Sharpness-aware training (SGD, SAM, ASAM, SAF, MESA) and "
@@ -35,13 +40,7 @@ def build_parser() -> OneLineParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     sub.required = True
-    for name in SUBCOMMANDS:
-        try:
-            module = importlib.import_module(f"saf._cli_{name}")
-        except ModuleNotFoundError as e:
-            if e.name != f"saf._cli_{name}":
-                raise
-            continue
+    for module in SUBCOMMANDS:
         module.add_parser(sub)
     return parser
 
@@ -63,7 +62,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("saf: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import importlib
-import os
+import dataclasses
 import sys
 
-from saf._cli_common import (
+import torch
+
+from analysis import AnalysisSettings, analyze_run, parse_metrics
+from cli._common import (
     EXIT_OK,
     EXIT_SKIPPED,
     UsageError,
     device,
     existing_dir,
+    import_object,
     positive_float,
     positive_int,
 )
+from saf import DATASETS, data_batches, is_run_dir, model_from_run, read_run_lenient
 
 DEFAULT_METRICS = "loss,accuracy,lambda_max,trace,sam_sharpness"
 
@@ -74,98 +78,41 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def import_object(spec: str, what: str):
-    """``package.module:name`` -> the object (the current folder is importable too).
-
-    Raises:
-        UsageError: malformed spec, module not importable, or no such attribute.
-    """
-    mod, sep, name = spec.partition(":")
-    if not sep or not mod or not name.isidentifier():
-        raise UsageError(f"{what} must look like package.module:name, got {spec!r}")
-    if os.getcwd() not in sys.path:
-        sys.path.insert(0, os.getcwd())
-    try:
-        obj = getattr(importlib.import_module(mod), name)
-    except ImportError as e:
-        raise UsageError(f"{what} {spec!r}: cannot import {mod!r} ({e})") from None
-    except AttributeError:
-        raise UsageError(f"{what} {spec!r}: module {mod!r} has no {name!r}") from None
-    if not callable(obj):
-        raise UsageError(f"{what} {spec!r} is not callable")
-    return obj
-
-
 def _sources(args):
-    """(model_factory, data) from the run directory and/or --model / --data."""
-    from saf.data import DATASETS, data_batches
-    from saf.runs import model_from_run
+    """(model_factory, data, notes) from the run directory and/or --model / --data.
 
-    run, notes = _run_info(args.dir, args.model is not None and args.data is not None)
+    Only --model and --data may name code; a run directory's ``run.json`` is data (its
+    model and data names must be ones this toolkit knows)."""
+    run, error, notes = read_run_lenient(args.dir) if is_run_dir(args.dir) else (None, None, [])
     if run is None and (args.model is None or args.data is None):
         raise UsageError(
-            f"{args.dir} is not a run directory of `saf train`; give --model MODULE:FACTORY "
+            error
+            or f"{args.dir} is not a run directory of `saf train`; give --model MODULE:FACTORY "
             "and --data NAME|MODULE:FUNCTION"
         )
+    if error:
+        notes = [error]
     factory = import_object(args.model, "--model") if args.model else (lambda: model_from_run(run))
     name = args.data or run["data"]["name"]
-    if ":" in name:
-        data = import_object(name, "--data")()
-    elif name in DATASETS:
-        data_dir = args.data_dir or (run or {}).get("data", {}).get("data_dir")
-        data = data_batches(
-            name, args.split, args.batch_size, args.n_samples, data_dir, args.device
-        )
-    else:
+    if args.data and ":" in args.data:
+        return factory, import_object(args.data, "--data")(), notes
+    if name not in DATASETS:
         raise UsageError(f"--data: unknown data set {name!r}; use {', '.join(DATASETS)} "
                          "or package.module:function")  # fmt: skip
+    data_dir = args.data_dir or (run or {}).get("data", {}).get("data_dir")
+    data = data_batches(name, args.split, args.batch_size, args.n_samples, data_dir, args.device)
     return factory, data, notes
 
 
-_RUN_REQUIRED = {"format", "method", "hparams", "model", "data", "seed"}
-_RUN_KEYS = _RUN_REQUIRED | {"device", "versions", "config"}  # device...: optional
-
-
-def _run_info(run_dir, have_sources: bool) -> tuple[dict | None, list[str]]:
-    """``(run.json, problems)``. Analysis needs only its ``model`` and ``data``: other
-    missing keys and unknown keys are reported (exit 3), not fatal; with --model and --data
-    given, an incomplete run.json is reported and ignored."""
-    import json
-
-    from saf.runs import is_run_dir, read_run
-
-    if not is_run_dir(run_dir):
-        return None, []
-    path = run_dir / "run.json"
-    try:
-        return _note_keys(read_run(run_dir), path)
-    except ValueError as e:
-        run = json.loads(path.read_text())
-        model, data = run.get("model"), run.get("data")
-        usable = isinstance(model, dict) and {"name", "kwargs"} <= set(model)
-        usable = (
-            usable and isinstance(data, dict) and {"name", "num_classes", "in_shape"} <= set(data)
-        )
-        if not usable and not have_sources:
-            raise UsageError(str(e)) from None
-        run, notes = (run, _note_keys(run, path)[1]) if usable else (None, [str(e)])
-    return run, notes
-
-
-def _note_keys(run: dict, path) -> tuple[dict, list[str]]:
-    missing, unknown = sorted(_RUN_REQUIRED - set(run)), sorted(set(run) - _RUN_KEYS)
-    parts = [f"{what} keys {keys}" for what, keys in (("missing", missing), ("unknown", unknown))
-             if keys]  # fmt: skip
-    return run, [f"{path}: {', '.join(parts)} (ignored)"] if parts else []
+def settings(args) -> AnalysisSettings:
+    """The measurement settings from the parsed arguments (one field per option)."""
+    fields = {f.name for f in dataclasses.fields(AnalysisSettings)} - {"dtype", "sam_rho"}
+    kw = {k: getattr(args, k) for k in fields}
+    return AnalysisSettings(dtype=getattr(torch, args.dtype) if args.dtype else None, **kw)
 
 
 def run(args) -> int:
     """Analyse, write the CSV, print a summary; exit 3 when a checkpoint was skipped."""
-    import torch
-
-    from analysis import analyze_run
-    from analysis._checkpoints import parse_metrics
-
     if args.threads:
         torch.set_num_threads(args.threads)
     metrics = parse_metrics(args.metrics.split(","))
@@ -178,11 +125,8 @@ def run(args) -> int:
     except Exception as e:
         raise UsageError(f"--model: building the model failed: {type(e).__name__}: {e}") from None
     df = analyze_run(
-        args.dir, metrics, model_factory=factory, data=data, every=args.every, out=out,
-        device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None,
-        mode=args.mode, tol=args.tol, trace_matvecs=args.trace_matvecs, rho=args.rho, m=args.m,
-        steps=args.steps, kind=args.kind, adaptive=args.adaptive, seed=args.seed,
-        progress=args.progress,
+        args.dir, metrics, model_factory=factory, data=data, settings=settings(args),
+        every=args.every, out=out, device=args.device, progress=args.progress,
     )  # fmt: skip
     ok = df[df.status == "ok"]
     if len(ok):

@@ -1,6 +1,6 @@
-"""Atomic writes and safe checkpoint loading, shared by every package.
+"""Atomic writes and safe checkpoint reading, shared by every package.
 
-Two promises live here:
+Three promises live here:
 
 * **Atomic writes.** Every file is written to a temporary sibling, flushed,
   fsynced and moved over the target with :func:`os.replace`. A crash (even
@@ -8,6 +8,8 @@ Two promises live here:
 * **A checkpoint is data, never code.** :func:`load_state_dict` uses
   ``torch.load(..., weights_only=True)`` (or safetensors), so a pickle that
   would run code is refused before anything runs.
+* **A checkpoint fits its model or is refused**, naming why: :func:`load_checkpoint`
+  loads strictly and never casts an integer tensor to float or back.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import glob
 import io
 import json
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import torch
+from torch import nn
 
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
 _UMASK = os.umask(0o022)
@@ -165,3 +169,61 @@ def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     if not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise CheckpointError(f"{path}: not a state dict of tensors")
     return {k.removeprefix("module."): v for k, v in obj.items()}
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load the checkpoint at ``path`` into ``model`` (strictly) and return the model.
+
+    Raises:
+        CheckpointError: unreadable or unsafe (:func:`load_state_dict`), a tensor whose
+            kind (floating, complex, integer) differs from the model's, or missing,
+            unexpected or mis-shaped keys.
+    """
+    sd = load_state_dict(path)
+    for k, ref in model.state_dict().items():  # load_state_dict would cast int/complex silently
+        t = sd.get(k)
+        if t is not None and (t.is_floating_point(), t.is_complex()) != (
+            ref.is_floating_point(),
+            ref.is_complex(),
+        ):
+            raise CheckpointError(f"{path}: {k} is {t.dtype}, the model expects {ref.dtype}")
+    try:
+        model.load_state_dict(sd, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise CheckpointError(
+            f"{path}: does not match the model ({' '.join(first[1:2]).strip()[:200]})"
+        ) from None
+    return model
+
+
+def epoch_from_name(name: str | Path) -> int | None:
+    """The last integer in a file's stem (``epoch_0012.pt`` -> 12), or None.
+
+    >>> epoch_from_name("run3-epoch=07.safetensors"), epoch_from_name("final.pt")
+    (7, None)
+    """
+    nums = re.findall(r"\d+", Path(name).name.split(".")[0])
+    return int(nums[-1]) if nums else None
+
+
+def find_checkpoints(path: str | Path, every: int = 1) -> list[Path]:
+    """Checkpoint files of a folder (or of ``RUN_DIR/checkpoints``), sorted by epoch.
+
+    Keeps files whose epoch is a multiple of ``every`` (files without an epoch are
+    always kept).
+
+    Raises:
+        ValueError: ``path`` is not a folder, or holds no checkpoint file.
+    """
+    path = Path(path)
+    if every < 1:
+        raise ValueError(f"every must be >= 1, got {every}")
+    if not path.is_dir():
+        raise ValueError(f"{path}: not a folder of checkpoints or a run directory")
+    folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    files = [p for p in folder.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES]
+    if not files:
+        raise ValueError(f"{folder}: no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)})")
+    key = lambda p: (epoch_from_name(p) is None, epoch_from_name(p) or 0, p.name)  # noqa: E731
+    return [p for p in sorted(files, key=key) if (epoch_from_name(p) or 0) % every == 0]

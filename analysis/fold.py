@@ -1,4 +1,4 @@
-"""A faster inference pass for surfaces: BatchNorm folded into the convolution before it.
+"""BatchNorm folded into the convolution before it: a faster eval-mode forward (surfaces).
 
 In eval mode ``bn(conv(x))`` equals one convolution with rescaled weights
 

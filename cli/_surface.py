@@ -11,14 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
 import sys
 from pathlib import Path
 
 import numpy as np
+import torch.nn.functional as F
 
-from saf._cli_common import (
+import landscape as L
+from analysis import atomic_write_json, load_checkpoint, load_state_dict
+from analysis.distributed import init_from_env
+from cli._common import (
     EXIT_OK,
     UsageError,
     device,
@@ -28,6 +31,7 @@ from saf._cli_common import (
     positive_int,
     writable_dir,
 )
+from saf import data_batches, is_run_dir, list_checkpoints, model_from_run, read_run
 
 DIRECTIONS = ("random", "interpolate", "pca", "hessian")
 MAX_POINTS = 10_001
@@ -114,8 +118,6 @@ def add_parser(subparsers) -> None:
 
 def _resolve(target: Path, epoch: int | None) -> tuple[Path, Path, int]:
     """``(run_dir, checkpoint, epoch)`` of a run directory or a checkpoint file."""
-    from saf.runs import is_run_dir, list_checkpoints
-
     if target.is_file():
         run_dir = next((p for p in target.parents[:2] if is_run_dir(p)), None)
         if run_dir is None:
@@ -141,32 +143,19 @@ class _Run:
     """A run's model (weights loaded from one checkpoint) and its settings."""
 
     def __init__(self, target: Path, epoch: int | None, dev: str):
-        from analysis import load_state_dict
-        from saf.runs import model_from_run, read_run
-
         self.dir, self.ckpt, self.epoch = _resolve(target, epoch)
         self.info = read_run(self.dir)
-        self.state = load_state_dict(self.ckpt)
-        self.model = model_from_run(self.info)
-        ref = self.model.state_dict()
-        for k, t in self.state.items():  # load_state_dict casts int/complex and keeps NaN
-            if k in ref and ref[k].is_floating_point() and not t.is_floating_point():
-                raise UsageError(f"{self.ckpt}: {k} is {t.dtype}, the model expects floats")
+        self.model = load_checkpoint(model_from_run(self.info), self.ckpt)
+        self.state = self.model.state_dict()
+        for k, t in self.state.items():  # load_state_dict keeps NaN
             if t.is_floating_point() and not bool(t.isfinite().all()):
                 raise UsageError(f"{self.ckpt}: {k} has NaN/Inf weights; no surface to compute")
-        try:
-            self.model.load_state_dict(self.state)
-        except RuntimeError as e:
-            why = " ".join(line.strip() for line in str(e).splitlines()[1:2])[:200]
-            raise UsageError(f"{self.ckpt}: does not fit the run's model ({why})") from None
         self.model.to(dev).eval()
         self.name = self.dir.resolve().name
         self.pca = None
 
 
 def _data(run: _Run, args):
-    from saf.data import data_batches
-
     d = run.info["data"]
     data_dir = args.data_dir if args.data_dir is not None else d.get("data_dir")
     return data_batches(d["name"], args.split, args.batch_size, args.n_samples, data_dir,
@@ -174,9 +163,6 @@ def _data(run: _Run, args):
 
 
 def _checkpoints(run: _Run, k: int) -> list[dict]:
-    from analysis import load_state_dict
-    from saf.runs import list_checkpoints
-
     ckpts = [p for e, p in list_checkpoints(run.dir) if e <= run.epoch or run.epoch < 0]
     if len(ckpts) < k:
         raise UsageError(f"{run.dir}: needs at least {k} checkpoints, has {len(ckpts)}")
@@ -187,8 +173,6 @@ def _checkpoints(run: _Run, k: int) -> list[dict]:
 def _directions(args, run: _Run, others: list[_Run], data, out: Path) -> tuple[list, dict | None]:
     """``(directions, origin)`` for ``run``; for PCA also writes ``*_pca.json`` and sets
     ``run.pca``."""
-    import landscape as L
-
     n, ignore = args.dim, None if args.ignore == "none" else args.ignore
     if args.directions == "random":
         seeds = [args.seed + i for i in range(n)]
@@ -208,16 +192,13 @@ def _directions(args, run: _Run, others: list[_Run], data, out: Path) -> tuple[l
         run.pca = pca
         return pca.directions, None
     dirs, evals = L.hessian_directions(
-        run.model, _ce(), data, k=n, seed=args.seed, tol=1e-3, progress=args.progress
+        run.model, F.cross_entropy, data, k=n, seed=args.seed, tol=1e-3, progress=args.progress
     )
     print(f"saf surface: top Hessian eigenvalues {np.round(evals, 6).tolist()}", file=sys.stderr)
     return dirs, None
 
 
 def _all_checkpoints(run: _Run) -> list[dict]:
-    from analysis import load_state_dict
-    from saf.runs import list_checkpoints
-
     paths = [p for e, p in list_checkpoints(run.dir) if run.epoch < 0 or e <= run.epoch]
     if len(paths) < 3:
         raise UsageError(f"{run.dir}: PCA needs at least 3 checkpoints, has {len(paths)}")
@@ -225,8 +206,6 @@ def _all_checkpoints(run: _Run) -> list[dict]:
 
 
 def _write_pca(pca, path: Path) -> None:
-    from analysis import atomic_write_json
-
     atomic_write_json(
         path,
         {
@@ -237,27 +216,8 @@ def _write_pca(pca, path: Path) -> None:
     )
 
 
-def _ce():
-    import torch.nn.functional as F
-
-    return F.cross_entropy
-
-
-def _distributed(dev: str) -> int:
-    """Initialise torch.distributed under torchrun; return this process's rank."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return 0
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.startswith("cuda") else "gloo")
-    return dist.get_rank()
-
-
 def run(args) -> int:
     """Compute (or resume) the surfaces, then plot them."""
-    import landscape as L
-
     if args.directions == "interpolate" and args.compare and len(args.compare) != args.dim:
         raise UsageError(f"--directions interpolate --dim {args.dim} takes {args.dim} --compare")
     ys = args.grid if args.grid_y is None else args.grid_y
@@ -265,7 +225,7 @@ def run(args) -> int:
     others = [_Run(c, None, args.device) for c in args.compare]
     data = _data(main, args)
     out = writable_dir(args.out)
-    rank = _distributed(args.device)
+    rank, _ = init_from_env(args.device)
     group = [main] if args.directions == "interpolate" else [main, *others]
     surfaces = []
     for r in group:
@@ -274,9 +234,9 @@ def run(args) -> int:
         kw = {"origin": origin, "path": out / f"{_stem(args, r)}.npz", "metadata": _meta(args, r),
               "device": args.device, "progress": args.progress}  # fmt: skip
         if args.dim == 1:
-            s = L.surface_1d(r.model, _ce(), rdata, dirs[0], args.grid, **kw)
+            s = L.surface_1d(r.model, F.cross_entropy, rdata, dirs[0], args.grid, **kw)
         else:
-            s = L.surface_2d(r.model, _ce(), rdata, tuple(dirs), args.grid, ys, **kw)
+            s = L.surface_2d(r.model, F.cross_entropy, rdata, tuple(dirs), args.grid, ys, **kw)
         surfaces.append(s)
     if rank == 0 and args.plots:
         _plots(args, group, surfaces, out)
@@ -319,8 +279,6 @@ def _summary(s) -> dict:
 
 
 def _plots(args, group: list[_Run], surfaces: list, out: Path) -> None:
-    import landscape as L
-
     labels = [r.name for r in group]
     base = out / ("compare" if len(group) > 1 else _stem(args, group[0]))
     if args.dim == 1:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from saf._cli_common import (
+from cli._common import (
     UsageError,
     device,
     nonneg_float,
@@ -12,9 +12,9 @@ from saf._cli_common import (
     positive_int,
     writable_dir,
 )
+from figures import full_settings, quick_settings, run_pipeline, say
+from saf import DATASETS, METHODS, MODELS, load_dataset
 
-DATA = ("digits", "mnist1d", "cifar10", "cifar100")
-METHODS = ("sgd", "sam", "asam", "saf", "mesa")
 # Per data set: the model and schedule when the user gives none (paper scale for CIFAR).
 _DATA_DEFAULTS = {
     "digits": {},
@@ -37,10 +37,8 @@ def add_parser(subparsers) -> None:
     )
     p.add_argument("--out", required=True, help="output folder (runs, analysis, figures, report)")
     p.add_argument("--quick", action="store_true", help="small settings (about 3 minutes on CPU)")
-    p.add_argument("--data", choices=DATA, default="digits", help="data set (default: digits)")
+    p.add_argument("--data", choices=DATASETS, default="digits", help="data set (default: digits)")
     p.add_argument("--data-dir", help="folder of the CIFAR python-format files (CIFAR only)")
-    from saf.models import MODELS
-
     p.add_argument(
         "--model", choices=list(MODELS), help="model name (default: mlp; resnet18 for CIFAR)"
     )
@@ -77,8 +75,6 @@ def _ints(text: str, what: str) -> tuple[int, ...]:
 
 def build_settings(args: argparse.Namespace):
     """The pipeline's Settings from the parsed arguments (validated; nothing is run)."""
-    from figures.pipeline import full_settings, quick_settings
-
     if args.data.startswith("cifar") and not args.data_dir:
         raise UsageError(f"--data {args.data} needs --data-dir (the python-format CIFAR folder)")
     if args.data_dir and not args.data.startswith("cifar"):
@@ -107,12 +103,8 @@ def build_settings(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     """Run the pipeline; print where the report is."""
-    from figures.pipeline import run_pipeline, say
-
     settings = build_settings(args)
     if settings.data.startswith("cifar"):  # a bad --data-dir: one line, before any output
-        from saf.data import load_dataset
-
         for split in ("train", "test"):
             load_dataset(settings.data, split, settings.data_dir)
     out = writable_dir(args.out)

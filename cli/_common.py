@@ -1,15 +1,15 @@
-"""Shared pieces of the ``saf`` command line: errors, exit codes, argument types.
-
-Exit codes: 0 success, 2 bad input (one line on stderr, no traceback, nothing
-written), 3 finished but something was skipped (each skip named on stderr),
-130 interrupted.
-"""
+"""Shared pieces of the ``saf`` command line: errors, exit codes, argument types."""
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
+import os
+import sys
 from pathlib import Path
+
+import torch
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -89,8 +89,6 @@ def existing_path(text: str) -> Path:
 
 def writable_dir(path: str | Path) -> Path:
     """Create ``path`` if needed and check it is writable, else raise UsageError."""
-    import os
-
     p = Path(path)
     try:
         p.mkdir(parents=True, exist_ok=True)
@@ -103,8 +101,6 @@ def writable_dir(path: str | Path) -> Path:
 
 def device(text: str) -> str:
     """argparse type: 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (cuda if available)."""
-    import torch
-
     if text == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -116,3 +112,28 @@ def device(text: str) -> str:
     if d.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"device {text!r} asked for, but CUDA is not available")
     return str(d)
+
+
+def import_object(spec: str, what: str):
+    """``package.module:name`` -> the object (the current folder is importable too).
+
+    Only the command line names code: this is called on ``--model``/``--data``/``--loss``
+    values, never on anything read from a file.
+
+    Raises:
+        UsageError: malformed spec, module not importable, or no such attribute.
+    """
+    mod, sep, name = spec.partition(":")
+    if not sep or not mod or mod.startswith(".") or not name.isidentifier():
+        raise UsageError(f"{what} must look like package.module:name, got {spec!r}")
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj = getattr(importlib.import_module(mod), name)
+    except ImportError as e:
+        raise UsageError(f"{what} {spec!r}: cannot import {mod!r} ({e})") from None
+    except AttributeError:
+        raise UsageError(f"{what} {spec!r}: module {mod!r} has no {name!r}") from None
+    if not callable(obj):
+        raise UsageError(f"{what} {spec!r} is not callable")
+    return obj

@@ -1,0 +1,208 @@
+r"""The one batch convention of the toolkit, and the one size-weighted loop over batches.
+
+Every measure, surface and loop (Hessian products, Lanczos, trace, density, m-sharpness,
+surfaces, interpolation, PCA, ``analyze_run``, the trainer's evaluation) reads data the
+same way:
+
+* **A batch** is ``(inputs, targets)``; its size is counted from the targets.
+* **Inputs** call the model by their type: a Tensor calls ``model(x)``, a tuple or list
+  ``model(*x)``, a mapping ``model(**x)`` (a Hugging-Face-style batch of named tensors).
+* **Outputs** are used by their type: a Tensor as it is, a tuple or list by its first
+  element, a mapping (a Hugging Face ``ModelOutput`` is one) by its ``"logits"``.
+* **The data-set loss** is the size-weighted mean of the batch losses,
+
+  .. math:: L = \frac{1}{N}\sum_b n_b\,\ell_b, \qquad N = \sum_b n_b,
+
+  computed by :func:`batch_mean` (over every rank under ``torch.distributed``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from analysis.distributed import all_reduce_sum
+
+Batch = tuple[Any, Any]
+
+
+def split(batch: Any) -> Batch:
+    """``(inputs, targets)`` of one batch.
+
+    Raises:
+        ValueError: the batch is not a pair.
+    """
+    try:
+        inputs, targets = batch
+    except (TypeError, ValueError):
+        raise ValueError(
+            "data must yield (inputs, targets) pairs, e.g. a DataLoader or a list of tuples"
+        ) from None
+    return inputs, targets
+
+
+def batch_size(batch: Any) -> int:
+    """Number of samples of a batch, counted from its targets.
+
+    >>> batch_size((torch.zeros(5, 3), torch.zeros(5)))
+    5
+    """
+    _, targets = split(batch)
+    if isinstance(targets, torch.Tensor):
+        return int(targets.shape[0]) if targets.dim() > 0 else 1
+    return len(targets)
+
+
+def to(obj: Any, device: Any = None, dtype: torch.dtype | None = None) -> Any:
+    """``obj`` with every tensor moved to ``device``; floating tensors cast to ``dtype``.
+
+    Tuples, lists and mappings are walked (their structure is kept); other values pass.
+    """
+    if isinstance(obj, torch.Tensor):
+        cast = dtype if dtype is not None and obj.is_floating_point() else obj.dtype
+        return obj.to(device=device if device is not None else obj.device, dtype=cast)
+    if isinstance(obj, Mapping):
+        return {k: to(v, device, dtype) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        items = [to(v, device, dtype) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
+def call_args(inputs: Any) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` that call a model on ``inputs`` (see the module docstring)."""
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, (tuple, list)):
+        return tuple(inputs), {}
+    return (inputs,), {}
+
+
+def output_tensor(output: Any) -> torch.Tensor:
+    """The tensor a loss reads from a model's output (see the module docstring).
+
+    Raises:
+        ValueError: an output with no tensor where the convention looks.
+    """
+    if isinstance(output, Mapping):
+        if "logits" not in output:
+            raise ValueError(
+                f"the model returned a mapping without 'logits' (keys {list(output)[:5]}); "
+                "return a tensor or a mapping with 'logits'"
+            )
+        output = output["logits"]
+    elif isinstance(output, (tuple, list)) and output:
+        output = output[0]
+    if not isinstance(output, torch.Tensor):
+        raise ValueError(f"the model returned a {type(output).__name__}, not a tensor")
+    return output
+
+
+def forward(
+    model: nn.Module, inputs: Any, params: Mapping[str, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """The model's output tensor on ``inputs``; with ``params``, via ``functional_call``
+    (the model's own tensors are neither used for those names nor modified)."""
+    args, kwargs = call_args(inputs)
+    if params is None:
+        return output_tensor(model(*args, **kwargs))
+    return output_tensor(functional_call(model, params, args, kwargs))
+
+
+def is_class_batch(output: torch.Tensor, targets: Any) -> bool:
+    """Whether ``targets`` are class labels of ``output`` (so accuracy means something)."""
+    return (
+        isinstance(targets, torch.Tensor)
+        and output.dim() == 2
+        and targets.dim() == 1
+        and not targets.is_floating_point()
+        and not targets.is_complex()
+        and output.shape[0] == targets.shape[0]
+    )
+
+
+def accuracy(output: torch.Tensor, targets: Any) -> torch.Tensor:
+    """Share of correct argmax predictions (a float64 0-d tensor), NaN when ``targets``
+    are not class labels of ``output``."""
+    if not is_class_batch(output, targets):
+        return torch.full((), float("nan"), dtype=torch.float64, device=output.device)
+    return (output.argmax(1) == targets).to(torch.float64).mean()
+
+
+def loss_and_accuracy(loss_fn: Callable, output: torch.Tensor, targets: Any) -> torch.Tensor:
+    """``[loss, accuracy]`` of one batch, a float64 tensor (accuracy NaN unless the targets
+    are class labels of the output: :func:`accuracy`)."""
+    loss = loss_fn(output, targets).detach().to(torch.float64).reshape(())
+    return torch.stack([loss, accuracy(output, targets)])
+
+
+@contextlib.contextmanager
+def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
+    """Put every submodule in ``mode`` ("eval" or "train"); restore each one's flag after."""
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode must be 'eval' or 'train', got {mode!r}")
+    saved = [(m, m.training) for m in model.modules()]
+    model.train(mode == "train")
+    try:
+        yield
+    finally:
+        for m, training in saved:
+            m.training = training
+
+
+def reiterable(data: Iterable) -> Iterable:
+    """``data`` itself when it can be iterated again; a list of its batches otherwise."""
+    if iter(data) is data:  # a generator or iterator: read it once
+        return list(data)
+    return data
+
+
+def count_samples(batches: Iterable, distributed: bool | None = False) -> int:
+    """``N``: the samples of ``batches`` (summed over ranks)."""
+    n = torch.tensor([float(sum(batch_size(b) for b in batches))], dtype=torch.float64)
+    return int(all_reduce_sum(n, distributed).item())
+
+
+def batch_mean(
+    fn: Callable[[Any], torch.Tensor],
+    batches: Iterable,
+    *,
+    n_samples: int | None = None,
+    distributed: bool | None = False,
+) -> torch.Tensor:
+    r"""The size-weighted mean :math:`\frac1N\sum_b n_b\, f(b)` of a per-batch mean ``fn``.
+
+    Args:
+        fn: ``fn(batch) -> Tensor``, a mean over the batch (any shape, same every batch).
+        batches: ``(inputs, targets)`` batches (this rank's, under ``distributed``).
+        n_samples: ``N`` over all ranks when known (each term is then added with weight
+            :math:`n_b/N`); counted from the batches otherwise.
+        distributed: sum over ranks (see :mod:`analysis.distributed`).
+
+    Raises:
+        ValueError: no batch at all (on every rank), or no sample.
+
+    >>> data = [(torch.ones(1), torch.zeros(1)), (3 * torch.ones(3), torch.zeros(3))]
+    >>> batch_mean(lambda b: b[0].mean(), data)  # (1 * 1 + 3 * 3) / 4
+    tensor(2.5000)
+    """
+    total, n = None, 0
+    for batch in batches:
+        nb = batch_size(batch)
+        v = fn(batch)
+        w = nb / n_samples if n_samples else float(nb)
+        total = torch.add(torch.zeros_like(v) if total is None else total, v, alpha=w)
+        n += nb
+    if n_samples:
+        if total is None:
+            raise ValueError("this rank got no batch; pass at least one batch per rank")
+        return all_reduce_sum(total, distributed)
+    if total is None or n == 0:
+        raise ValueError("data has no samples; pass at least one (inputs, targets) batch")
+    count = all_reduce_sum(torch.tensor([float(n)], dtype=torch.float64), distributed)
+    return all_reduce_sum(total, distributed) / count.to(total.device, total.dtype).squeeze(0)

@@ -1,0 +1,101 @@
+"""What the study behind ``saf figures`` is: its settings, run names and progress lines."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from analysis.io import atomic_write_json
+
+METHODS = ("sgd", "sam", "saf", "mesa")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything that defines the study. Same settings for every method and seed.
+
+    The SAF/MESA hyperparameters are the paper's (Du et al. 2022, Sec. 4.1) scaled to
+    the schedule: see :func:`saf.scaled_hparams`.
+    """
+
+    data: str = "digits"
+    model: str = "mlp"
+    model_kwargs: dict = field(default_factory=dict)
+    methods: tuple[str, ...] = METHODS
+    seeds: int = 3
+    epochs: int = 40
+    batch_size: int = 128
+    lr: float = 0.05
+    analysis_samples: int = 512
+    hessian_every: int = 4
+    surface_points: int = 21
+    surface_span: float = 1.0
+    interp_points: int = 25
+    m_values: tuple[int, ...] = (1, 4, 16, 64, 256)
+    sweep_lams: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
+    sweep_lags: tuple[int, ...] = (1, 3)
+    sweep_seeds: int = 1
+    data_dir: str | None = None
+    quick: bool = False
+
+    def key(self) -> dict:
+        """The settings that define the results (a change means new results)."""
+        return {k: v for k, v in asdict(self).items() if k != "data_dir"}
+
+
+def quick_settings(**overrides) -> Settings:
+    """Small settings for ``--quick`` (minutes on 2 CPU cores)."""
+    base = Settings(
+        epochs=6,
+        analysis_samples=256,
+        hessian_every=2,
+        surface_points=9,
+        interp_points=11,
+        m_values=(4, 16, 64),
+        sweep_lams=(0.3, 3.0),
+        sweep_lags=(1,),
+        quick=True,
+    )
+    return replace(base, **overrides)
+
+
+def full_settings(**overrides) -> Settings:
+    """The default (full) settings."""
+    return replace(Settings(), **overrides)
+
+
+_T0 = [time.perf_counter()]
+
+
+def restart_clock() -> None:
+    """Count the seconds that :func:`say` prints from now."""
+    _T0[0] = time.perf_counter()
+
+
+def say(msg: str) -> None:
+    """A progress line on stderr, with the seconds since the pipeline started."""
+    print(f"saf figures [{time.perf_counter() - _T0[0]:6.1f}s]: {msg}", file=sys.stderr, flush=True)
+
+
+def check_settings(out: Path, s: Settings) -> None:
+    """Refuse to mix results of different settings in one folder; record the settings."""
+    path = out / "settings.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        new = json.loads(json.dumps(s.key()))
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+        if diff:
+            raise ValueError(
+                f"{out} holds results made with other settings ({', '.join(diff)} differ); "
+                "use another --out folder, or delete it to start over"
+            )
+    else:
+        atomic_write_json(path, s.key())
+
+
+def run_name(method: str, seed: int) -> str:
+    """Folder name of one run, e.g. ``saf-s0``."""
+    return f"{method}-s{seed}"
