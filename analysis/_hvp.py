@@ -64,6 +64,8 @@ class HessianOperator:
         shape: ``(n, n)`` with ``n = n_params``.
         n_matvecs: number of products computed so far.
         n_samples: number of samples N (over all ranks).
+        cached: whether products use kept first-order graphs; ``cache_bytes`` is then
+            their size.
 
     Reference: Pearlmutter, "Fast exact multiplication by the Hessian", 1994.
 
@@ -105,6 +107,11 @@ class HessianOperator:
         self.n_matvecs = 0
         self._cache_mode, self._cache_budget = cache, cache_budget
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def cached(self) -> bool:
+        """Whether products run through kept first-order graphs (built at the first one)."""
+        return self._graph is not None
 
     # -- products ---------------------------------------------------------
     def matvec(self, v: torch.Tensor) -> torch.Tensor:

@@ -44,7 +44,7 @@ def run_pipeline(
     Args:
         threads: torch CPU threads (``None``: torch's default). One is fastest for the small
             default models, whose operations are too small to gain from threads, and on a
-            shared machine, where two threads contending for a busy core can be 10x slower.
+            shared machine, where threads contend for busy cores.
     """
     restart_clock()
     if threads is not None:

@@ -5,7 +5,7 @@ and is registered in :data:`MODELS`; :func:`build_model` validates the name.
 
 * ``resnet_small``: 3 stages of one pre-activation-free basic block each (widths
   ``width, 2*width, 4*width``), BatchNorm; 1D convolutions for ``in_shape=(C, L)``, 2D for
-  ``(C, H, W)``. About 75k parameters at ``width=16``: one epoch of *digits* takes ~1 s on CPU.
+  ``(C, H, W)``. About 75k parameters at ``width=16``.
 * ``mlp``: flatten, ``depth`` hidden ReLU layers of ``width`` units.
 * ``resnet18``: the CIFAR ResNet-18 of the SAF/SAM papers (3x3 stem, no max-pool).
 * ``wrn28_10``: Wide-ResNet-28-10 (Zagoruyko & Komodakis 2016), as in the SAF paper.

@@ -43,10 +43,10 @@ def test_auto_cache_falls_back_when_over_budget():
     H = HessianOperator(model, CE, data, cache="auto", cache_budget=10)
     v = torch.ones(H.n_params, dtype=torch.float64)
     torch.testing.assert_close(H.matvec(v), dense_hessian(model, CE, data) @ v)
-    assert H._graph is None
+    assert not H.cached
     big = HessianOperator(model, CE, data, cache="auto")
     big.matvec(v)
-    assert big._graph is not None and big.cache_bytes > 0
+    assert big.cached and big.cache_bytes > 0
 
 
 def test_eval_mode_by_default_and_model_untouched():
