@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 from analysis import atomic_write_json
 from saf import (
-    EMA,
     SAM,
     IndexedDataset,
-    OutputStore,
+    MESALoss,
+    SAFLoss,
     Stepper,
     build_model,
     epoch_batches,
@@ -52,12 +52,13 @@ class AutogradKL:
 
     def __call__(self, x, y, idx, epoch):
         s = self.s
-        past, mask = s.store.read(idx, epoch)
+        t = s.traj
+        past, mask = t.store.read(idx, epoch)
         logits = s.model(x)
-        log_p = F.log_softmax(past.float() / s.tau, 1)
-        kl = (log_p.exp() * (log_p - F.log_softmax(logits / s.tau, 1))).sum(1)
-        loss = F.cross_entropy(logits, y) + s.lam * s.tau**2 * torch.where(mask, kl, 0).mean()
-        s.store.write(idx, logits, epoch)
+        log_p = F.log_softmax(past.float() / t.tau, 1)
+        kl = (log_p.exp() * (log_p - F.log_softmax(logits / t.tau, 1))).sum(1)
+        loss = F.cross_entropy(logits, y) + t.lam * t.tau**2 * torch.where(mask, kl, 0).mean()
+        t.store.write(idx, logits, epoch)
         s.opt.zero_grad(set_to_none=True)
         loss.backward()
         s.opt.step()
@@ -79,11 +80,15 @@ def make_steppers(ds, model_name, device, methods=METHODS, lag=3, seed=0):
     steppers = {}
     for name in methods:
         m = name.split("-")[0]
-        opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, **kw) if m == "sam" else sgd
-        store = OutputStore(len(ds), ds.num_classes, lag, device=device) if m == "saf" else None
-        ema = EMA(net, scaled_ema_decay(12, 40)) if m == "mesa" else None
-        lam = {"saf": 0.3, "mesa": 0.8}.get(m, 0.0)
-        step = Stepper(m, net, opt, lam, 5.0, 0, store, ema)
+        opt = (
+            SAM(net.parameters(), torch.optim.SGD, rho=0.05, model=net, **kw) if m == "sam" else sgd
+        )
+        traj = None
+        if m == "saf":
+            traj = SAFLoss(len(ds), ds.num_classes, lag=lag, start_epoch=0, device=device)
+        if m == "mesa":
+            traj = MESALoss(net, scaled_ema_decay(12, 40), start_epoch=0)
+        step = Stepper(m, net, opt, traj)
         steppers[name] = AutogradKL(step) if name == "saf-autograd" else step
     return steppers
 
@@ -196,14 +201,14 @@ def main(argv=None) -> int:
         res["ratio_to_sgd"][m] = {"median": med, "ci95": [lo, hi]}
         print(f"  {m:12s} / sgd = {med:.3f}  (95% CI {lo:.3f} - {hi:.3f})")
     if "saf" in steppers:
-        store = steppers["saf"].store
+        store = steppers["saf"].traj.store
         res["store_bytes_per_sample_per_class"] = store.nbytes_per_sample_per_class
         res["store_total_MB"] = store.nbytes / 2**20
         print(f"  SAF store: {store.nbytes_per_sample_per_class} B/sample/class (fp16, "
               f"{store.lag} slots; reference code: 16), {res['store_total_MB']:.3f} MB with "
               "epoch tags")  # fmt: skip
     if "mesa" in steppers:
-        sd = steppers["mesa"].ema.module.state_dict().values()
+        sd = steppers["mesa"].traj.ema.module.state_dict().values()
         res["mesa_ema_MB"] = sum(t.numel() * t.element_size() for t in sd) / 2**20
         print(f"  MESA EMA copy: {res['mesa_ema_MB']:.3f} MB")
     if a.json:

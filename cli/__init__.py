@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script. Returns the process exit code."""
     parser = build_parser()
     try:
+        argv = list(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(argv)
+        args.argv = [str(a) for a in argv]
         return int(args.run(args) or 0)
     except (UsageError, ValueError, OSError) as e:
         # UsageError, CheckpointError (a ValueError) and unreadable/unwritable paths:

@@ -100,7 +100,8 @@ def writable_dir(path: str | Path) -> Path:
 
 
 def device(text: str) -> str:
-    """argparse type: 'cpu', 'cuda', 'cuda:N', 'mps' or 'auto' (cuda if available)."""
+    """argparse type: a device this machine can compute on ('cpu', 'cuda', 'cuda:N', 'mps',
+    ...), or 'auto' (cuda if available)."""
     if text == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -109,8 +110,19 @@ def device(text: str) -> str:
         raise argparse.ArgumentTypeError(
             f"unknown device {text!r} (try cpu, cuda, cuda:0)"
         ) from None
+    if d.type == "meta":
+        raise argparse.ArgumentTypeError("device 'meta' holds no data; use cpu or cuda")
     if d.type == "cuda" and not torch.cuda.is_available():
         raise argparse.ArgumentTypeError(f"device {text!r} asked for, but CUDA is not available")
+    if d.type == "cuda" and d.index is not None and d.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(
+            f"device {text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+        )
+    try:
+        (torch.ones(2, device=d) * 2).sum().item()
+    except Exception as e:  # mps or another backend that is built in but cannot run here
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise argparse.ArgumentTypeError(f"device {text!r} cannot run here ({why})") from None
     return str(d)
 
 

@@ -16,6 +16,7 @@ from cli._common import (
     unit_float,
 )
 from saf import DATASETS, METHODS, MODELS, TrainConfig, train
+from saf.config import OPTIMIZERS
 
 EXAMPLES = """examples:
   saf train --method saf --out runs/saf-s0
@@ -31,6 +32,18 @@ at most 0.9998 (mesa).
 exit codes: 0 done, 2 bad input or training diverged (NaN/Inf loss; the last good
 checkpoint is kept), 130 interrupted (resume with --resume).
 """
+
+
+def _betas(text: str) -> tuple[float, float]:
+    try:
+        b = tuple(float(t) for t in text.split(","))
+    except ValueError:
+        b = ()
+    if len(b) != 2 or not all(0 <= v < 1 for v in b):
+        raise argparse.ArgumentTypeError(
+            f"expected two numbers in [0, 1) like 0.9,0.999, got {text!r}"
+        )
+    return b
 
 
 def _json_dict(text: str) -> dict:
@@ -62,35 +75,107 @@ def add_parser(subparsers) -> None:
     a("--limit", type=positive_int, default=None, help="train on a balanced subset of N samples")
     a("--epochs", type=positive_int, default=30, help="number of epochs (default: 30)")
     a("--batch-size", type=positive_int, default=128, help="batch size (default: 128)")
+    a("--optimizer", choices=OPTIMIZERS, default="sgd", help="base optimizer (default: sgd)")
     a("--lr", type=positive_float, default=0.05, help="peak learning rate, cosine decay")
     a("--momentum", type=unit_float, default=0.9, help="SGD momentum (default: 0.9)")
+    a("--nesterov", action=argparse.BooleanOptionalAction, default=False, help="Nesterov (SGD)")
+    a("--betas", type=_betas, default=(0.9, 0.999), metavar="B1,B2", help="AdamW betas")
     a("--weight-decay", type=nonneg_float, default=5e-4, help="weight decay (default: 5e-4)")
+    a(
+        "--decay-norm-bias",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="weight decay on normalization weights and biases (default: sgd yes, adamw no)",
+    )
     a("--warmup-epochs", type=nonneg_int, default=0, help="linear LR warm-up epochs")
+    a("--label-smoothing", type=unit_float, default=0.0, help="label smoothing (reference: 0.1)")
+    a("--clip-grad", type=positive_float, default=None, help="clip the gradient norm to this")
     a("--rho", type=nonneg_float, default=None, help="SAM/ASAM radius (0.05 / 0.5)")
+    a(
+        "--sam-local-eps",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="under DDP, each rank's SAM perturbation from its own gradient (default: yes)",
+    )
     a("--saf-lambda", dest="lam", type=nonneg_float, default=None, help="trajectory weight")
     a("--saf-tau", dest="tau", type=positive_float, default=5.0, help="temperature (5)")
-    a("--saf-lag", dest="lag", type=positive_int, default=3, help="lag E~ in epochs (3)")
-    a("--saf-start", dest="start_epoch", type=nonneg_int, default=5, help="first epoch (0-based)")
+    a(
+        "--saf-lag",
+        dest="lag",
+        type=positive_int,
+        default=None,
+        help="lag E~ in epochs (default: the paper's 3 at 200 epochs, scaled to --epochs)",
+    )
+    a(
+        "--saf-start",
+        dest="start_epoch",
+        type=nonneg_int,
+        default=None,
+        help="first epoch, 0-based (default: the paper's 5 at 200 epochs, scaled to --epochs)",
+    )
     a("--ema-decay", type=unit_float, default=None, help="MESA EMA decay beta")
     a("--augment", action=argparse.BooleanOptionalAction, default=True, help="CIFAR augmentation")
-    a("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast (CUDA)")
+    a("--amp", action=argparse.BooleanOptionalAction, default=False, help="bf16 autocast")
+    a(
+        "--sync-bn",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="SyncBatchNorm across ranks (torchrun)",
+    )
+    a("--save-every", type=positive_int, default=1, help="keep every N-th epoch's checkpoint")
     a("--threads", type=positive_int, default=None, help="torch CPU threads")
     a("--seed", type=nonneg_int, default=0, help="seed of init, data order, augmentation")
     a("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     a("--out", default=None, help="run directory (default: runs/METHOD-sSEED)")
-    a("--resume", metavar="RUN_DIR", type=existing_dir, default=None, help="continue a run")
+    a(
+        "--resume",
+        metavar="RUN_DIR",
+        type=existing_dir,
+        default=None,
+        help="continue a run (with --epochs N: extend it to N epochs)",
+    )
     a("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars")
     p.set_defaults(run=run)
 
 
+# what a resumed run may take from the command line; every other option comes from run.json
+RESUMABLE = {"epochs", "device", "threads", "progress", "resume", "out"}
+
+
 def run(args) -> int:
     """Train (or resume) and print the run directory."""
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "run", "resume")}
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "run", "resume", "argv")}
     fields["data_dir"] = None if args.data_dir is None else str(args.data_dir)
+    epochs = None
     if args.resume is not None:
         if args.out is not None and args.out != str(args.resume):
             raise UsageError("--resume continues RUN_DIR in place; do not also give --out")
+        changed = sorted(given(args) - RESUMABLE)
+        if changed:
+            raise UsageError(
+                f"--resume takes its settings from {args.resume / 'run.json'}; only --epochs "
+                f"(to extend), --device, --threads and --progress may be given, not "
+                f"{', '.join('--' + c.replace('_', '-') for c in changed)}"
+            )
         fields["out"] = str(args.resume)
-    run_dir = train(TrainConfig(**fields), resume=args.resume is not None)
+        epochs = args.epochs if "epochs" in given(args) else None
+    run_dir = train(TrainConfig(**fields), resume=args.resume is not None, epochs=epochs)
     print(run_dir)
     return 0
+
+
+def given(args) -> set[str]:
+    """The destinations of the options written on the command line (``--x`` or ``--x=v``)."""
+    out = set()
+    for action in build_parser_actions():
+        for opt in action.option_strings:
+            if any(tok == opt or tok.startswith(opt + "=") for tok in args.argv):
+                out.add(action.dest)
+    return out
+
+
+def build_parser_actions():
+    """The actions of ``saf train`` (a fresh parser: argparse keeps no registry)."""
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parser(sub)
+    return sub.choices["train"]._actions

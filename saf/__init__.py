@@ -4,18 +4,13 @@ The method (trajectory loss, output store, SAM, EMA teacher) and a compact train
 writes self-describing run directories (:mod:`saf.runs`). Imports ``analysis`` only.
 """
 
-from saf.config import (
-    DEFAULT_LAM,
-    DEFAULT_RHO,
-    VERSION,
-    TrainConfig,
-    TrainingDiverged,
-    scaled_hparams,
-)
+from saf.api import MESALoss, SAFLoss, WithIndex
+from saf.config import VERSION, TrainConfig, TrainingDiverged
 from saf.data import DATASETS, IndexedDataset, data_batches, load_dataset
 from saf.ema import EMA, scaled_ema_decay
-from saf.methods import METHODS, Stepper
+from saf.methods import Stepper
 from saf.models import MODELS, build_model
+from saf.paper import DEFAULT_LAM, DEFAULT_RHO, METHODS, scaled_hparams
 from saf.runs import (
     FORMAT,
     METRIC_COLUMNS,
@@ -34,6 +29,10 @@ from saf.trajectory import OutputStore, trajectory_loss
 __version__ = VERSION
 
 __all__ = [
+    # in your own loop
+    "SAFLoss",
+    "MESALoss",
+    "WithIndex",
     # the method
     "trajectory_loss",
     "OutputStore",

@@ -151,11 +151,11 @@ def data_batches(
     if batch_size < 1 or (limit is not None and limit < 1):
         raise ValueError(f"batch_size and limit must be >= 1, got {batch_size}, {limit}")
     ds = load_dataset(name, split, data_dir)
-    idx = torch.arange(len(ds)) if limit is None else _balanced(ds.y, ds.num_classes, limit)
+    idx = torch.arange(len(ds)) if limit is None else balanced_subset(ds.y, ds.num_classes, limit)
     return [(ds.x[i].to(device), ds.y[i].to(device)) for i in idx.split(batch_size)]
 
 
-def _balanced(y: Tensor, num_classes: int, limit: int) -> Tensor:
+def balanced_subset(y: Tensor, num_classes: int, limit: int) -> Tensor:
     """First ``ceil(limit/C)`` indices of each class, interleaved by class, cut at ``limit``."""
     per = -(-limit // num_classes)
     rank = torch.zeros_like(y)

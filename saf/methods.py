@@ -1,15 +1,14 @@
-r"""One training step per method, one signature: ``step(x, y, idx, epoch) -> (ce, traj, logits)``.
+r"""One training step per method, built on the drop-in API: ``step(x, y, idx, epoch)``.
 
-* ``sgd``: :math:`\nabla\,\mathrm{CE}`.
-* ``sam`` / ``asam``: gradient at :math:`w+\hat\epsilon` (:class:`saf.sam.SAM`), second pass
-  with BatchNorm running statistics frozen.
-* ``saf`` and ``mesa``: :math:`\mathrm{CE} + L_{tra}` (:func:`~saf.trajectory.trajectory_loss`)
-  with one composable target: the logits of epoch :math:`e-\tilde E` from the
-  :class:`~saf.trajectory.OutputStore` (saf; this epoch's logits are written back, no
-  extra forward or backward pass), or the EMA teacher's output (mesa; one extra no-grad
-  forward, and the EMA is updated after every step from epoch 0).
+* ``sgd``: :math:`\nabla\,\mathrm{CE}` with the base optimizer (SGD or AdamW).
+* ``sam`` / ``asam``: the gradient at :math:`w+\hat\epsilon` (:class:`saf.SAM`), BatchNorm
+  statistics frozen on the second pass.
+* ``saf`` / ``mesa``: :math:`\mathrm{CE} + L_{tra}`, the target from :class:`saf.SAFLoss`
+  (the logits of epoch :math:`e-\tilde E`) or :class:`saf.MESALoss` (an EMA teacher).
 
-Returned tensors are detached and stay on the device (no host sync per step).
+This is the trainer's step; a loop of your own does the same with the same classes (README,
+"Use SAF in your own loop"). Returned tensors are detached and stay on the device (no host
+sync per step).
 
 **When the trajectory loss starts.** The paper (§4.1) uses it for epochs
 :math:`e \ge E_{start}` counted from 0; the public code tests ``epoch > E_start`` in its
@@ -26,16 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from saf.ema import EMA
-from saf.sam import SAM, disable_running_stats
-from saf.trajectory import OutputStore, trajectory_loss
-
-METHODS = ("sgd", "sam", "asam", "saf", "mesa")
-
-
-def _upcast(logits: Tensor) -> Tensor:
-    """fp16/bf16 logits (autocast) as float32 for the losses; other dtypes unchanged."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+from saf.api import MESALoss, SAFLoss
+from saf.paper import METHODS
+from saf.sam import SAM
 
 
 class Stepper:
@@ -43,16 +35,20 @@ class Stepper:
 
     Args:
         method: one of :data:`METHODS`.
-        model: the model (in train mode).
+        model: the model (in train mode), possibly wrapped in DDP.
         optimizer: ``SAM`` for sam/asam, any optimizer otherwise.
-        lam, tau, start_epoch: trajectory-loss weight, temperature and first epoch (0-based).
-        store: the output store (saf).
-        ema: the EMA teacher (mesa).
+        traj: the trajectory loss: a :class:`saf.SAFLoss` (saf) or :class:`saf.MESALoss`
+            (mesa); None otherwise.
+        criterion: ``criterion(logits, y)``, the batch mean (cross-entropy by default).
         autocast: a context-manager factory for mixed precision (``contextlib.nullcontext``).
-        gather: for distributed SAF, ``gather(idx, logits) -> (all_idx, all_logits)`` of
-            every rank's batch, so each rank's store holds every sample.
+        clip_grad: clip the gradient's global norm to this before each update (None: no).
+        sam_local_eps: under DDP, each rank's SAM perturbation uses its own gradient
+            (``no_sync`` on the first pass: m-sharpness with m = the rank's batch), as the
+            reference implementations do; False all-reduces it first (one global epsilon).
 
-    Call it once per batch: ``ce, traj, logits = step(x, y, idx, epoch)``.
+    Call it once per batch: ``ce, traj, logits = step(x, y, idx, epoch, weight)``; the
+    optional ``weight`` scales the batch's loss (the trainer weights ranks by their share
+    of an unevenly split batch).
     """
 
     def __init__(
@@ -60,77 +56,64 @@ class Stepper:
         method: str,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        lam: float = 0.0,
-        tau: float = 5.0,
-        start_epoch: int = 0,
-        store: OutputStore | None = None,
-        ema: EMA | None = None,
+        traj: SAFLoss | MESALoss | None = None,
+        *,
+        criterion: Callable = F.cross_entropy,
         autocast: Callable = contextlib.nullcontext,
-        gather: Callable | None = None,
+        clip_grad: float | None = None,
+        sam_local_eps: bool = True,
     ):
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
         if method in ("sam", "asam") and not isinstance(optimizer, SAM):
             raise ValueError(f"method {method!r} needs a saf.SAM optimizer")
-        if method == "saf" and store is None or method == "mesa" and ema is None:
-            raise ValueError(
-                f"method {method!r} needs {'a store' if method == 'saf' else 'an EMA'}"
-            )
-        self.method, self.model, self.opt = method, model, optimizer
-        self.lam, self.tau, self.start_epoch = lam, tau, start_epoch
-        self.store, self.ema, self.autocast, self.gather = store, ema, autocast, gather
-        self.step = {"sgd": self._sgd, "sam": self._sam, "asam": self._sam}.get(method, self._traj)
+        need = {"saf": SAFLoss, "mesa": MESALoss}.get(method)
+        if need is not None and not isinstance(traj, need):
+            raise ValueError(f"method {method!r} needs a saf.{need.__name__}")
+        self.method, self.model, self.opt, self.traj = method, model, optimizer, traj
+        self.criterion, self.autocast, self.clip_grad = criterion, autocast, clip_grad
+        self.sam_local_eps = sam_local_eps
 
-    def __call__(self, x: Tensor, y: Tensor, idx: Tensor, epoch: int):
-        return self.step(x, y, idx, epoch)
+    def __call__(self, x: Tensor, y: Tensor, idx: Tensor, epoch: int, weight: float = 1.0):
+        if self.method in ("sam", "asam"):
+            return self._sam(x, y, weight)
+        # MESA's teacher runs before the student's forward, not between it and its backward,
+        # where its activations would evict the student's.
+        target = self.traj.target(x, epoch) if self.method == "mesa" else None
+        logits, z, ce = self._forward_ce(x, y)
+        if self.method == "saf":
+            traj = self.traj(z, idx, epoch)
+        elif self.method == "mesa":
+            traj = self.traj(z, target)
+        else:
+            traj = torch.zeros((), device=z.device)
+        self.opt.zero_grad(set_to_none=True)
+        ((ce + traj) * weight).backward()
+        self._clip()
+        self.opt.step()
+        if self.method == "mesa":
+            self.traj.update(self.model)
+        return ce.detach(), traj.detach(), logits.detach()
 
     def _forward_ce(self, x, y):
-        """``(logits, z, ce)``: ``z`` is the float32 (or wider) view of the logits CE reads."""
+        """``(logits, z, ce)``: ``z`` is the float32 (or wider) view of the logits."""
         with self.autocast():
             logits = self.model(x)
-        z = _upcast(logits)
-        return logits, z, F.cross_entropy(z, y)
+        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        return logits, z, self.criterion(z, y)
 
-    def _sgd(self, x, y, idx, epoch):
-        logits, _, ce = self._forward_ce(x, y)
-        self.opt.zero_grad(set_to_none=True)
-        ce.backward()
-        self.opt.step()
-        return ce.detach(), torch.zeros_like(ce.detach()), logits.detach()
-
-    def _sam(self, x, y, idx, epoch):
-        with getattr(self.model, "no_sync", contextlib.nullcontext)():  # local grad (DDP)
+    def _sam(self, x, y, weight):
+        local = self.sam_local_eps and hasattr(self.model, "no_sync")
+        with self.model.no_sync() if local else contextlib.nullcontext():
             logits, _, ce = self._forward_ce(x, y)
             self.opt.zero_grad(set_to_none=True)
-            ce.backward()
+            (ce * weight).backward()
         self.opt.first_step(zero_grad=True)
-        with disable_running_stats(self.model):
-            self._forward_ce(x, y)[2].backward()
+        (self._forward_ce(x, y)[2] * weight).backward()
+        self._clip()
         self.opt.second_step(zero_grad=True)
-        return ce.detach(), torch.zeros_like(ce.detach()), logits.detach()
+        return ce.detach(), torch.zeros((), device=ce.device), logits.detach()
 
-    def _target(self, x, idx, epoch):
-        """(target logits, validity mask or None) for the trajectory loss."""
-        if self.method == "saf":
-            return self.store.read(idx, epoch)
-        with torch.inference_mode(), self.autocast():  # leaner than no_grad
-            return self.ema(x), None
-
-    def _traj(self, x, y, idx, epoch):
-        # The target first: MESA's teacher then runs before the student's forward, not
-        # between it and its backward, where its activations would evict the student's.
-        target = self._target(x, idx, epoch) if epoch >= self.start_epoch else None
-        logits, z, ce = self._forward_ce(x, y)
-        traj = ce.new_zeros(())
-        if target is not None:
-            past, mask = target
-            traj = trajectory_loss(z, past, self.tau, self.lam, mask)
-        if self.store is not None:
-            i, out = (idx, logits) if self.gather is None else self.gather(idx, logits.detach())
-            self.store.write(i, out, epoch)
-        self.opt.zero_grad(set_to_none=True)
-        (ce + traj).backward()
-        self.opt.step()
-        if self.ema is not None:
-            self.ema.update(self.model)
-        return ce.detach(), traj.detach(), logits.detach()
+    def _clip(self) -> None:
+        if self.clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_grad, foreach=True)

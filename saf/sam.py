@@ -11,8 +11,8 @@ with :math:`T_w = I` for SAM and :math:`T_w = \mathrm{diag}(|w|)` for ASAM (``ad
 
 Differences from the widely used public implementation (davda54/sam): ``state_dict`` holds
 the base optimizer's state (momentum survives a resume), the weights are restored exactly
-(copied back, not re-subtracted), and :func:`disable_running_stats` keeps BatchNorm running
-statistics untouched on the second pass.
+(copied back, not re-subtracted), BatchNorm running statistics stay untouched on the second
+pass (``model=``), and a ``GradScaler`` is supported.
 """
 
 from __future__ import annotations
@@ -27,12 +27,26 @@ from torch import nn
 class SAM(torch.optim.Optimizer):
     r"""Sharpness-Aware Minimization wrapping a base optimizer class.
 
+    Two ways to step, both with BatchNorm running statistics frozen on the second pass when
+    ``model`` is given:
+
+    * ``first_step`` / ``second_step`` around your own second forward-backward;
+    * ``step(closure)``. If the gradients at :math:`w` are already there (the loop of
+      davda54/sam: ``loss.backward(); opt.step(closure)``), the closure runs once, at
+      :math:`w+\hat\epsilon`; otherwise it runs at :math:`w` first. Either way a step
+      costs two passes.
+
+    Mixed precision: pass the ``GradScaler`` to both steps (``first_step(scaler=...)``
+    unscales before :math:`\hat\epsilon` is computed; a step whose gradients are not
+    finite is skipped and the scale lowered at ``scaler.update()``).
+
     Args:
         params: parameters or parameter groups.
         base_optimizer: an optimizer *class*, e.g. ``torch.optim.SGD``; it is built on this
             optimizer's own ``param_groups``, so LR schedulers on SAM drive it.
-        rho: radius :math:`\rho \ge 0` (0.05 for SAM; ~0.5 for ASAM on CIFAR).
+        rho: radius :math:`\rho \ge 0` (0.05 for SAM; 0.5 for ASAM on CIFAR).
         adaptive: ASAM (scale-invariant) perturbation.
+        model: the module whose BatchNorm statistics the second pass must not update.
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
 
     Reference: Foret et al., "Sharpness-Aware Minimization", ICLR 2021; Kwon et al., "ASAM",
@@ -48,7 +62,14 @@ class SAM(torch.optim.Optimizer):
     """
 
     def __init__(
-        self, params, base_optimizer: type, rho: float = 0.05, adaptive=False, **base_kwargs
+        self,
+        params,
+        base_optimizer: type,
+        rho: float = 0.05,
+        adaptive: bool = False,
+        *,
+        model: nn.Module | None = None,
+        **base_kwargs,
     ):
         if rho < 0:
             raise ValueError(f"SAM rho must be >= 0, got {rho}")
@@ -56,13 +77,18 @@ class SAM(torch.optim.Optimizer):
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
+        self.model = model
+        self._frozen: list = []
+        self._skip = False
 
     @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Move to :math:`w + \\hat\\epsilon` (remembering :math:`w`).
+    def first_step(self, zero_grad: bool = False, scaler=None) -> None:
+        r"""Move to :math:`w + \hat\epsilon` (remembering :math:`w`); freeze BatchNorm.
 
-        The norm :math:`\\|T_w g\\|` is taken over all parameter groups together.
+        The norm :math:`\|T_w g\|` is taken over all parameter groups together.
         """
+        if scaler is not None:
+            scaler.unscale_(self)
         groups = []  # (group, params, T_w g) for groups with gradients
         for group in self.param_groups:
             ps = [p for p in group["params"] if p.grad is not None]
@@ -76,42 +102,66 @@ class SAM(torch.optim.Optimizer):
                 groups.append((group, ps, scaled))
         norms = [n for _, _, scaled in groups for n in torch._foreach_norm(scaled)]
         norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
+        self._skip = scaler is not None and norm is not None and not bool(norm.isfinite())
         for group, ps, scaled in groups:
             for p in ps:
                 self.state[p]["old_p"] = p.detach().clone()
+            if self._skip:  # inf/NaN gradients under a GradScaler: this step is skipped
+                continue
             eps = (
                 torch._foreach_mul(scaled, torch._foreach_abs(ps)) if group["adaptive"] else scaled
             )
             torch._foreach_add_(ps, torch._foreach_mul(eps, group["rho"] / (norm + 1e-12)))
+        self._freeze_batchnorm()
         if zero_grad:
             self.zero_grad()
 
     @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore :math:`w` exactly, then take the base step with the perturbed gradient."""
+    def second_step(self, zero_grad: bool = False, scaler=None) -> None:
+        r"""Restore :math:`w` exactly, then take the base step with the perturbed gradient."""
         for group in self.param_groups:
             for p in group["params"]:
                 if "old_p" in self.state[p]:
                     p.copy_(self.state[p].pop("old_p"))
-        self.base_optimizer.step()
+        self._unfreeze_batchnorm()
+        if scaler is None:
+            self.base_optimizer.step()
+        elif not self._skip:
+            scaler.step(self.base_optimizer)
         self._opt_called = True  # tells an LR scheduler on SAM that a step was taken
         if zero_grad:
             self.zero_grad()
 
     def step(self, closure: Callable[[], torch.Tensor] | None = None):  # type: ignore[override]
-        """Full SAM step; ``closure`` must zero the grads, compute the loss and backward it.
+        r"""Full SAM step: ``closure`` computes the loss and calls ``backward`` on it.
 
-        The closure is called twice: at :math:`w` and at :math:`w+\\hat\\epsilon`.
-        Returns the loss at :math:`w`.
+        Returns the loss at :math:`w` (at :math:`w+\hat\epsilon` when the gradients at
+        :math:`w` were already computed before the call). The gradients are cleared after.
         """
         if closure is None:
             raise ValueError("SAM.step needs a closure (or call first_step/second_step)")
         closure = torch.enable_grad()(closure)
-        loss = closure()
+        have = any(
+            p.grad is not None and bool(p.grad.any())
+            for g in self.param_groups
+            for p in g["params"]
+        )
+        loss = None if have else closure()
         self.first_step(zero_grad=True)
-        closure()
-        self.second_step()
-        return loss
+        second = closure()
+        self.second_step(zero_grad=True)  # cleared: the next call sees whether you computed them
+        return second if loss is None else loss
+
+    def _freeze_batchnorm(self) -> None:
+        if self.model is not None and not self._frozen:
+            self._frozen = [(m, m.track_running_stats) for m in _batchnorms(self.model)]
+            for m, _ in self._frozen:
+                m.track_running_stats = False
+
+    def _unfreeze_batchnorm(self) -> None:
+        for m, flag in self._frozen:
+            m.track_running_stats = flag
+        self._frozen = []
 
     def state_dict(self) -> dict:
         """The base optimizer's state dict (momentum buffers, param groups incl. rho)."""
@@ -123,6 +173,10 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
 
 
+def _batchnorms(model: nn.Module) -> list[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 @contextlib.contextmanager
 def disable_running_stats(model: nn.Module) -> Iterator[None]:
     """BatchNorm layers normalise with batch statistics but do not update running ones.
@@ -131,7 +185,7 @@ def disable_running_stats(model: nn.Module) -> Iterator[None]:
     on every BatchNorm layer in training mode for the duration (running mean, variance and
     ``num_batches_tracked`` stay bitwise unchanged), then restores it.
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = _batchnorms(model)
     saved = [m.track_running_stats for m in bns]
     for m in bns:
         m.track_running_stats = False

@@ -1,14 +1,21 @@
 """The training loop: SGD, SAM, ASAM, SAF and MESA in one loop, on one data order.
 
-Reads top to bottom: configuration, setup (data, model, optimizer, schedule, store/EMA),
-resume, then the epoch loop (train, evaluate, checkpoint). See :mod:`saf.runs` for what a
-run directory holds.
+Reads top to bottom: configuration, setup (data, model, optimizer, schedule, trajectory
+loss), resume, then the epoch loop (train, evaluate, checkpoint). Each step is a
+:class:`saf.Stepper`, built on the same drop-in classes a loop of your own uses
+(:class:`saf.SAFLoss`, :class:`saf.MESALoss`, :class:`saf.SAM`). See :mod:`saf.runs` for
+what a run directory holds.
 
 Determinism. The model is initialised from ``torch.manual_seed(seed)``; the data order
 comes from a dedicated generator seeded with ``seed`` (and augmentation from another), so
 every method sees the same batches in the same order for a given seed. On CPU a run is
 bitwise reproducible, and ``train(cfg, resume=True)`` after an interruption ends bitwise
 equal to an uninterrupted run: all RNG states are saved at epoch boundaries.
+
+Under ``torchrun`` each global batch is split over the ranks and each rank's loss is
+weighted by its share of the batch, so an unevenly split batch still gives the global mean
+(the same result as one process, to float rounding; BatchNorm statistics stay per rank
+unless ``sync_bn``).
 
 Hot path. Per-step metrics stay on the device and are synchronised once per epoch.
 A non-finite epoch loss stops training (:class:`TrainingDiverged`); the checkpoints of the
@@ -17,9 +24,7 @@ epochs before it are kept.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
 import math
 import time
 from pathlib import Path
@@ -29,16 +34,11 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from analysis.batches import batch_mean, loss_and_accuracy, model_mode
-from analysis.distributed import local_device
-from saf import runs
-from saf._distributed import DistInfo
+from analysis.distributed import all_reduce_sum, init_from_env, local_device
+from saf import _setup, runs
 from saf.config import TrainConfig, TrainingDiverged, describe_run
-from saf.data import IndexedDataset, _balanced, load_dataset
-from saf.ema import EMA
 from saf.methods import Stepper
 from saf.models import build_model
-from saf.sam import SAM
-from saf.trajectory import OutputStore
 
 __all__ = ["epoch_batches", "evaluate", "steps_per_epoch", "train"]
 
@@ -63,17 +63,6 @@ def epoch_batches(
     return [c[rank::world] for c in chunks[: steps_per_epoch(n, batch_size, world)]]
 
 
-def _cosine(total_steps: int, warmup_steps: int):
-    def factor(t: int) -> float:
-        if t < warmup_steps:
-            return (t + 1) / warmup_steps
-        return 0.5 * (
-            1.0 + math.cos(math.pi * (t - warmup_steps) / max(1, total_steps - warmup_steps))
-        )
-
-    return factor
-
-
 @torch.no_grad()
 def evaluate(model, dataset, device, batch_size: int = 1024) -> tuple[float, float]:
     """(mean cross-entropy, accuracy) of ``model`` on ``dataset`` in eval mode (the model's
@@ -89,6 +78,151 @@ def evaluate(model, dataset, device, batch_size: int = 1024) -> tuple[float, flo
     return loss, acc
 
 
+def train(config: TrainConfig, resume: bool = False, epochs: int | None = None) -> Path:
+    """Train one run and write its run directory; returns the run directory.
+
+    Args:
+        config: the run's configuration. With ``resume=True`` only ``out`` (the run
+            directory), ``device``, ``threads`` and ``progress`` are used; the rest comes
+            from its ``run.json``.
+        resume: continue an interrupted run from its ``state.pt``.
+        epochs: with ``resume``, train to this many epochs instead (extends the run; the
+            cosine schedule is stretched to the new length from the current step on).
+
+    Raises:
+        ValueError: bad configuration, an existing run directory without ``resume``, or
+            nothing to resume.
+        TrainingDiverged: the loss became NaN/Inf (checkpoints so far are kept).
+    """
+    cfg, saved = _config_and_state(config, resume, epochs)
+    run_dir = cfg.run_dir
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    rank, world = init_from_env(cfg.device)
+    device = torch.device(local_device(cfg.device) if world > 1 else cfg.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # the RNG state saved for resume is this device's
+
+    # --- data, model, optimizer, schedule, trajectory loss -----------------------------------
+    train_ds, test_ds = _setup.datasets(cfg, device)
+    sampler_gen = torch.Generator().manual_seed(cfg.seed)  # the data order: same for all methods
+    augment_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    steps = steps_per_epoch(len(train_ds), cfg.batch_size, world)
+    hp = cfg.resolved(steps, device)
+    torch.manual_seed(cfg.seed)
+    net = build_model(cfg.model, train_ds.num_classes, train_ds.in_shape, **cfg.model_kwargs)
+    if cfg.sync_bn and world > 1:
+        net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+    net = net.to(device)
+    model = torch.nn.parallel.DistributedDataParallel(net) if world > 1 else net
+    optimizer = _setup.optimizer(cfg, net, hp)
+    total, warmup = steps * cfg.epochs, steps * cfg.warmup_epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _setup.cosine(total, warmup))
+    traj = _setup.trajectory(cfg, hp, net, train_ds, device, world)
+    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    stepper = Stepper(cfg.method, model, optimizer, traj, criterion=criterion,
+                      autocast=_setup.autocast(hp, device), clip_grad=cfg.clip_grad,
+                      sam_local_eps=cfg.sam_local_eps)  # fmt: skip
+    parts = (net, optimizer, scheduler, traj, sampler_gen, augment_gen)
+
+    # --- fresh start or resume ------------------------------------------------------------------
+    if saved is None:
+        rows, first_epoch = [], 0
+        if rank == 0:
+            runs.write_run(run_dir, describe_run(cfg, hp, train_ds))
+            runs.save_checkpoint(run_dir, 0, net)
+            runs.save_state(run_dir, _setup.state(0, rows, *parts))
+    else:
+        first_epoch, rows = int(saved["epoch"]), list(saved["metrics"])
+        if "model" not in saved:  # written before the weights moved into state.pt
+            saved["model"] = runs.safe_torch_load(runs.checkpoint_path(run_dir, first_epoch))
+        _setup.restore(saved, device, *parts)
+
+    # --- the epoch loop -------------------------------------------------------------------------
+    # each rank's loss weight: its share of the global batch (1 when the batch splits evenly)
+    sizes = [min(cfg.batch_size, len(train_ds) - k * cfg.batch_size) for k in range(steps)]
+    model.train()
+    for epoch in range(first_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        sums = torch.zeros(3, device=device)  # ce*b, correct, samples
+        trajs, lens = [], []  # per step, summed once at the end of the epoch
+        batches = epoch_batches(len(train_ds), cfg.batch_size, sampler_gen, rank, world)
+        desc = f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}"
+        bar = tqdm(batches, desc, leave=False, disable=not cfg.progress or rank > 0)
+        for k, idx in enumerate(bar):
+            x, y, idx = train_ds.get_batch(idx, augment_gen)  # ids travel with x
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            ce, tl, logits = stepper(x, y, idx, epoch, world * len(y) / sizes[k])
+            scheduler.step()
+            hits = (logits.argmax(1) == y).sum().to(ce.dtype)
+            sums += torch.stack([ce * len(y), hits, ce.new_tensor(len(y))])
+            trajs.append(tl)
+            lens.append(len(y))
+        traj_sum = (
+            torch.dot(torch.stack(trajs).to(sums.dtype), sums.new_tensor(lens))
+            if trajs
+            else sums.new_zeros(())
+        )
+        sums = torch.stack([sums[0], traj_sum, sums[1], sums[2]])  # synced once, below
+        sums = all_reduce_sum(sums, world > 1)  # all ranks' sums
+        ce_m, traj_m, acc = (sums[:3] / sums[3]).tolist()  # the one host sync of the epoch
+        n = sums[3].item()
+        train_s = time.perf_counter() - t0
+        test_loss, test_acc = evaluate(net, test_ds, device)
+        if not all(map(math.isfinite, (ce_m, traj_m, test_loss))):
+            raise TrainingDiverged(
+                f"training diverged: non-finite loss in epoch {epoch + 1} (train ce={ce_m}, "
+                f"traj={traj_m}, test={test_loss}); last good checkpoint: "
+                f"{runs.list_checkpoints(run_dir)[-1][1]}; try a smaller --lr"
+            )
+        seconds = time.perf_counter() - t0
+        rows.append(
+            dict(epoch=epoch + 1, train_ce=ce_m, traj_loss=traj_m, train_loss=ce_m + traj_m,
+                 train_acc=acc, test_loss=test_loss, test_acc=test_acc,
+                 lr=scheduler.get_last_lr()[0], seconds=seconds, images_per_s=n / train_s)
+        )  # fmt: skip
+        if cfg.progress and rank == 0:
+            tqdm.write(
+                f"{desc}: ce {ce_m:.4f} traj {traj_m:.4f} acc {acc:.3f} "
+                f"test {test_acc:.3f} ({seconds:.1f}s)"
+            )
+        if rank == 0:  # checkpoint first, then metrics, then the resume state
+            if (epoch + 1) % cfg.save_every == 0 or epoch + 1 == cfg.epochs:
+                runs.save_checkpoint(run_dir, epoch + 1, net)
+            runs.write_metrics(run_dir, rows)
+            runs.save_state(run_dir, _setup.state(epoch + 1, rows, *parts))
+    return run_dir
+
+
+def _config_and_state(
+    config: TrainConfig, resume: bool, epochs: int | None
+) -> tuple[TrainConfig, dict | None]:
+    """The validated config and the resume state (None: start from epoch 0)."""
+    run_dir = config.run_dir
+    if not resume:
+        if (run_dir / "run.json").exists() or (run_dir / "state.pt").exists():
+            raise ValueError(
+                f"{run_dir} already holds a run; pass --resume to continue it "
+                "or choose another --out"
+            )
+        return config.validate(), None
+    run = runs.read_run(run_dir)
+    saved = _saved_config(run, run_dir)
+    # the schedule of the trajectory loss and the EMA stay as they were applied
+    hp = run["hparams"]
+    frozen = {k: hp[k] for k in ("lag", "start_epoch", "ema_decay") if hp.get(k) is not None}
+    over = {"out": str(run_dir), "device": config.device, "progress": config.progress,
+            "threads": config.threads, **frozen}  # fmt: skip
+    # killed after run.json but before the first state.pt: nothing trained, start over
+    state = runs.load_state(run_dir) if (run_dir / "state.pt").exists() else None
+    if epochs is not None:
+        done = int(state["epoch"]) if state else 0
+        if epochs < max(done, 1):
+            raise ValueError(f"{run_dir} has trained {done} epochs; --epochs {epochs} is fewer")
+        over["epochs"] = epochs
+    return TrainConfig(**{**saved, **over}).validate(), state
+
+
 def _saved_config(run: dict, run_dir: Path) -> dict:
     """``run.json``'s config, exactly this version's fields (a default filled in for a
     missing one would silently resume a different run)."""
@@ -100,194 +234,3 @@ def _saved_config(run: dict, run_dir: Path) -> dict:
             f"{sorted(known - have)}, unknown {sorted(have - known)}"
         )
     return saved
-
-
-def train(config: TrainConfig, resume: bool = False) -> Path:
-    """Train one run and write its run directory; returns the run directory.
-
-    Args:
-        config: the run's configuration. With ``resume=True`` only ``out`` (the run
-            directory), ``device`` and ``progress`` are used; the rest comes from its
-            ``run.json``.
-        resume: continue an interrupted run from its ``state.pt``.
-
-    Raises:
-        ValueError: bad configuration, an existing run directory without ``resume``, or
-            nothing to resume.
-        TrainingDiverged: the loss became NaN/Inf (checkpoints so far are kept).
-    """
-    cfg, state = _config_and_state(config, resume)
-    run_dir = cfg.run_dir
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
-    dist = DistInfo.current(cfg.device)
-    device = torch.device(local_device(cfg.device) if dist.world > 1 else cfg.device)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)  # the RNG state saved for resume is this device's
-
-    # --- data, model, optimizer, schedule ---------------------------------------------------
-    train_ds, test_ds = _datasets(cfg, device)
-    sampler_gen = torch.Generator().manual_seed(cfg.seed)  # the data order: same for all methods
-    augment_gen = torch.Generator().manual_seed(cfg.seed + 1)
-    steps = steps_per_epoch(len(train_ds), cfg.batch_size, dist.world)
-    hp = cfg.resolved(steps)
-    torch.manual_seed(cfg.seed)
-    net = build_model(cfg.model, train_ds.num_classes, train_ds.in_shape, **cfg.model_kwargs)
-    net = net.to(device)
-    model = torch.nn.parallel.DistributedDataParallel(net) if dist.world > 1 else net
-    optimizer = _optimizer(cfg, model, hp)
-    total, warmup = steps * cfg.epochs, steps * cfg.warmup_epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _cosine(total, warmup))
-    store = ema = None
-    if cfg.method == "saf":
-        store = OutputStore(len(train_ds), train_ds.num_classes, cfg.lag, device=device)
-    if cfg.method == "mesa":
-        ema = EMA(net, hp["ema_decay"])
-    autocast = contextlib.nullcontext
-    if cfg.amp and device.type == "cuda":
-        autocast = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16)
-    gather = dist.gather if dist.world > 1 else None
-    lam = hp["lam"] or 0.0
-    stepper = Stepper(
-        cfg.method, model, optimizer, lam, cfg.tau, cfg.start_epoch, store, ema, autocast, gather
-    )
-    parts = (optimizer, scheduler, store, ema, sampler_gen, augment_gen)
-
-    # --- fresh start or resume ------------------------------------------------------------------
-    if state is None:
-        rows, first_epoch = [], 0
-        if dist.rank == 0:
-            runs.write_run(run_dir, describe_run(cfg, hp, train_ds))
-            runs.save_checkpoint(run_dir, 0, net)
-            runs.save_state(run_dir, _state(0, rows, *parts))
-    else:
-        first_epoch, rows = int(state["epoch"]), list(state["metrics"])
-        net.load_state_dict(runs.safe_torch_load(runs.checkpoint_path(run_dir, first_epoch)))
-        _restore(state, device, *parts)
-
-    # --- the epoch loop -------------------------------------------------------------------------
-    model.train()
-    for epoch in range(first_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        sums = torch.zeros(3, device=device)  # ce*b, correct, samples
-        trajs, sizes = [], []  # per step, summed once at the end of the epoch
-        batches = epoch_batches(len(train_ds), cfg.batch_size, sampler_gen, dist.rank, dist.world)
-        desc = f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}"
-        for idx in tqdm(batches, desc, leave=False, disable=not cfg.progress or dist.rank > 0):
-            x, y, idx = train_ds.get_batch(idx, augment_gen)  # ids travel with x
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            ce, traj, logits = stepper(x, y, idx, epoch)
-            scheduler.step()
-            hits = (logits.argmax(1) == y).sum().to(ce.dtype)
-            sums += torch.stack([ce * len(y), hits, ce.new_tensor(len(y))])
-            trajs.append(traj)
-            sizes.append(len(y))
-        traj_sum = (
-            torch.dot(torch.stack(trajs).to(sums.dtype), sums.new_tensor(sizes))
-            if trajs
-            else sums.new_zeros(())
-        )
-        sums = torch.stack([sums[0], traj_sum, sums[1], sums[2]])  # synced once, below
-        sums = dist.all_reduce(sums)  # all ranks' sums
-        ce_m, traj_m, acc = (sums[:3] / sums[3]).tolist()  # the one host sync of the epoch
-        n = sums[3].item()
-        train_s = time.perf_counter() - t0
-        test_loss, test_acc = evaluate(net, test_ds, device)
-        if not all(map(math.isfinite, (ce_m, traj_m, test_loss))):
-            last = runs.checkpoint_path(run_dir, epoch)
-            raise TrainingDiverged(
-                f"training diverged: non-finite loss in epoch {epoch + 1} (train ce={ce_m}, "
-                f"traj={traj_m}, test={test_loss}); last good checkpoint: {last}; "
-                "try a smaller --lr"
-            )
-        seconds = time.perf_counter() - t0
-        rows.append(
-            dict(epoch=epoch + 1, train_ce=ce_m, traj_loss=traj_m, train_loss=ce_m + traj_m,
-                 train_acc=acc, test_loss=test_loss, test_acc=test_acc,
-                 lr=scheduler.get_last_lr()[0], seconds=seconds, images_per_s=n / train_s)
-        )  # fmt: skip
-        if cfg.progress and dist.rank == 0:
-            tqdm.write(
-                f"{desc}: ce {ce_m:.4f} traj {traj_m:.4f} acc {acc:.3f} "
-                f"test {test_acc:.3f} ({seconds:.1f}s)"
-            )
-        if dist.rank == 0:  # checkpoint first, then metrics, then the resume state
-            runs.save_checkpoint(run_dir, epoch + 1, net)
-            runs.write_metrics(run_dir, rows)
-            runs.save_state(run_dir, _state(epoch + 1, rows, *parts))
-    return run_dir
-
-
-def _config_and_state(config: TrainConfig, resume: bool) -> tuple[TrainConfig, dict | None]:
-    """The validated config and the resume state (None: start from epoch 0)."""
-    run_dir = config.run_dir
-    if not resume:
-        if (run_dir / "run.json").exists() or (run_dir / "state.pt").exists():
-            raise ValueError(
-                f"{run_dir} already holds a run; pass --resume to continue it "
-                "or choose another --out"
-            )
-        return config.validate(), None
-    saved = _saved_config(runs.read_run(run_dir), run_dir)
-    over = {"out": str(run_dir), "device": config.device, "progress": config.progress}
-    # killed after run.json but before the first state.pt: nothing trained, start over
-    state = runs.load_state(run_dir) if (run_dir / "state.pt").exists() else None
-    return TrainConfig(**{**saved, **over}).validate(), state
-
-
-def _datasets(cfg: TrainConfig, device) -> tuple[IndexedDataset, IndexedDataset]:
-    """Train set (a fixed class-balanced subset when ``cfg.limit``) and test set."""
-    train_ds = load_dataset(cfg.data, "train", cfg.data_dir, augment=cfg.augment)
-    if cfg.limit is not None:
-        keep = _balanced(train_ds.y, train_ds.num_classes, cfg.limit)
-        x, y = train_ds.x[keep], train_ds.y[keep]
-        train_ds = IndexedDataset(x, y, train_ds.num_classes, train_ds.augment)
-    test_ds = load_dataset(cfg.data, "test", cfg.data_dir)
-    if torch.device(cfg.device).type == "cuda":  # in-memory sets live on the GPU
-        return train_ds.to(device), test_ds.to(device)
-    return train_ds, test_ds
-
-
-def _optimizer(cfg: TrainConfig, model, hp: dict) -> torch.optim.Optimizer:
-    """SGD with momentum and weight decay; wrapped by SAM for sam/asam.
-
-    ``foreach=True`` on every device: on CPU PyTorch would pick its slower per-tensor loop.
-    """
-    kw = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, foreach=True)
-    if cfg.method in ("sam", "asam"):
-        adaptive = cfg.method == "asam"
-        return SAM(model.parameters(), torch.optim.SGD, rho=hp["rho"], adaptive=adaptive, **kw)
-    return torch.optim.SGD(model.parameters(), **kw)
-
-
-def _restore(state, device, optimizer, scheduler, store, ema, sampler_gen, augment_gen) -> None:
-    """Load the resume state written by :func:`_state` (weights are loaded separately)."""
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if store is not None:
-        store.load_state_dict(state["store"])
-    if ema is not None:
-        ema.load_state_dict(state["ema"])
-    sampler_gen.set_state(state["rng"]["sampler"])
-    augment_gen.set_state(state["rng"]["augment"])
-    torch.set_rng_state(state["rng"]["torch"])
-    if device.type == "cuda" and state["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], device)
-
-
-def _state(epoch, rows, optimizer, scheduler, store, ema, sampler_gen, augment_gen) -> dict:
-    """The resume state: plain tensors, dicts, lists and numbers (weights_only-loadable)."""
-    return {
-        "epoch": epoch,
-        "metrics": rows,
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "store": None if store is None else store.state_dict(),
-        "ema": None if ema is None else ema.state_dict(),
-        "rng": {
-            "sampler": sampler_gen.get_state(),
-            "augment": augment_gen.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
-        },
-    }

@@ -103,14 +103,16 @@ def test_surface_refuses_malicious_checkpoint(tiny_run, tmp_path, capsys, kind):
 
 @pytest.mark.parametrize("victim", ["state.pt", "checkpoints/epoch_0002.pt"])
 def test_train_resume_refuses_malicious_state(tiny_run, tmp_path, capsys, victim):
-    """A run cut after epoch 2 whose state.pt (or checkpoint) was replaced by a payload."""
+    """A run cut after epoch 2 whose state.pt (or checkpoint) was replaced by a payload. The
+    checkpoint is read on resume only by a state.pt without weights (the older format)."""
     marker = tmp_path / "PWNED"
     state = torch.load(tiny_run / "state.pt", weights_only=True)
     (tiny_run / "checkpoints" / "epoch_0003.pt").unlink()
     if victim == "state.pt":
         torch.save({**state, "epoch": 2, "optimizer": _System(marker)}, tiny_run / victim)
     else:
-        torch.save({**state, "epoch": 2, "metrics": state["metrics"][:2]}, tiny_run / "state.pt")
+        older = {k: v for k, v in state.items() if k != "model"}
+        torch.save({**older, "epoch": 2, "metrics": state["metrics"][:2]}, tiny_run / "state.pt")
         _write_evil(tiny_run / victim, "open", marker)
     rc, _, err = run_cli(capsys, ["train", "--resume", tiny_run, "--no-progress"])
     assert not marker.exists()
@@ -127,7 +129,7 @@ def test_train_refuses_malicious_cifar_file(tmp_path, capsys):
         with open(folder / name, "wb") as f:
             pickle.dump({b"data": _System(marker), b"labels": [0]}, f, protocol=4)
     out = tmp_path / "run"
-    argv = ["train", "--data", "cifar10", "--data-dir", tmp_path, "--epochs", "1", "--out", out]
+    argv = ["train", "--data", "cifar10", "--data-dir", tmp_path, "--epochs", "2", "--out", out]
     rc, _, err = run_cli(capsys, [*argv, "--no-progress"])
     assert not marker.exists()
     lines = err.strip().splitlines()

@@ -43,11 +43,11 @@ def test_loss_turning_nonfinite_mid_run_keeps_last_good_checkpoint(
     """A weight is poisoned in the middle of epoch 3: epochs 0..2 stay, epoch 3 never lands."""
     orig = saf.methods.Stepper.__call__
 
-    def poisoned(self, x, y, idx, epoch):
+    def poisoned(self, x, y, idx, epoch, weight=1.0):
         if epoch == 2:
             with torch.no_grad():
                 next(self.model.parameters()).view(-1)[0] = value
-        return orig(self, x, y, idx, epoch)
+        return orig(self, x, y, idx, epoch, weight)
 
     monkeypatch.setattr(saf.methods.Stepper, "__call__", poisoned)
     out = tmp_path / method

@@ -23,17 +23,15 @@ def _torchrun() -> list[str]:
 def _gather_worker(rank, world, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
-    from saf import epoch_batches as _batches
-    from saf._distributed import DistInfo
-    from saf.trajectory import OutputStore
+    from saf import SAFLoss, epoch_batches
 
-    n, c, info = 50, 3, DistInfo(rank, world)
-    store = OutputStore(n, c, lag=2, dtype=torch.float32)
+    n, c = 50, 3
+    traj = SAFLoss(n, c, lag=2, start_epoch=0, dtype=torch.float32)  # distributed: auto
     for epoch in range(2):  # same permutation on every rank, each takes batch[rank::world]
-        for idx in _batches(n, 8, torch.Generator().manual_seed(epoch), rank, world):
+        for idx in epoch_batches(n, 8, torch.Generator().manual_seed(epoch), rank, world):
             own = (idx * 10 + epoch).float()[:, None].expand(-1, c)  # "logits" of sample idx
-            store.write(*info.gather(idx, own), epoch)
-    torch.save(store.state_dict(), os.path.join(out, f"rank{rank}.pt"))
+            traj(own, idx, epoch)
+    torch.save(traj.state_dict(), os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
 
 

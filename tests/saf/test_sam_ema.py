@@ -76,7 +76,7 @@ def test_sam_second_pass_leaves_batchnorm_running_stats_alone():
     net, x, y = _bn_net(), torch.randn(16, 4), torch.randint(0, 3, (16,))
     ref = copy.deepcopy(net)
     ref(x)  # one ordinary training forward: the expected running stats
-    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.5, lr=0.1)
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.5, lr=0.1, model=net)
     Stepper("sam", net, opt)(x, y, torch.arange(16), 0)
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(net[1], name), getattr(ref[1], name)), name

@@ -11,7 +11,7 @@ from analysis import safe_torch_load
 from cli import main
 from saf import (
     METRIC_COLUMNS,
-    OutputStore,
+    SAFLoss,
     Stepper,
     TrainConfig,
     TrainingDiverged,
@@ -43,9 +43,9 @@ def record_batches(monkeypatch):
     seen = []
     orig = saf.methods.Stepper.__call__
 
-    def call(self, x, y, idx, epoch):
+    def call(self, x, y, idx, epoch, weight=1.0):
         seen.append((self.method, idx.clone()))
-        return orig(self, x, y, idx, epoch)
+        return orig(self, x, y, idx, epoch, weight)
 
     monkeypatch.setattr(saf.methods.Stepper, "__call__", call)
     return seen
@@ -67,7 +67,7 @@ def test_saf_with_lambda_zero_is_sgd_bitwise_and_same_data_order(tmp_path, recor
 
 def test_methods_see_the_same_data_order(tmp_path, record_batches):
     for m in ("sam", "mesa"):
-        train(TrainConfig(method=m, out=tmp_path / m, **{**QUICK, "epochs": 1}))
+        train(TrainConfig(method=m, out=tmp_path / m, start_epoch=0, **{**QUICK, "epochs": 1}))
     sam, mesa = ([i for mm, i in record_batches if mm == m] for m in ("sam", "mesa"))
     assert len(sam) == 4 and all(map(torch.equal, sam, mesa))
 
@@ -218,13 +218,13 @@ def test_saf_lambda_zero_equals_sgd_after_every_step():
         torch.manual_seed(0)
         net = build_model("resnet_small", 10, ds.in_shape, width=4)
         opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
-        store = OutputStore(len(ds), 10, lag=1) if method == "saf" else None
+        traj = SAFLoss(len(ds), 10, lam=0.0, lag=1, start_epoch=0) if method == "saf" else None
         nets.append(net)
-        steppers.append(Stepper(method, net, opt, lam=0.0, start_epoch=0, store=store))
+        steppers.append(Stepper(method, net, opt, traj))
     for epoch in range(2):  # epoch 1 reads real stored logits
         for idx in epoch_batches(len(ds), 256, torch.Generator().manual_seed(epoch)):
             x, y, i = ds.get_batch(idx)
-            assert steppers[1].store.read(i, epoch)[1].all() == (epoch == 1)  # real targets
+            assert steppers[1].traj.store.read(i, epoch)[1].all() == (epoch == 1)  # real targets
             ce = [s(x, y, idx, epoch)[0] for s in steppers]
             assert torch.equal(ce[0], ce[1])
             assert _same(nets[0].state_dict(), nets[1].state_dict())

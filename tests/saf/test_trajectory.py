@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from saf import OutputStore, Stepper, epoch_batches, load_dataset, trajectory_loss
+from saf import OutputStore, SAFLoss, Stepper, epoch_batches, load_dataset, trajectory_loss
 from saf.data import IndexedDataset
 
 
@@ -81,14 +81,14 @@ def test_stepper_gradient_equals_autograd_of_ce_plus_trajectory_loss():
     model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
     model = model.double()
     x, y, idx = torch.randn(4, 5, dtype=torch.float64), torch.tensor([0, 2, 1, 2]), torch.arange(4)
-    store = OutputStore(4, 3, lag=1, dtype=torch.float64)
-    store.write(idx[:3], torch.randn(3, 3, dtype=torch.float64), epoch=0)  # row 3: never
-    past, mask = store.read(idx, epoch=1)
+    traj = SAFLoss(4, 3, lam=0.3, tau=5.0, lag=1, start_epoch=0, dtype=torch.float64)
+    traj.store.write(idx[:3], torch.randn(3, 3, dtype=torch.float64), epoch=0)  # row 3: never
+    past, mask = traj.store.read(idx, epoch=1)
     out = model(x)
     ref = F.cross_entropy(out, y) + trajectory_loss(out, past, 5.0, 0.3, mask)
     expect = torch.autograd.grad(ref, list(model.parameters()))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the step leaves the weights alone
-    Stepper("saf", model, opt, lam=0.3, tau=5.0, start_epoch=0, store=store)(x, y, idx, 1)
+    Stepper("saf", model, opt, traj)(x, y, idx, 1)
     for p, e in zip(model.parameters(), expect, strict=True):
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
 
@@ -139,9 +139,10 @@ def test_sample_ids_stay_aligned_under_shuffling():
     with torch.no_grad():
         model.weight.copy_(torch.arange(1, c + 1, dtype=torch.float32)[:, None] / 64)
         model.bias.zero_()
-    store = OutputStore(n, c, lag=1, dtype=torch.float32)
+    traj = SAFLoss(n, c, lam=0.3, tau=5.0, lag=1, start_epoch=0, dtype=torch.float32)
+    store = traj.store
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
-    step = Stepper("saf", model, opt, lam=0.3, tau=5.0, start_epoch=0, store=store)
+    step = Stepper("saf", model, opt, traj)
     gen = torch.Generator().manual_seed(0)
     batches = epoch_batches(n, 16, gen)
     assert not torch.equal(torch.cat(batches), torch.arange(len(torch.cat(batches))))  # shuffled

@@ -1,0 +1,120 @@
+"""The trainer's parts: data sets, optimizer, schedule, mixed precision, resume state."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+
+import torch
+from torch import nn
+
+from analysis import params_without_norm_and_bias
+from saf.api import MESALoss, SAFLoss
+from saf.config import TrainConfig
+from saf.data import IndexedDataset, balanced_subset, load_dataset
+from saf.sam import SAM
+
+
+def datasets(cfg: TrainConfig, device) -> tuple[IndexedDataset, IndexedDataset]:
+    """Train set (a fixed class-balanced subset when ``cfg.limit``) and test set."""
+    train_ds = load_dataset(cfg.data, "train", cfg.data_dir, augment=cfg.augment)
+    if cfg.limit is not None:
+        keep = balanced_subset(train_ds.y, train_ds.num_classes, cfg.limit)
+        x, y = train_ds.x[keep], train_ds.y[keep]
+        train_ds = IndexedDataset(x, y, train_ds.num_classes, train_ds.augment)
+    test_ds = load_dataset(cfg.data, "test", cfg.data_dir)
+    if torch.device(device).type == "cuda":  # in-memory sets live on the GPU
+        return train_ds.to(device), test_ds.to(device)
+    return train_ds, test_ds
+
+
+def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -> list[dict]:
+    """One group, or two when normalization weights and biases get no weight decay."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if decay_norm_bias or weight_decay == 0:
+        return [{"params": params, "weight_decay": weight_decay}]
+    decay = {id(p) for n, p in model.named_parameters() if n in params_without_norm_and_bias(model)}
+    return [
+        {"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
+    ]
+
+
+def optimizer(cfg: TrainConfig, model: nn.Module, hp: dict) -> torch.optim.Optimizer:
+    """SGD (momentum, optionally Nesterov) or AdamW; wrapped by SAM for sam/asam.
+
+    ``foreach=True`` on every device: on CPU PyTorch would pick its slower per-tensor loop.
+    """
+    groups = param_groups(model, cfg.weight_decay, hp["decay_norm_bias"])
+    if cfg.optimizer == "sgd":
+        base, kw = torch.optim.SGD, dict(momentum=cfg.momentum, nesterov=cfg.nesterov)
+    else:
+        base, kw = torch.optim.AdamW, dict(betas=tuple(cfg.betas))
+    kw.update(lr=cfg.lr, foreach=True)
+    if cfg.method in ("sam", "asam"):
+        return SAM(groups, base, rho=hp["rho"], adaptive=cfg.method == "asam", model=model, **kw)
+    return base(groups, **kw)
+
+
+def cosine(total_steps: int, warmup_steps: int):
+    """The LR factor at step ``t``: linear warm-up, then a cosine decay to zero."""
+
+    def factor(t: int) -> float:
+        if t < warmup_steps:
+            return (t + 1) / warmup_steps
+        return 0.5 * (
+            1.0 + math.cos(math.pi * (t - warmup_steps) / max(1, total_steps - warmup_steps))
+        )
+
+    return factor
+
+
+def autocast(hp: dict, device: torch.device):
+    """A context-manager factory: bf16 autocast when ``amp`` applies, else a no-op."""
+    if hp["amp"]:
+        return functools.partial(torch.autocast, device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def trajectory(cfg: TrainConfig, hp: dict, net: nn.Module, train_ds, device, world: int):
+    """The method's trajectory loss (:class:`SAFLoss` or :class:`MESALoss`), or None."""
+    if cfg.method == "saf":
+        return SAFLoss(len(train_ds), train_ds.num_classes, hp["lam"], hp["tau"], hp["lag"],
+                       hp["start_epoch"], device=device, distributed=world > 1)  # fmt: skip
+    if cfg.method == "mesa":
+        return MESALoss(net, hp["ema_decay"], hp["lam"], hp["tau"], hp["start_epoch"])
+    return None
+
+
+def state(epoch, rows, net, optimizer, scheduler, traj, sampler_gen, augment_gen) -> dict:
+    """The resume state: plain tensors, dicts, lists and numbers (weights_only-loadable)."""
+    return {
+        "epoch": epoch,
+        "metrics": rows,
+        "model": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "store": traj.state_dict() if isinstance(traj, SAFLoss) else None,
+        "ema": traj.state_dict() if isinstance(traj, MESALoss) else None,
+        "rng": {
+            "sampler": sampler_gen.get_state(),
+            "augment": augment_gen.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None,
+        },
+    }
+
+
+def restore(saved, device, net, optimizer, scheduler, traj, sampler_gen, augment_gen) -> None:
+    """Load the resume state written by :func:`state`."""
+    net.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if traj is not None:
+        traj.load_state_dict(saved["store" if isinstance(traj, SAFLoss) else "ema"])
+    sampler_gen.set_state(saved["rng"]["sampler"])
+    augment_gen.set_state(saved["rng"]["augment"])
+    torch.set_rng_state(saved["rng"]["torch"])
+    if device.type == "cuda" and saved["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(saved["rng"]["cuda"], device)
