@@ -9,14 +9,15 @@ from cli._common import (
     UsageError,
     device,
     existing_dir,
+    import_object,
     nonneg_float,
     nonneg_int,
     positive_float,
     positive_int,
     unit_float,
 )
-from saf import DATASETS, METHODS, MODELS, TrainConfig, train
-from saf.config import OPTIMIZERS
+from saf import DATASETS, METHODS, MODELS, TrainConfig, read_run, train
+from saf.config import OPTIMIZERS, is_spec
 
 EXAMPLES = """examples:
   saf train --method saf --out runs/saf-s0
@@ -32,6 +33,17 @@ at most 0.9998 (mesa).
 exit codes: 0 done, 2 bad input or training diverged (NaN/Inf loss; the last good
 checkpoint is kept), 130 interrupted (resume with --resume).
 """
+
+
+def _name_or_spec(names, what):
+    def parse(text: str) -> str:
+        if text in names or is_spec(text):
+            return text
+        raise argparse.ArgumentTypeError(
+            f"expected one of {', '.join(names)} or package.module:function, got {text!r}"
+        )
+
+    return parse
 
 
 def _betas(text: str) -> tuple[float, float]:
@@ -68,9 +80,23 @@ def add_parser(subparsers) -> None:
     )
     a = p.add_argument
     a("--method", choices=METHODS, default="saf", help="training method (default: saf)")
-    a("--model", choices=list(MODELS), default="resnet_small", help="architecture")
+    a(
+        "--model",
+        type=_name_or_spec(MODELS, "--model"),
+        default="resnet_small",
+        metavar="NAME|MODULE:FACTORY",
+        help=f"architecture: {', '.join(MODELS)}, or your own "
+        "factory (given num_classes and in_shape if it takes them)",
+    )
     a("--model-kwargs", type=_json_dict, default={}, metavar="JSON", help="e.g. '{\"width\": 32}'")
-    a("--data", choices=DATASETS, default="digits", help="data set (default: digits, embedded)")
+    a(
+        "--data",
+        type=_name_or_spec(DATASETS, "--data"),
+        default="digits",
+        metavar="NAME|MODULE:FUNCTION",
+        help=f"data set: {', '.join(DATASETS)} (default digits, "
+        "embedded), or your own function(split) returning a map-style data set of (x, y)",
+    )
     a("--data-dir", type=existing_dir, default=None, help="folder of the CIFAR python files")
     a("--limit", type=positive_int, default=None, help="train on a balanced subset of N samples")
     a("--epochs", type=positive_int, default=30, help="number of epochs (default: 30)")
@@ -150,7 +176,7 @@ def run(args) -> int:
     if args.resume is not None:
         if args.out is not None and args.out != str(args.resume):
             raise UsageError("--resume continues RUN_DIR in place; do not also give --out")
-        changed = sorted(given(args) - RESUMABLE)
+        changed = sorted(given(args) - RESUMABLE - {"model", "data"})
         if changed:
             raise UsageError(
                 f"--resume takes its settings from {args.resume / 'run.json'}; only --epochs "
@@ -159,7 +185,19 @@ def run(args) -> int:
             )
         fields["out"] = str(args.resume)
         epochs = args.epochs if "epochs" in given(args) else None
-    run_dir = train(TrainConfig(**fields), resume=args.resume is not None, epochs=epochs)
+        run = read_run(args.resume, custom_ok=True)
+        for what in ("model", "data"):  # your own code is named in run.json, never imported
+            if is_spec(run[what]["name"]):
+                if getattr(args, what) != run[what]["name"]:
+                    raise UsageError(
+                        f"{args.resume} was trained with {what} {run[what]['name']}: give "
+                        f"--{what} {run[what]['name']} to resume it"
+                    )
+                fields[what] = run[what]["name"]
+    factory = import_object(fields["model"], "--model") if is_spec(fields["model"]) else None
+    data_fn = import_object(fields["data"], "--data") if is_spec(fields["data"]) else None
+    run_dir = train(TrainConfig(**fields), resume=args.resume is not None, epochs=epochs,
+                    model_factory=factory, dataset_fn=data_fn)  # fmt: skip
     print(run_dir)
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 
 import torch
@@ -12,21 +13,39 @@ from torch import nn
 from analysis import params_without_norm_and_bias
 from saf.api import MESALoss, SAFLoss
 from saf.config import TrainConfig
-from saf.data import IndexedDataset, balanced_subset, load_dataset
+from saf.data import MapDataset, balanced_subset, load_dataset
+from saf.models import build_model
 from saf.sam import SAM
 
 
-def datasets(cfg: TrainConfig, device) -> tuple[IndexedDataset, IndexedDataset]:
-    """Train set (a fixed class-balanced subset when ``cfg.limit``) and test set."""
-    train_ds = load_dataset(cfg.data, "train", cfg.data_dir, augment=cfg.augment)
+def datasets(cfg: TrainConfig, device, dataset_fn=None):
+    """Train set (a fixed class-balanced subset when ``cfg.limit``) and test set: ours by
+    name, or ``dataset_fn(split)``'s map-style data sets (:class:`saf.data.MapDataset`)."""
+    if dataset_fn is not None:
+        train_ds = MapDataset(dataset_fn("train"))
+        test_ds = MapDataset(dataset_fn("test"), train_ds.num_classes)
+    else:
+        train_ds = load_dataset(cfg.data, "train", cfg.data_dir, augment=cfg.augment)
+        test_ds = load_dataset(cfg.data, "test", cfg.data_dir)
     if cfg.limit is not None:
-        keep = balanced_subset(train_ds.y, train_ds.num_classes, cfg.limit)
-        x, y = train_ds.x[keep], train_ds.y[keep]
-        train_ds = IndexedDataset(x, y, train_ds.num_classes, train_ds.augment)
-    test_ds = load_dataset(cfg.data, "test", cfg.data_dir)
+        train_ds = train_ds.subset(balanced_subset(train_ds.y, train_ds.num_classes, cfg.limit))
     if torch.device(device).type == "cuda":  # in-memory sets live on the GPU
         return train_ds.to(device), test_ds.to(device)
     return train_ds, test_ds
+
+
+def model(cfg: TrainConfig, train_ds, factory=None) -> nn.Module:
+    """The run's model: ours by name, or ``factory`` (given ``num_classes`` and ``in_shape``
+    when it takes them, and ``cfg.model_kwargs``)."""
+    if factory is None:
+        return build_model(cfg.model, train_ds.num_classes, train_ds.in_shape, **cfg.model_kwargs)
+    params = inspect.signature(factory).parameters
+    shape = {"num_classes": train_ds.num_classes, "in_shape": train_ds.in_shape}
+    kwargs = {k: v for k, v in shape.items() if k in params} | dict(cfg.model_kwargs)
+    net = factory(**kwargs)
+    if not isinstance(net, nn.Module):
+        raise ValueError(f"the model factory returned a {type(net).__name__}, not an nn.Module")
+    return net
 
 
 def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -> list[dict]:

@@ -25,6 +25,12 @@ class TrainingDiverged(ValueError):
 OPTIMIZERS = ("sgd", "adamw")
 
 
+def is_spec(name) -> bool:
+    """Whether ``name`` names code (``package.module:function``) rather than one of ours."""
+    mod, sep, fn = str(name).partition(":")
+    return bool(sep and mod and fn.isidentifier())
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run (stored in ``run.json``; ``None`` = method default).
@@ -81,6 +87,8 @@ class TrainConfig:
         """Check every field; raise ValueError saying what is wrong. Returns ``self``."""
         for name, allowed in (("method", METHODS), ("model", MODELS), ("data", DATASETS),
                               ("optimizer", OPTIMIZERS)):  # fmt: skip
+            if name in ("model", "data") and is_spec(getattr(self, name)):
+                continue  # the caller's own code, passed to train() as a callable
             if getattr(self, name) not in allowed:
                 raise ValueError(
                     f"unknown {name} {getattr(self, name)!r}; choose one of {', '.join(allowed)}"
@@ -110,7 +118,7 @@ class TrainConfig:
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas}")
         if self.data_dir is not None and not Path(self.data_dir).is_dir():
             raise ValueError(f"data directory {self.data_dir} does not exist")
-        if self.data.startswith("cifar") and self.data_dir is None:
+        if str(self.data).startswith("cifar") and self.data_dir is None:
             raise ValueError(f"data {self.data!r} needs a data_dir (python-format CIFAR folder)")
         first = self.first_trajectory_epoch()
         if first is not None and first >= self.epochs:

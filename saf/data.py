@@ -79,6 +79,61 @@ class IndexedDataset(torch.utils.data.Dataset):
         out.__dict__.update(self.__dict__, x=self.x.to(device), y=self.y.to(device))
         return out
 
+    def subset(self, keep: Tensor) -> IndexedDataset:
+        """The samples ``keep`` (indices), renumbered from 0."""
+        return IndexedDataset(self.x[keep], self.y[keep], self.num_classes, self.augment)
+
+
+class MapDataset:
+    """Any map-style data set of ``(x, y)`` items, as the trainer reads it: a batch at a time.
+
+    Args:
+        dataset: ``dataset[i] -> (x, y)`` with ``len(dataset)``; ``x`` a tensor (or
+            array), ``y`` an integer class. Its own transforms run as they are.
+        num_classes: the number of classes (default: ``dataset.num_classes``,
+            ``len(dataset.classes)``, or one more than the largest label).
+
+    The labels are read once, from ``dataset.targets`` when it has them (torchvision's
+    convention), else from every item.
+    """
+
+    def __init__(self, dataset, num_classes: int | None = None):
+        if len(dataset) < 1:
+            raise ValueError("the data set is empty")
+        self.dataset = dataset
+        targets = getattr(dataset, "targets", None)
+        labels = targets if targets is not None else [dataset[i][1] for i in range(len(dataset))]
+        self.y = torch.as_tensor(labels).long().reshape(-1)
+        if len(self.y) != len(dataset) or (self.y < 0).any():
+            raise ValueError("the data set's labels must be one integer >= 0 per item")
+        classes = getattr(dataset, "classes", None)
+        self.num_classes = int(
+            num_classes or getattr(dataset, "num_classes", 0) or (classes and len(classes))
+            or int(self.y.max()) + 1
+        )  # fmt: skip
+        self.in_shape = tuple(torch.as_tensor(dataset[0][0]).shape)
+        self.augment = False
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def get_batch(self, idx: Tensor, generator: torch.Generator | None = None):
+        """The batch ``(x, y, idx)``, stacked from the items (their own transforms apply)."""
+        xs = [torch.as_tensor(self.dataset[int(i)][0]) for i in idx]
+        return torch.stack(xs).float(), self.y.index_select(0, idx.cpu()), idx
+
+    def to(self, device) -> MapDataset:
+        """Itself: items are fetched on the CPU and moved batch by batch."""
+        return self
+
+    def subset(self, keep: Tensor) -> MapDataset:
+        """The items ``keep`` (indices), renumbered from 0."""
+        out = MapDataset.__new__(MapDataset)
+        out.__dict__.update(self.__dict__)
+        out.dataset = torch.utils.data.Subset(self.dataset, keep.tolist())
+        out.y = self.y[keep]
+        return out
+
 
 def _crop_flip(x: Tensor, generator: torch.Generator | None) -> Tensor:
     """Random crop after zero padding by 4 pixels, and random horizontal flip (per sample)."""

@@ -28,6 +28,7 @@ import pandas as pd
 from torch import nn
 
 from analysis.io import atomic_torch_save, atomic_write_json, atomic_write_text, safe_torch_load
+from saf.config import is_spec
 from saf.data import DATASETS
 from saf.models import MODELS, build_model
 
@@ -68,12 +69,23 @@ def _load_json(run_dir) -> tuple[Path, dict]:
     return path, run
 
 
-def _unusable(run: dict) -> str | None:
-    """Why the run's model and data cannot be rebuilt from it (None when they can)."""
+def _unusable(run: dict, custom_ok: bool = False) -> str | None:
+    """Why the run's model and data cannot be rebuilt from it (None when they can).
+
+    A model or data set that was the caller's own code is only named in the file: it is
+    never imported from it (``custom_ok``: accept that, the caller brings the code)."""
     missing = [k for k in ("model", "data") if k not in run]
     if missing:
         return f"missing fields {missing}"
     model, data = run["model"], run["data"]
+    for what, d in (("model", model), ("data", data)):
+        name = d.get("name") if isinstance(d, dict) else None
+        if is_spec(name) and not custom_ok:
+            return f"the run's {what} is your own code ({name}); give --{what} to rebuild it"
+    if custom_ok and isinstance(model, dict) and is_spec(model.get("name")):
+        model = {**model, "name": MODELS[0]}  # checked by the caller's own factory
+    if custom_ok and isinstance(data, dict) and is_spec(data.get("name")):
+        data = {**data, "name": DATASETS[0]}
     if not (isinstance(model, dict) and model.get("name") in MODELS
             and isinstance(model.get("kwargs"), dict)):  # fmt: skip
         return f"model must be {{'name': one of {', '.join(MODELS)}, 'kwargs': {{...}}}}"
@@ -92,15 +104,19 @@ def _positive_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and v >= 1
 
 
-def read_run(run_dir) -> dict:
+def read_run(run_dir, custom_ok: bool = False) -> dict:
     """Read and validate ``RUN_DIR/run.json`` (every required key, a buildable model).
+
+    Args:
+        custom_ok: accept a model or data set named as code (``pkg.mod:fn``), which the
+            caller rebuilds itself (it is never imported from the file).
 
     Raises:
         ValueError: missing, unreadable or incomplete file (the message names it).
     """
     path, run = _load_json(run_dir)
     missing = [k for k in REQUIRED if k not in run]
-    why = f"missing fields {missing}" if missing else _unusable(run)
+    why = f"missing fields {missing}" if missing else _unusable(run, custom_ok)
     if why:
         raise ValueError(f"{path}: {why}")
     return run

@@ -27,18 +27,20 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 
 from analysis.batches import batch_mean, loss_and_accuracy, model_mode
 from analysis.distributed import all_reduce_sum, init_from_env, local_device
 from saf import _setup, runs
-from saf.config import TrainConfig, TrainingDiverged, describe_run
+from saf.config import TrainConfig, TrainingDiverged, describe_run, is_spec
 from saf.methods import Stepper
-from saf.models import build_model
 
 __all__ = ["epoch_batches", "evaluate", "steps_per_epoch", "train"]
 
@@ -78,7 +80,14 @@ def evaluate(model, dataset, device, batch_size: int = 1024) -> tuple[float, flo
     return loss, acc
 
 
-def train(config: TrainConfig, resume: bool = False, epochs: int | None = None) -> Path:
+def train(
+    config: TrainConfig,
+    resume: bool = False,
+    epochs: int | None = None,
+    *,
+    model_factory: Callable[..., nn.Module] | None = None,
+    dataset_fn: Callable[[str], Any] | None = None,
+) -> Path:
     """Train one run and write its run directory; returns the run directory.
 
     Args:
@@ -88,6 +97,11 @@ def train(config: TrainConfig, resume: bool = False, epochs: int | None = None) 
         resume: continue an interrupted run from its ``state.pt``.
         epochs: with ``resume``, train to this many epochs instead (extends the run; the
             cosine schedule is stretched to the new length from the current step on).
+        model_factory: your own model, when ``config.model`` names it (``pkg.mod:fn``):
+            called with ``num_classes`` and ``in_shape`` if it takes them, plus
+            ``config.model_kwargs``.
+        dataset_fn: your own data, when ``config.data`` names it: ``dataset_fn(split)``
+            returns a map-style data set of ``(x, y)`` items for ``"train"`` and ``"test"``.
 
     Raises:
         ValueError: bad configuration, an existing run directory without ``resume``, or
@@ -99,18 +113,30 @@ def train(config: TrainConfig, resume: bool = False, epochs: int | None = None) 
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     rank, world = init_from_env(cfg.device)
+    if cfg.batch_size < 2 * world:
+        raise ValueError(
+            f"--batch-size {cfg.batch_size} is split over {world} ranks: give at least "
+            f"{2 * world} (BatchNorm needs two samples on each rank)"
+        )
     device = torch.device(local_device(cfg.device) if world > 1 else cfg.device)
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the RNG state saved for resume is this device's
 
     # --- data, model, optimizer, schedule, trajectory loss -----------------------------------
-    train_ds, test_ds = _setup.datasets(cfg, device)
+    if is_spec(cfg.model) != (model_factory is not None) or (
+        is_spec(cfg.data) != (dataset_fn is not None)
+    ):
+        raise ValueError(
+            "a model or data set named as code (pkg.mod:fn) needs its callable: pass "
+            "model_factory / dataset_fn (on the command line: --model / --data)"
+        )
+    train_ds, test_ds = _setup.datasets(cfg, device, dataset_fn)
     sampler_gen = torch.Generator().manual_seed(cfg.seed)  # the data order: same for all methods
     augment_gen = torch.Generator().manual_seed(cfg.seed + 1)
     steps = steps_per_epoch(len(train_ds), cfg.batch_size, world)
     hp = cfg.resolved(steps, device)
     torch.manual_seed(cfg.seed)
-    net = build_model(cfg.model, train_ds.num_classes, train_ds.in_shape, **cfg.model_kwargs)
+    net = _setup.model(cfg, train_ds, model_factory)
     if cfg.sync_bn and world > 1:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     net = net.to(device)
@@ -206,7 +232,7 @@ def _config_and_state(
                 "or choose another --out"
             )
         return config.validate(), None
-    run = runs.read_run(run_dir)
+    run = runs.read_run(run_dir, custom_ok=True)
     saved = _saved_config(run, run_dir)
     # the schedule of the trajectory loss and the EMA stay as they were applied
     hp = run["hparams"]
