@@ -15,6 +15,7 @@ from saf.api import MESALoss, SAFLoss
 from saf.config import TrainConfig
 from saf.data import MapDataset, balanced_subset, load_dataset
 from saf.models import build_model
+from saf.paper import ASAM_ETA
 from saf.sam import SAM
 
 
@@ -48,16 +49,26 @@ def model(cfg: TrainConfig, train_ds, factory=None) -> nn.Module:
     return net
 
 
-def param_groups(model: nn.Module, weight_decay: float, decay_norm_bias: bool) -> list[dict]:
-    """One group, or two when normalization weights and biases get no weight decay."""
+def param_groups(
+    model: nn.Module, weight_decay: float, decay_norm_bias: bool, asam: bool = False
+) -> list[dict]:
+    r"""One group, or two: the weights of convolutions and linear layers, and the rest
+    (biases, normalization). The rest gets no weight decay unless ``decay_norm_bias``, and
+    for ASAM only the weights are scaled by :math:`|w| + \eta` (the ASAM paper's
+    convention, :math:`\eta = 0.01`)."""
     params = [p for p in model.parameters() if p.requires_grad]
-    if decay_norm_bias or weight_decay == 0:
+    if (decay_norm_bias or weight_decay == 0) and not asam:
         return [{"params": params, "weight_decay": weight_decay}]
-    decay = {id(p) for n, p in model.named_parameters() if n in params_without_norm_and_bias(model)}
+    weights = {
+        id(p) for n, p in model.named_parameters() if n in params_without_norm_and_bias(model)
+    }
+    rest_decay = weight_decay if decay_norm_bias else 0.0
     return [
-        {"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
-        {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0},
-    ]
+        {"params": [p for p in params if id(p) in weights], "weight_decay": weight_decay,
+         **({"adaptive": True, "eta": ASAM_ETA} if asam else {})},
+        {"params": [p for p in params if id(p) not in weights], "weight_decay": rest_decay,
+         **({"adaptive": False} if asam else {})},
+    ]  # fmt: skip
 
 
 def optimizer(cfg: TrainConfig, model: nn.Module, hp: dict) -> torch.optim.Optimizer:
@@ -65,14 +76,14 @@ def optimizer(cfg: TrainConfig, model: nn.Module, hp: dict) -> torch.optim.Optim
 
     ``foreach=True`` on every device: on CPU PyTorch would pick its slower per-tensor loop.
     """
-    groups = param_groups(model, cfg.weight_decay, hp["decay_norm_bias"])
+    groups = param_groups(model, cfg.weight_decay, hp["decay_norm_bias"], cfg.method == "asam")
     if cfg.optimizer == "sgd":
         base, kw = torch.optim.SGD, dict(momentum=cfg.momentum, nesterov=cfg.nesterov)
     else:
         base, kw = torch.optim.AdamW, dict(betas=tuple(cfg.betas))
     kw.update(lr=cfg.lr, foreach=True)
     if cfg.method in ("sam", "asam"):
-        return SAM(groups, base, rho=hp["rho"], adaptive=cfg.method == "asam", model=model, **kw)
+        return SAM(groups, base, rho=hp["rho"], model=model, **kw)
     return base(groups, **kw)
 
 

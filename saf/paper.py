@@ -14,6 +14,7 @@ DEFAULT_LAG = 3
 DEFAULT_START_EPOCH = 5
 PAPER_EPOCHS = 200
 DEFAULT_RHO = {"sam": 0.05, "asam": 0.5}  # SAM paper; ASAM paper (CIFAR)
+ASAM_ETA = 0.01  # ASAM paper: T_w = |w| + eta on the weights
 
 
 def scaled_hparams(epochs: int, steps_per_epoch: int) -> dict:

@@ -83,7 +83,7 @@ def _unusable(run: dict, custom_ok: bool = False) -> str | None:
         if is_spec(name) and not custom_ok:
             return f"the run's {what} is your own code ({name}); give --{what} to rebuild it"
     if custom_ok and isinstance(model, dict) and is_spec(model.get("name")):
-        model = {**model, "name": MODELS[0]}  # checked by the caller's own factory
+        model = {**model, "name": next(iter(MODELS))}  # checked by the caller's own factory
     if custom_ok and isinstance(data, dict) and is_spec(data.get("name")):
         data = {**data, "name": DATASETS[0]}
     if not (isinstance(model, dict) and model.get("name") in MODELS

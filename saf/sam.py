@@ -7,7 +7,11 @@ applies it at the original weights:
     \hat\epsilon = \rho\,\frac{T_w^2\,g}{\|T_w\,g\|_2},\qquad
     w \leftarrow \mathrm{base\_step}\big(w,\ \nabla L(w+\hat\epsilon)\big)
 
-with :math:`T_w = I` for SAM and :math:`T_w = \mathrm{diag}(|w|)` for ASAM (``adaptive``).
+with :math:`T_w = I` for SAM and :math:`T_w = \mathrm{diag}(|w| + \eta)` for ASAM
+(``adaptive``; the ASAM paper's :math:`\eta = 0.01`, :math:`\rho = 0.5`). Each parameter
+group may set its own ``adaptive`` and ``eta``: the trainer scales the weights of
+convolutions and linear layers and leaves biases and normalization parameters unscaled,
+as the ASAM reference code does for parameters that are not weights.
 
 Differences from the widely used public implementation (davda54/sam): ``state_dict`` holds
 the base optimizer's state (momentum survives a resume), the weights are restored exactly
@@ -46,6 +50,7 @@ class SAM(torch.optim.Optimizer):
             optimizer's own ``param_groups``, so LR schedulers on SAM drive it.
         rho: radius :math:`\rho \ge 0` (0.05 for SAM; 0.5 for ASAM on CIFAR).
         adaptive: ASAM (scale-invariant) perturbation.
+        eta: ASAM's :math:`\eta` in :math:`T_w = |w| + \eta` (0.01 in the ASAM paper).
         model: the module whose BatchNorm statistics the second pass must not update.
         **base_kwargs: passed to ``base_optimizer`` (``lr``, ``momentum``, ...).
 
@@ -67,13 +72,16 @@ class SAM(torch.optim.Optimizer):
         base_optimizer: type,
         rho: float = 0.05,
         adaptive: bool = False,
+        eta: float = 0.0,
         *,
         model: nn.Module | None = None,
         **base_kwargs,
     ):
         if rho < 0:
             raise ValueError(f"SAM rho must be >= 0, got {rho}")
-        super().__init__(params, dict(rho=rho, adaptive=adaptive, **base_kwargs))
+        if eta < 0:
+            raise ValueError(f"ASAM eta must be >= 0, got {eta}")
+        super().__init__(params, dict(rho=rho, adaptive=adaptive, eta=eta, **base_kwargs))
         self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
@@ -89,28 +97,26 @@ class SAM(torch.optim.Optimizer):
         """
         if scaler is not None:
             scaler.unscale_(self)
-        groups = []  # (group, params, T_w g) for groups with gradients
+        groups = []  # (group, params, T_w, T_w g) for groups with gradients
         for group in self.param_groups:
             ps = [p for p in group["params"] if p.grad is not None]
             if ps:
                 grads = [p.grad for p in ps]
-                scaled = (
-                    torch._foreach_mul(grads, torch._foreach_abs(ps))
-                    if group["adaptive"]
-                    else grads
-                )
-                groups.append((group, ps, scaled))
-        norms = [n for _, _, scaled in groups for n in torch._foreach_norm(scaled)]
+                t = None
+                if group.get("adaptive"):
+                    t = torch._foreach_abs(ps)
+                    if group.get("eta"):
+                        torch._foreach_add_(t, group["eta"])
+                groups.append((group, ps, t, grads if t is None else torch._foreach_mul(grads, t)))
+        norms = [n for *_, scaled in groups for n in torch._foreach_norm(scaled)]
         norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
         self._skip = scaler is not None and norm is not None and not bool(norm.isfinite())
-        for group, ps, scaled in groups:
+        for group, ps, t, scaled in groups:
             for p in ps:
                 self.state[p]["old_p"] = p.detach().clone()
             if self._skip:  # inf/NaN gradients under a GradScaler: this step is skipped
                 continue
-            eps = (
-                torch._foreach_mul(scaled, torch._foreach_abs(ps)) if group["adaptive"] else scaled
-            )
+            eps = scaled if t is None else torch._foreach_mul(scaled, t)
             torch._foreach_add_(ps, torch._foreach_mul(eps, group["rho"] / (norm + 1e-12)))
         self._freeze_batchnorm()
         if zero_grad:

@@ -43,6 +43,33 @@ def test_asam_step_on_quadratic_equals_hand_computation():
     torch.testing.assert_close(got, expect, rtol=1e-14, atol=1e-14)
 
 
+def test_asam_with_eta_on_weights_only_equals_hand_computation():
+    """The ASAM paper's convention: T = |w| + eta on the weights, T = 1 on the bias."""
+    w0, b0, rho, lr, eta = torch.tensor([1.0, -2.0], dtype=torch.float64), 0.5, 0.5, 0.05, 0.01
+    w = torch.nn.Parameter(w0.clone())
+    b = torch.nn.Parameter(torch.tensor([b0], dtype=torch.float64))
+    groups = [{"params": [w], "adaptive": True, "eta": eta}, {"params": [b], "adaptive": False}]
+    opt = SAM(groups, torch.optim.SGD, rho=rho, lr=lr)
+
+    def loss_at(w, b):
+        return 0.5 * w @ A @ w + 0.5 * (b**2).sum() * 3.0
+
+    def closure():
+        opt.zero_grad()
+        loss = loss_at(w, b)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    gw, gb = A @ w0, torch.tensor([3.0 * b0], dtype=torch.float64)
+    tw = w0.abs() + eta
+    norm = torch.cat([tw * gw, gb]).norm()
+    ew, eb = rho * tw**2 * gw / norm, rho * gb / norm
+    torch.testing.assert_close(w.detach(), w0 - lr * (A @ (w0 + ew)), rtol=1e-14, atol=1e-14)
+    expect_b = torch.tensor([b0]) - lr * 3.0 * (torch.tensor([b0]) + eb)
+    torch.testing.assert_close(b.detach(), expect_b.double(), rtol=1e-14, atol=1e-14)
+
+
 def test_sam_two_steps_with_momentum():
     w0, rho, lr, mu = torch.tensor([1.0, -2.0], dtype=torch.float64), 0.1, 0.05, 0.9
     w, buf = w0.clone(), None
