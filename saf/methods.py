@@ -81,19 +81,21 @@ class Stepper:
         # where its activations would evict the student's.
         target = self.traj.target(x, epoch) if self.method == "mesa" else None
         logits, z, ce = self._forward_ce(x, y)
+        loss, traj = ce, None
         if self.method == "saf":
             traj = self.traj(z, idx, epoch)
         elif self.method == "mesa":
             traj = self.traj(z, target)
-        else:
-            traj = torch.zeros((), device=z.device)
+        if traj is not None:
+            loss = ce + traj
         self.opt.zero_grad(set_to_none=True)
-        ((ce + traj) * weight).backward()
+        (loss if weight == 1.0 else loss * weight).backward()  # no kernel for a weight of 1
         self._clip()
         self.opt.step()
         if self.method == "mesa":
             self.traj.update(self.model)
-        return ce.detach(), traj.detach(), logits.detach()
+        traj = torch.zeros((), device=z.device) if traj is None else traj.detach()
+        return ce.detach(), traj, logits.detach()
 
     def _forward_ce(self, x, y):
         """``(logits, z, ce)``: ``z`` is the float32 (or wider) view of the logits."""
@@ -107,9 +109,10 @@ class Stepper:
         with self.model.no_sync() if local else contextlib.nullcontext():
             logits, _, ce = self._forward_ce(x, y)
             self.opt.zero_grad(set_to_none=True)
-            (ce * weight).backward()
+            (ce if weight == 1.0 else ce * weight).backward()
         self.opt.first_step(zero_grad=True)
-        (self._forward_ce(x, y)[2] * weight).backward()
+        ce2 = self._forward_ce(x, y)[2]
+        (ce2 if weight == 1.0 else ce2 * weight).backward()
         self._clip()
         self.opt.second_step(zero_grad=True)
         return ce.detach(), torch.zeros((), device=ce.device), logits.detach()
