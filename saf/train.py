@@ -119,6 +119,8 @@ def train(
             f"{2 * world} (BatchNorm needs two samples on each rank)"
         )
     device = torch.device(local_device(cfg.device) if world > 1 else cfg.device)
+    if cfg.sync_bn and world > 1 and device.type != "cuda":
+        raise ValueError("--sync-bn needs CUDA devices (SyncBatchNorm runs on GPUs only)")
     if device.type == "cuda":
         torch.cuda.set_device(device)  # the RNG state saved for resume is this device's
 

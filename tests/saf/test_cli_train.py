@@ -1,5 +1,6 @@
 """`saf train` does what it says: one regression test per trap a new user fell into."""
 
+import importlib
 import json
 
 import pytest
@@ -104,3 +105,32 @@ def test_asam_scales_the_weights_only_with_the_papers_eta(tmp_path, capsys):
     groups = safe_torch_load(tmp_path / "r" / "state.pt")["optimizer"]["param_groups"]
     flags = sorted((g["adaptive"], g.get("eta", 0.0), g["rho"]) for g in groups)
     assert flags == [(False, 0.0, 0.5), (True, 0.01, 0.5)]
+
+
+def test_a_batch_too_small_for_the_ranks_and_sync_bn_on_cpu_are_refused(tmp_path, monkeypatch):
+    """Under torchrun with 2 ranks, batch 1 once crashed rank 1 (an empty half)."""
+    T = importlib.import_module("saf.train")  # the module (saf.train is also the function)
+    monkeypatch.setattr(T, "init_from_env", lambda device: (0, 2))
+    base = dict(method="sgd", model="mlp", limit=64, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="at least 4"):
+        T.train(T.TrainConfig(**base, batch_size=3, out=tmp_path / "a"))
+    with pytest.raises(ValueError, match="sync-bn needs CUDA"):
+        T.train(T.TrainConfig(**base, batch_size=8, sync_bn=True, out=tmp_path / "b"))
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_nesterov_is_applied(tmp_path, capsys):
+    argv = [
+        "train",
+        *TINY,
+        "--method",
+        "sgd",
+        "--epochs",
+        "1",
+        "--nesterov",
+        "--out",
+        tmp_path / "r",
+    ]
+    assert run_cli(capsys, argv)[0] == 0
+    groups = safe_torch_load(tmp_path / "r" / "state.pt")["optimizer"]["param_groups"]
+    assert all(g["nesterov"] for g in groups) and _hp(tmp_path / "r")["nesterov"] is True
