@@ -4,7 +4,7 @@ The bottom layer: it imports nothing else of this toolkit. Its public modules
 :mod:`analysis.batches` (the batch convention and the size-weighted loop),
 :mod:`analysis.io` (atomic writes, safe checkpoint reading), :mod:`analysis.distributed`
 (rank, world, reductions) and :mod:`analysis.fold` (BatchNorm folding) are the pieces
-every other package shares.
+every other package shares; :mod:`analysis.losses` names the losses.
 """
 
 from analysis._checkpoints import AnalysisSettings, analyze_run, parse_metrics
@@ -17,7 +17,7 @@ from analysis._linop import EigenResult
 from analysis._power import power_iteration
 from analysis._sharpness import SharpnessResult, m_sharpness, sam_sharpness
 from analysis._trace import TraceResult, hessian_trace, hutchinson, hutchpp
-from analysis.batches import batch_mean, model_mode
+from analysis.batches import Call, batch_mean, model_mode
 from analysis.fold import fold_batchnorm
 from analysis.io import (
     CHECKPOINT_SUFFIXES,
@@ -27,12 +27,14 @@ from analysis.io import (
     atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
+    checkpoint_epoch,
     epoch_from_name,
     find_checkpoints,
     load_checkpoint,
     load_state_dict,
     safe_torch_load,
 )
+from analysis.losses import LOSSES, check_loss, loss_function
 
 __all__ = [
     # Hessian operator
@@ -61,8 +63,12 @@ __all__ = [
     "AnalysisSettings",
     "analyze_run",
     "parse_metrics",
-    # batches and models
+    # batches, models and losses
+    "Call",
+    "LOSSES",
     "batch_mean",
+    "check_loss",
+    "loss_function",
     "fold_batchnorm",
     "model_mode",
     # checkpoints and files
@@ -73,6 +79,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "checkpoint_epoch",
     "epoch_from_name",
     "find_checkpoints",
     "load_checkpoint",

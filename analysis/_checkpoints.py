@@ -38,15 +38,15 @@ from analysis._hvp import HessianOperator
 from analysis._lanczos import lanczos
 from analysis._sharpness import m_sharpness
 from analysis._trace import hutchpp
-from analysis.batches import batch_mean, loss_and_accuracy, model_mode, reiterable
+from analysis.batches import Call, batch_mean, loss_and_accuracy, model_mode, reiterable
 from analysis.io import (
     CheckpointError,
     atomic_write_json,
     atomic_write_text,
-    epoch_from_name,
     find_checkpoints,
     load_checkpoint,
 )
+from analysis.losses import check_loss, loss_function
 
 BASIC = ("loss", "accuracy", "lambda_max", "lambda_min", "trace", "sam_sharpness", "m_sharpness")
 COLUMNS = ("checkpoint", "epoch", "metric", "value", "stderr", "status",
@@ -128,6 +128,8 @@ class _Job:
     loss_fn: Callable
     device: Any
     s: AnalysisSettings
+    call: Call
+    key: str | None
 
 
 def analyze_run(
@@ -136,7 +138,7 @@ def analyze_run(
     *,
     model_factory: Callable[[], nn.Module],
     data: Iterable,
-    loss_fn: Callable | None = None,
+    loss_fn: Callable | str | None = None,
     settings: AnalysisSettings | None = None,
     every: int = 1,
     epochs: Collection[int] | None = None,
@@ -144,6 +146,10 @@ def analyze_run(
     device: Any = "cpu",
     progress: bool = True,
     log=None,
+    forward_fn: Callable | None = None,
+    output_fn: Callable | None = None,
+    key: str | None = None,
+    epoch_regex: str | None = None,
 ) -> pd.DataFrame:
     """Measure every checkpoint of a folder; return (and write) a tidy table.
 
@@ -158,7 +164,9 @@ def analyze_run(
         model_factory: builds the architecture; each checkpoint is loaded strictly
             (:func:`analysis.io.load_checkpoint`).
         data: the batches every metric uses (loss: mean over all samples).
-        loss_fn: ``loss_fn(outputs, targets)``, a batch mean (default: cross-entropy).
+        loss_fn: ``loss_fn(outputs, targets)``, a batch mean, or a name of
+            :data:`analysis.losses.LOSSES` (default: cross-entropy). It is checked against
+            the data on the first batch before any work (:func:`analysis.losses.check_loss`).
         settings: how each metric is measured (:class:`AnalysisSettings`).
         every: keep checkpoints whose epoch is a multiple of ``every``.
         epochs: keep only checkpoints of these epochs (default: all that ``every`` keeps).
@@ -170,6 +178,12 @@ def analyze_run(
         device: where to compute.
         progress: a tqdm bar over checkpoints (stderr).
         log: stream for skip messages (default ``sys.stderr``).
+        forward_fn, output_fn: hooks for models outside the batch convention
+            (:class:`analysis.batches.Call`).
+        key: where each file keeps its state dict (see :func:`analysis.io.load_state_dict`;
+            default: found among :data:`analysis.io.STATE_KEYS`).
+        epoch_regex: a regular expression whose first group is the epoch in a file name
+            (default: :func:`analysis.io.checkpoint_epoch`).
 
     Returns:
         The table (columns ``COLUMNS``); ``df.attrs["skipped"]`` lists
@@ -180,16 +194,18 @@ def analyze_run(
     """
     names = parse_metrics(metrics)
     s = settings or AnalysisSettings()
-    files = find_checkpoints(path, every)
+    files = find_checkpoints(path, every, epoch_regex)
     if epochs is not None:
-        files = [f for f in files if epoch_from_name(f) in set(epochs)]
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+        files = [(e, f) for e, f in files if e in set(epochs)]
+    loss_fn = loss_function(loss_fn) if loss_fn is not None else nn.CrossEntropyLoss()
     data = reiterable(data)
-    job = _Job(names, model_factory, data, loss_fn, device, s)
+    job = _Job(names, model_factory, data, loss_fn, device, s, Call(forward_fn, output_fn), key)
+    _check_fit(job)
     key = {  # what the cached numbers depend on
         **s.key(),
         "n_lambda": sum(n.startswith("lambda_") and n != "lambda_min" for n in _expand(names)),
-        "loss": repr(loss_fn),
+        "loss": _describe(loss_fn),
+        "hooks": [_describe(forward_fn), _describe(output_fn)],
         "arch": repr(model_factory()),
         "data": _data_hash(data),
     }
@@ -198,17 +214,38 @@ def analyze_run(
         out = Path(path) / "analysis.csv"
     cache_dir = Path(out).parent / f".{Path(out).name}.cache" if out is not False else None
     rows, skipped = [], []
-    for f in tqdm(files, desc="analyze", unit="ckpt", disable=not progress):
+    for epoch, f in tqdm(files, desc="analyze", unit="ckpt", disable=not progress):
         got, reason = _one_checkpoint(f, job, cache_dir, skey)
         if reason:
             print(f"skipped {f.name}: {reason}", file=log or sys.stderr)
             skipped.append((f.name, reason))
-        rows += [{"checkpoint": f.name, "epoch": epoch_from_name(f), **r} for r in got]
+        rows += [{"checkpoint": f.name, "epoch": epoch, **r} for r in got]
     df = pd.DataFrame(rows, columns=list(COLUMNS))
     df.attrs["skipped"] = skipped
     if out is not False:
         atomic_write_text(out, df.to_csv(index=False))
     return df
+
+
+def _check_fit(job: _Job) -> None:
+    """The loss against the data, on the first batch through a freshly built model."""
+    first = next(iter(job.data), None)
+    if first is None:
+        raise ValueError("data has no batches; pass at least one (inputs, targets) batch")
+    model = job.factory()
+    space = ParamSpace(model, None, job.s.dtype, "cpu", job.call)
+    with torch.no_grad(), model_mode(model, "eval"):
+        b = space.batch(first)
+        check_loss(job.loss_fn, space.output(space.theta, b), b[1])
+
+
+def _describe(fn: Any) -> str:
+    """A name for the cache key that is the same in every process (a function's repr holds
+    its address)."""
+    if fn is None:
+        return ""
+    name = getattr(fn, "__qualname__", None)
+    return f"{fn.__module__}.{name}" if name and hasattr(fn, "__module__") else repr(fn)
 
 
 def _data_hash(data: Iterable) -> str:
@@ -267,7 +304,7 @@ def _expand(names: list[str]) -> list[str]:
 def _one_checkpoint(path: Path, job: _Job, cache_dir, skey) -> tuple[list[dict], str]:
     order = _expand(job.names)
     try:
-        model = load_checkpoint(job.factory(), path).to(job.device)
+        model = load_checkpoint(job.factory(), path, job.key).to(job.device)
     except CheckpointError as e:
         reason = str(e).removeprefix(f"{path}: ")
         return [_row(n, status=reason) for n in order], reason
@@ -280,7 +317,13 @@ def _one_checkpoint(path: Path, job: _Job, cache_dir, skey) -> tuple[list[dict],
     ops: dict = {}
     for group in _groups(job.names):
         if not all(n in done for n in group[1]):
-            for r in _compute(group[0], model, job, ops):
+            try:
+                rows = _compute(group[0], model, job, ops)
+            except Exception as e:  # the model's forward, a shape, a dtype: this file's skip
+                why = (str(e).strip().splitlines() or [""])[0][:200]
+                reason = f"failed while computing {group[0]}: {type(e).__name__}: {why}"
+                return [done.get(n) or _row(n, status=reason) for n in order], reason
+            for r in rows:
                 done[r["metric"]] = r
             if cfile:
                 atomic_write_json(cfile, done)
@@ -322,7 +365,7 @@ def _compute(key: str, model: nn.Module, job: _Job, ops: dict) -> list[dict]:
         if "H" not in ops:
             ops["H"] = HessianOperator(
                 model, job.loss_fn, job.data, mode=s.mode, dtype=s.dtype, device=job.device,
-                cache="auto",
+                cache="auto", forward_fn=job.call.forward_fn, output_fn=job.call.output_fn,
             )  # fmt: skip
         H = ops["H"]
         if key == "trace":
@@ -340,7 +383,8 @@ def _compute(key: str, model: nn.Module, job: _Job, ops: dict) -> list[dict]:
         rho, m, steps, kind, adaptive = s.rho, s.m, s.steps, s.kind, s.adaptive
     r = m_sharpness(
         model, job.loss_fn, job.data, rho, m, steps, kind, adaptive, dtype=s.dtype,
-        device=job.device, seed=s.seed,
+        device=job.device, seed=s.seed, forward_fn=job.call.forward_fn,
+        output_fn=job.call.output_fn,
     )  # fmt: skip
     extra = dict(rho=rho, m=math.nan if m is None else m, kind=kind, steps=steps)
     return [_row(key, r.value, r.stderr, adaptive=str(adaptive), **extra)]
@@ -348,11 +392,11 @@ def _compute(key: str, model: nn.Module, job: _Job, ops: dict) -> list[dict]:
 
 @torch.no_grad()
 def _loss_accuracy(model: nn.Module, job: _Job) -> list[dict]:
-    space = ParamSpace(model, None, job.s.dtype, job.device)
+    space = ParamSpace(model, None, job.s.dtype, job.device, job.call)
 
     def one(batch):
-        x, y = space.batch(batch)
-        return loss_and_accuracy(job.loss_fn, space.forward(space.theta, x), y)
+        b = space.batch(batch)
+        return loss_and_accuracy(job.loss_fn, space.output(space.theta, b), b[1])
 
     with model_mode(model, job.s.mode):
         loss, acc = batch_mean(one, job.data).tolist()

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis.batches import forward, split, to
+from analysis.batches import Call, split, to
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ParamSpec = None | Iterable[str] | Iterable[torch.Tensor] | Callable[[str, torch.Tensor], bool]
@@ -81,10 +81,18 @@ class ParamSpace:
         params: which parameters vary (see :func:`select_params`).
         dtype: floating dtype for parameters, buffers and inputs (None: keep).
         device: where to compute (None: the model's device).
+        call: how the model is called (:class:`analysis.batches.Call`; the convention).
     """
 
-    def __init__(self, model: nn.Module, params: ParamSpec = None, dtype=None, device=None):
-        self.model = model
+    def __init__(
+        self,
+        model: nn.Module,
+        params: ParamSpec = None,
+        dtype=None,
+        device=None,
+        call: Call | None = None,
+    ):
+        self.model, self.call = model, call or Call()
         self.names = select_params(model, params)
         first = next(iter(model.parameters()))
         self.device = torch.device(device) if device is not None else first.device
@@ -108,14 +116,14 @@ class ParamSpace:
         parts = torch.split(flat, self.numels)
         return {n: p.view(s) for n, p, s in zip(self.names, parts, self.shapes, strict=True)}
 
-    def forward(self, flat: torch.Tensor, inputs: Any) -> torch.Tensor:
-        """Model output tensor with the selected parameters set to ``flat``
-        (:mod:`analysis.batches` convention)."""
-        return forward(self.model, inputs, {**self.fixed, **self.unflatten(flat)})
+    def output(self, flat: torch.Tensor, batch: Any) -> torch.Tensor:
+        """The output tensor the loss reads, with the selected parameters set to ``flat``
+        (the :mod:`analysis.batches` convention, or the space's :class:`Call` hooks)."""
+        return self.call(self.model, batch, {**self.fixed, **self.unflatten(flat)})
 
-    def loss(self, flat: torch.Tensor, loss_fn: LossFn, inputs: Any, targets) -> torch.Tensor:
-        """``loss_fn(model(inputs), targets)`` at parameters ``flat``."""
-        return loss_fn(self.forward(flat, inputs), targets)
+    def loss(self, flat: torch.Tensor, loss_fn: LossFn, batch: Any) -> torch.Tensor:
+        """``loss_fn(output, targets)`` at parameters ``flat`` on one batch."""
+        return loss_fn(self.output(flat, batch), batch[1])
 
     def batch(self, batch) -> tuple[Any, Any]:
         """One ``(inputs, targets)`` batch on the device, floating tensors in the dtype."""

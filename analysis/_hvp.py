@@ -10,7 +10,8 @@ where :math:`\ell_b` is ``loss_fn`` (a mean over its batch) on batch :math:`b`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import numpy as np
@@ -18,10 +19,20 @@ import torch
 from torch import nn
 
 from analysis._functional import LossFn, ParamSpace, ParamSpec
-from analysis.batches import batch_mean, count_samples, model_mode, reiterable
+from analysis.batches import Call, batch_mean, count_samples, model_mode, reiterable
 from analysis.distributed import all_reduce_sum, shard
 
 DEFAULT_CACHE_BUDGET = 2 * 2**30  # bytes of saved activations kept across matvecs
+
+
+def math_attention():
+    """``scaled_dot_product_attention`` on its math kernel (the fused CPU and flash kernels
+    have no double backward), for the duration of our own products only."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3: the math kernel is the only one with a double backward
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 class _OverBudget(Exception):
@@ -59,6 +70,8 @@ class HessianOperator:
             the free memory on CUDA). The estimate is the size of the tensors saved by
             the first batch's graph times the number of batches.
         distributed: shard batches over ``torch.distributed`` ranks and all-reduce.
+        forward_fn, output_fn: hooks for models outside the batch convention
+            (:class:`analysis.batches.Call`).
 
     Attributes:
         shape: ``(n, n)`` with ``n = n_params``.
@@ -89,13 +102,15 @@ class HessianOperator:
         cache: bool | str = False,
         cache_budget: int | None = None,
         distributed: bool = False,
+        forward_fn: Callable | None = None,
+        output_fn: Callable | None = None,
     ):
         if cache not in (False, True, "auto"):
             raise ValueError(f"cache must be False, True or 'auto', got {cache!r}")
         with model_mode(model, mode):  # validates mode
             pass
         self.model, self.loss_fn, self.mode = model, loss_fn, mode
-        self.space = ParamSpace(model, params, dtype, device)
+        self.space = ParamSpace(model, params, dtype, device, Call(forward_fn, output_fn))
         self.distributed = distributed
         self.batches = shard(reiterable(data), distributed)
         self.n_samples = count_samples(self.batches, distributed)
@@ -137,10 +152,9 @@ class HessianOperator:
         theta = self.space.theta.detach().requires_grad_(True) if theta is None else theta
 
         def one(batch):
-            x, y = self.space.batch(batch)
-            return per_batch(theta, self.space.loss(theta, self.loss_fn, x, y))
+            return per_batch(theta, self.space.loss(theta, self.loss_fn, self.space.batch(batch)))
 
-        with model_mode(self.model, self.mode), torch.enable_grad():
+        with model_mode(self.model, self.mode), torch.enable_grad(), math_attention():
             return batch_mean(
                 one,
                 self.batches,

@@ -17,7 +17,7 @@ and generalization", ICML 2023.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +25,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from analysis._functional import LossFn, ParamSpace, ParamSpec
-from analysis.batches import model_mode
+from analysis.batches import Call, batch_size, concat, model_mode, split, take
 from analysis.distributed import gather_floats, rank_world
 
 
@@ -58,6 +58,8 @@ def m_sharpness(
     device=None,
     distributed: bool = False,
     progress: bool = False,
+    forward_fn: Callable | None = None,
+    output_fn: Callable | None = None,
 ) -> SharpnessResult:
     r"""m-sharpness of ``model`` on ``data`` (see the module docstring for the formulas).
 
@@ -95,13 +97,15 @@ def m_sharpness(
         distributed: shard batches over ``torch.distributed`` ranks; every rank
             gets the full result.
         progress: show a tqdm bar on stderr.
+        forward_fn, output_fn: hooks for models outside the batch convention
+            (:class:`analysis.batches.Call`).
 
     Returns:
         :class:`SharpnessResult` with the mean over batches and its standard error.
     """
     _validate(rho, m, steps, kind, norm, n_draws)
     alpha = step_size if step_size is not None else (rho if steps == 1 else 2 * rho / steps)
-    space = ParamSpace(model, params, dtype, device)
+    space = ParamSpace(model, params, dtype, device, Call(forward_fn, output_fn))
     T = space.theta.abs() if adaptive else torch.ones_like(space.theta)
     vals = []
     rank, world = rank_world(distributed)
@@ -111,11 +115,11 @@ def m_sharpness(
         ):
             if i % world != rank:
                 continue
-            x, y = space.batch(batch)
+            b = space.batch(batch)
             if kind == "worst":
-                vals.append(_worst(space, loss_fn, x, y, T, rho, alpha, steps, norm))
+                vals.append(_worst(space, loss_fn, b, T, rho, alpha, steps, norm))
             else:
-                vals.append(_average(space, loss_fn, x, y, T, rho, n_draws, seed + 7919 * i))
+                vals.append(_average(space, loss_fn, b, T, rho, n_draws, seed + 7919 * i))
     vals = gather_floats(vals, distributed)
     if not vals:
         raise ValueError("data has no batch of m samples; pass more data or a smaller m")
@@ -124,13 +128,13 @@ def m_sharpness(
     return SharpnessResult(mean, math.sqrt(var / len(vals)), len(vals), vals)
 
 
-def _worst(space, loss_fn, x, y, T, rho, alpha, steps, norm) -> float:
+def _worst(space, loss_fn, b, T, rho, alpha, steps, norm) -> float:
     theta = space.theta
-    loss0, g = _loss_grad(space, loss_fn, x, y, theta)
+    loss0, g = _loss_grad(space, loss_fn, b, theta)
     u, best = torch.zeros_like(theta), -math.inf
     for s in range(steps):
         if s > 0:
-            g = _loss_grad(space, loss_fn, x, y, theta + T * u)[1]
+            g = _loss_grad(space, loss_fn, b, theta + T * u)[1]
         tg = T * g
         if norm == "l2":
             u = u + alpha * tg / tg.norm().clamp_min(1e-30)
@@ -138,47 +142,50 @@ def _worst(space, loss_fn, x, y, T, rho, alpha, steps, norm) -> float:
         else:
             u = (u + alpha * tg.sign()).clamp(-rho, rho)
         with torch.no_grad():
-            best = max(best, float(space.loss(theta + T * u, loss_fn, x, y)) - loss0)
+            best = max(best, float(space.loss(theta + T * u, loss_fn, b)) - loss0)
     return best
 
 
-def _average(space, loss_fn, x, y, T, rho, n_draws, seed) -> float:
+def _average(space, loss_fn, b, T, rho, n_draws, seed) -> float:
     theta = space.theta
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        loss0 = float(space.loss(theta, loss_fn, x, y))
+        loss0 = float(space.loss(theta, loss_fn, b))
         total = 0.0
         for _ in range(n_draws):
             z = torch.randn(theta.numel(), generator=gen, dtype=torch.float64)
             delta = rho * T * z.to(theta.device, theta.dtype)
-            total += float(space.loss(theta + delta, loss_fn, x, y)) - loss0
+            total += float(space.loss(theta + delta, loss_fn, b)) - loss0
     return total / n_draws
 
 
-def _loss_grad(space, loss_fn, x, y, point) -> tuple[float, torch.Tensor]:
+def _loss_grad(space, loss_fn, b, point) -> tuple[float, torch.Tensor]:
     point = point.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = space.loss(point, loss_fn, x, y)
+        loss = space.loss(point, loss_fn, b)
         (g,) = torch.autograd.grad(loss, point)
     return float(loss.detach()), g
 
 
 def _rebatch(data: Iterable, m: int | None) -> Iterator[tuple]:
-    """Disjoint batches of exactly ``m`` samples, in order; an incomplete tail is dropped."""
+    """Disjoint batches of exactly ``m`` samples, in order; an incomplete tail is dropped.
+    Inputs and targets may be tensors, tuples or mappings (:mod:`analysis.batches`)."""
     if m is None:
         yield from data
         return
     xs, ys, count = [], [], 0
-    for x, y in data:
+    for batch in data:
+        x, y = split(batch)
         xs.append(x)
         ys.append(y)
-        count += len(y)
+        count += batch_size(batch)
         if count >= m:
-            X, Y = torch.cat(xs), torch.cat(ys)
+            X, Y = concat(xs), concat(ys)
             for start in range(0, count - m + 1, m):
-                yield X[start : start + m], Y[start : start + m]
-            rest = count - count % m
-            xs, ys, count = [X[rest:]], [Y[rest:]], count % m
+                rows = slice(start, start + m)
+                yield take(X, rows), take(Y, rows)
+            rest = slice(count - count % m, count)
+            xs, ys, count = [take(X, rest)], [take(Y, rest)], count % m
 
 
 def _validate(rho, m, steps, kind, norm, n_draws) -> None:

@@ -9,6 +9,8 @@ same way:
   ``model(*x)``, a mapping ``model(**x)`` (a Hugging-Face-style batch of named tensors).
 * **Outputs** are used by their type: a Tensor as it is, a tuple or list by its first
   element, a mapping (a Hugging Face ``ModelOutput`` is one) by its ``"logits"``.
+* **Anything else** is two hooks away (:class:`Call`): ``forward_fn(model, batch) ->
+  output`` replaces the call, ``output_fn(output) -> tensor`` the choice of the tensor.
 * **The data-set loss** is the size-weighted mean of the batch losses,
 
   .. math:: L = \frac{1}{N}\sum_b n_b\,\ell_b, \qquad N = \sum_b n_b,
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -108,10 +111,86 @@ def forward(
 ) -> torch.Tensor:
     """The model's output tensor on ``inputs``; with ``params``, via ``functional_call``
     (the model's own tensors are neither used for those names nor modified)."""
+    return output_tensor(_run(model, inputs, params))
+
+
+def _run(model: nn.Module, inputs: Any, params: Mapping[str, torch.Tensor] | None) -> Any:
     args, kwargs = call_args(inputs)
     if params is None:
-        return output_tensor(model(*args, **kwargs))
-    return output_tensor(functional_call(model, params, args, kwargs))
+        return model(*args, **kwargs)
+    return functional_call(model, params, args, kwargs)
+
+
+@dataclass(frozen=True)
+class Call:
+    """How a model is called on a batch and which tensor of its output the loss reads.
+
+    Args:
+        forward_fn: ``forward_fn(model, batch) -> output`` instead of the input convention
+            (it may read the targets too, e.g. a model that takes its labels).
+        output_fn: ``output_fn(output) -> Tensor`` instead of the output convention.
+
+    >>> Call()(nn.Identity(), (torch.ones(2), torch.zeros(2)))
+    tensor([1., 1.])
+    >>> Call(output_fn=lambda out: 2 * out)(nn.Identity(), (torch.ones(2), None))
+    tensor([2., 2.])
+    """
+
+    forward_fn: Callable[[nn.Module, Any], Any] | None = None
+    output_fn: Callable[[Any], torch.Tensor] | None = None
+
+    @property
+    def plain(self) -> bool:
+        """Whether both hooks are the convention's (so a traced copy of the model may run)."""
+        return self.forward_fn is None and self.output_fn is None
+
+    def __call__(
+        self, model: nn.Module, batch: Any, params: Mapping[str, torch.Tensor] | None = None
+    ) -> torch.Tensor:
+        """The output tensor the loss reads, on one ``(inputs, targets)`` batch; with
+        ``params`` the model's tensors of those names are replaced (``functional_call``)."""
+        if self.forward_fn is None:
+            out = _run(model, split(batch)[0], params)
+        elif params is None:
+            out = self.forward_fn(model, batch)
+        else:  # the hook calls the model: swap the tensors in on a wrapper around it
+            prefixed = {f"model.{k}": v for k, v in params.items()}
+            out = functional_call(_Hooked(model, self.forward_fn), prefixed, (batch,))
+        return self.output_fn(out) if self.output_fn is not None else output_tensor(out)
+
+
+class _Hooked(nn.Module):
+    """``forward(batch) = fn(model, batch)``, so ``functional_call`` can run a hook."""
+
+    def __init__(self, model: nn.Module, fn: Callable):
+        super().__init__()
+        self.model, self.fn = model, fn
+
+    def forward(self, batch):
+        return self.fn(self.model, batch)
+
+
+def concat(parts: list) -> Any:
+    """Batches' inputs or targets joined along the sample axis (tensors, tuples, mappings)."""
+    first = parts[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(parts)
+    if isinstance(first, Mapping):
+        return {k: concat([p[k] for p in parts]) for k in first}
+    if isinstance(first, (tuple, list)):
+        return type(first)(concat([p[i] for p in parts]) for i in range(len(first)))
+    raise ValueError(f"cannot join batches of {type(first).__name__}; use tensors")
+
+
+def take(obj: Any, rows: slice) -> Any:
+    """The samples ``rows`` of batched inputs or targets (tensors, tuples, mappings)."""
+    if isinstance(obj, torch.Tensor):
+        return obj[rows]
+    if isinstance(obj, Mapping):
+        return {k: take(v, rows) for k, v in obj.items()}
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(take(v, rows) for v in obj)
+    raise ValueError(f"cannot cut a batch of {type(obj).__name__}; use tensors")
 
 
 def is_class_batch(output: torch.Tensor, targets: Any) -> bool:

@@ -22,14 +22,14 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
 
 import torch
 from torch import nn
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".safetensors")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -134,81 +134,173 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"{path}: {msg}") from None
 
 
-def load_state_dict(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, torch.Tensor]:
-    """Load a model state dict from ``.pt``/``.pth``/``.safetensors``, safely.
+STATE_KEYS = ("state_dict", "model", "model_state_dict", "net", "ema", "module", "model_state")
+"""Keys under which checkpoints nest their state dict, tried in this order (Lightning's
+``.ckpt`` files use ``state_dict``)."""
+PREFIXES = ("module.", "model.", "_orig_mod.")
+"""Key prefixes stripped where that makes the keys match the model: DataParallel/DDP,
+Lightning's ``LightningModule`` attribute, ``torch.compile``."""
 
-    Accepts a bare state dict or a dict holding one under ``"state_dict"``,
-    ``"model"`` or ``"model_state"``. A ``"module."`` prefix (DataParallel/DDP)
-    is stripped.
+
+def load_state_dict(
+    path: str | os.PathLike,
+    map_location: Any = "cpu",
+    key: str | None = None,
+    model: nn.Module | None = None,
+) -> dict[str, torch.Tensor]:
+    """A model state dict from a ``.pt``, ``.pth``, ``.ckpt`` or ``.safetensors`` file, safely.
+
+    The file may hold the state dict itself or nest it under one of :data:`STATE_KEYS`
+    (``key`` chooses one, dotted for deeper levels: ``"ema.module"``). With ``model``, the
+    prefixes of :data:`PREFIXES` are stripped where that makes the keys match the model's.
 
     Raises:
-        CheckpointError: unsafe, unreadable, or no tensor state dict inside.
+        CheckpointError: unsafe, unreadable, no state dict of tensors with string keys, or
+            no such ``key``.
     """
     path = Path(path)
-    if path.suffix == ".safetensors":
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise CheckpointError(
-                f"{path}: reading .safetensors needs the 'safetensors' package "
-                "(pip install safetensors)"
-            ) from None
-        try:
-            obj: Any = load_file(str(path), device=str(map_location))
-        except Exception as e:
-            raise CheckpointError(f"{path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
-    else:
-        obj = safe_torch_load(path, map_location)
-    if isinstance(obj, Mapping):
-        for key in ("state_dict", "model", "model_state"):
-            if isinstance(obj.get(key), Mapping):
-                obj = obj[key]
-                break
+    obj = _read(path, map_location)
+    if key is not None:
+        for part in key.split("."):
+            if not isinstance(obj, Mapping) or part not in obj:
+                have = list(obj)[:8] if isinstance(obj, Mapping) else type(obj).__name__
+                raise CheckpointError(f"{path}: no key {key!r} (top-level keys: {have})")
+            obj = obj[part]
+    elif isinstance(obj, Mapping) and not _is_state(obj):
+        obj = next((obj[k] for k in STATE_KEYS if _is_state(obj.get(k))), obj)
     if not isinstance(obj, Mapping) or not obj:
         raise CheckpointError(f"{path}: no state dict inside (got {type(obj).__name__})")
-    if not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise CheckpointError(f"{path}: not a state dict of tensors")
-    return {k.removeprefix("module."): v for k, v in obj.items()}
+    if not _is_state(obj):
+        bad = next(k for k, v in obj.items() if not (isinstance(k, str) and _tensor(v)))
+        raise CheckpointError(
+            f"{path}: not a state dict of tensors (key {bad!r}: {type(obj[bad]).__name__}); "
+            f"pick the one inside with --key (keys: {list(obj)[:8]})"
+        )
+    return match_prefix(dict(obj), model.state_dict().keys()) if model is not None else dict(obj)
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+def _tensor(v: Any) -> bool:
+    return isinstance(v, torch.Tensor) and v.layout == torch.strided and not v.is_meta
+
+
+def _is_state(obj: Any) -> bool:
+    """A non-empty mapping of string keys to dense tensors."""
+    return (
+        isinstance(obj, Mapping)
+        and bool(obj)
+        and all(isinstance(k, str) and _tensor(v) for k, v in obj.items())
+    )
+
+
+def _read(path: Path, map_location: Any) -> Any:
+    if path.suffix != ".safetensors":
+        return safe_torch_load(path, map_location)
+    try:
+        from safetensors.torch import load_file
+    except ImportError:
+        raise CheckpointError(
+            f"{path}: reading .safetensors needs the 'safetensors' package "
+            "(pip install safetensors)"
+        ) from None
+    try:
+        return load_file(str(path), device=str(map_location))
+    except Exception as e:
+        raise CheckpointError(f"{path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+
+
+def match_prefix(state: dict[str, Any], want: Iterable[str]) -> dict[str, Any]:
+    """``state`` with the prefixes of :data:`PREFIXES` stripped where that makes more of its
+    keys match ``want`` (the model's keys); unchanged when nothing matches better.
+
+    >>> match_prefix({"model.module.w": 1}, ["w"])
+    {'w': 1}
+    """
+    want = set(want)
+    best, score = state, len(want & set(state))
+    frontier = [state]
+    for _ in range(3):  # at most three stacked prefixes (e.g. module._orig_mod.model.)
+        frontier = [
+            {k.removeprefix(p): v for k, v in s.items()}
+            for s in frontier
+            for p in PREFIXES
+            if all(k.startswith(p) for k in s)
+        ]
+        for s in frontier:
+            if len(want & set(s)) > score:
+                best, score = s, len(want & set(s))
+    return best
+
+
+def load_checkpoint(model: nn.Module, path: str | os.PathLike, key: str | None = None) -> nn.Module:
     """Load the checkpoint at ``path`` into ``model`` (strictly) and return the model.
 
     Raises:
         CheckpointError: unreadable or unsafe (:func:`load_state_dict`), a tensor whose
-            kind (floating, complex, integer) differs from the model's, or missing,
-            unexpected or mis-shaped keys.
+            kind (floating, complex, integer) differs from the model's, or keys that do not
+            match (the first missing and the first unexpected one are named).
     """
-    sd = load_state_dict(path)
-    for k, ref in model.state_dict().items():  # load_state_dict would cast int/complex silently
-        t = sd.get(k)
-        if t is not None and (t.is_floating_point(), t.is_complex()) != (
-            ref.is_floating_point(),
-            ref.is_complex(),
-        ):
-            raise CheckpointError(f"{path}: {k} is {t.dtype}, the model expects {ref.dtype}")
-    try:
-        model.load_state_dict(sd, strict=True)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
-        raise CheckpointError(
-            f"{path}: does not match the model ({' '.join(first[1:2]).strip()[:200]})"
-        ) from None
+    sd = load_state_dict(path, key=key, model=model)
+    ref = model.state_dict()
+    missing = [k for k in ref if k not in sd]
+    unexpected = [k for k in sd if k not in ref]
+    if missing or unexpected:
+        parts = [f"{len(missing)} missing (first: {missing[0]!r})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected (first: {unexpected[0]!r})"] if unexpected else []
+        raise CheckpointError(f"{path}: does not match the model: {'; '.join(parts)}")
+    for k, r in ref.items():  # load_state_dict would cast int/complex silently
+        t = sd[k]
+        if (t.is_floating_point(), t.is_complex()) != (r.is_floating_point(), r.is_complex()):
+            raise CheckpointError(f"{path}: {k} is {t.dtype}, the model expects {r.dtype}")
+        if t.shape != r.shape:
+            raise CheckpointError(
+                f"{path}: {k} has shape {tuple(t.shape)}, the model expects {tuple(r.shape)}"
+            )
+    model.load_state_dict(sd, strict=True)
     return model
 
 
-def epoch_from_name(name: str | Path) -> int | None:
-    """The last integer in a file's stem (``epoch_0012.pt`` -> 12), or None.
+_EPOCH = re.compile(r"(?:^|[^a-z])(?:epoch|ep)[=_\-]?(\d+)", re.IGNORECASE)
 
-    >>> epoch_from_name("run3-epoch=07.safetensors"), epoch_from_name("final.pt")
-    (7, None)
+
+def epoch_from_name(name: str | Path, regex: str | None = None) -> int | None:
+    """The epoch a file name states, or None.
+
+    ``epoch=NN``, ``epoch_NN``, ``epoch-NN``, ``epNN`` anywhere in the name, or a name that
+    is a bare number; with ``regex``, its first group instead.
+
+    >>> epoch_from_name("resnet18-epoch=01-val_acc=0.91.pt"), epoch_from_name("12.pt")
+    (1, 12)
+    >>> epoch_from_name("epoch=0-step=22.ckpt"), epoch_from_name("step-3.pt")
+    (0, None)
     """
-    nums = re.findall(r"\d+", Path(name).name.split(".")[0])
-    return int(nums[-1]) if nums else None
+    name = Path(name).name
+    if regex is not None:
+        m = re.search(regex, name)
+        return int(m.group(1)) if m and m.groups() and m.group(1).isdigit() else None
+    stem = name.split(".")[0]
+    m = _EPOCH.search(stem)
+    return int(m.group(1)) if m else int(stem) if stem.isdigit() else None
 
 
-def find_checkpoints(path: str | Path, every: int = 1) -> list[Path]:
-    """Checkpoint files of a folder (or of ``RUN_DIR/checkpoints``), sorted by epoch.
+def checkpoint_epoch(path: str | Path, regex: str | None = None) -> int | None:
+    """The epoch of a checkpoint file: from its name (:func:`epoch_from_name`), else from
+    the file's own ``epoch`` field when that is a plain integer (Lightning writes one)."""
+    epoch = epoch_from_name(path, regex)
+    if epoch is not None or regex is not None or Path(path).suffix == ".safetensors":
+        return epoch
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # unreadable: named when it is analysed
+        return None
+    field = obj.get("epoch") if isinstance(obj, Mapping) else None
+    return field if isinstance(field, int) and not isinstance(field, bool) else None
+
+
+def find_checkpoints(
+    path: str | Path, every: int = 1, regex: str | None = None
+) -> list[tuple[int | None, Path]]:
+    """``(epoch, file)`` of the checkpoint files of a folder (or of ``RUN_DIR/checkpoints``),
+    sorted by epoch (:func:`checkpoint_epoch`; files without one come last, by name).
 
     Keeps files whose epoch is a multiple of ``every`` (files without an epoch are
     always kept).
@@ -225,5 +317,6 @@ def find_checkpoints(path: str | Path, every: int = 1) -> list[Path]:
     files = [p for p in folder.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES]
     if not files:
         raise ValueError(f"{folder}: no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)})")
-    key = lambda p: (epoch_from_name(p) is None, epoch_from_name(p) or 0, p.name)  # noqa: E731
-    return [p for p in sorted(files, key=key) if (epoch_from_name(p) or 0) % every == 0]
+    found = [(checkpoint_epoch(p, regex), p) for p in files]
+    found.sort(key=lambda ep: (ep[0] is None, ep[0] or 0, ep[1].name))
+    return [(e, p) for e, p in found if (e or 0) % every == 0]

@@ -16,8 +16,11 @@ from cli._common import (
     device,
     existing_dir,
     import_object,
+    loss_spec,
     positive_float,
     positive_int,
+    regex,
+    resolve_loss,
 )
 from saf import DATASETS, data_batches, is_run_dir, model_from_run, read_run_lenient
 
@@ -72,6 +75,21 @@ def add_parser(subparsers) -> None:
     a("--steps", type=positive_int, default=1, help="m_sharpness ascent steps (default: 1)")
     a("--kind", choices=("worst", "average"), default="worst", help="m_sharpness kind")
     a("--adaptive", action=argparse.BooleanOptionalAction, default=False, help="ASAM scaling")
+    a(
+        "--loss",
+        type=loss_spec,
+        default="ce",
+        metavar="ce|mse|bce|nll|MODULE:FUNCTION",
+        help="loss(output, targets), a batch mean (default: ce); checked against the data first",
+    )
+    a("--key", default=None, help="where each file keeps its state dict (e.g. ema, state_dict)")
+    a(
+        "--epoch-regex",
+        type=regex,
+        default=None,
+        metavar="REGEX",
+        help="the epoch in a file name: the first group (default: epoch=N, epoch_N, epN, N)",
+    )
     a("--seed", type=int, default=0, help="seed of every random probe (default: 0)")
     a("--threads", type=positive_int, default=None, help="torch CPU threads")
     a("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
@@ -125,8 +143,9 @@ def run(args) -> int:
     except Exception as e:
         raise UsageError(f"--model: building the model failed: {type(e).__name__}: {e}") from None
     df = analyze_run(
-        args.dir, metrics, model_factory=factory, data=data, settings=settings(args),
-        every=args.every, out=out, device=args.device, progress=args.progress,
+        args.dir, metrics, model_factory=factory, data=data, loss_fn=resolve_loss(args.loss),
+        settings=settings(args), every=args.every, out=out, device=args.device,
+        progress=args.progress, key=args.key, epoch_regex=args.epoch_regex,
     )  # fmt: skip
     ok = df[df.status == "ok"]
     if len(ok):

@@ -6,10 +6,13 @@ import argparse
 import importlib
 import math
 import os
+import re
 import sys
 from pathlib import Path
 
 import torch
+
+from analysis import LOSSES, loss_function
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -149,3 +152,29 @@ def import_object(spec: str, what: str):
     if not callable(obj):
         raise UsageError(f"{what} {spec!r} is not callable")
     return obj
+
+
+def loss_spec(text: str) -> str:
+    """argparse type: a loss name (ce, mse, bce, nll) or ``package.module:function``."""
+    mod, sep, name = text.partition(":")
+    if text in LOSSES or (sep and mod and name.isidentifier()):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"expected one of {', '.join(LOSSES)} or package.module:function, got {text!r}"
+    )
+
+
+def resolve_loss(spec: str):
+    """The loss callable for a :func:`loss_spec` value (importing it when it names code)."""
+    return import_object(spec, "--loss") if ":" in spec else loss_function(spec)
+
+
+def regex(text: str) -> str:
+    """argparse type: a regular expression with one group (the epoch in a file name)."""
+    try:
+        groups = re.compile(text).groups
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a regular expression ({e}): {text!r}") from None
+    if groups < 1:
+        raise argparse.ArgumentTypeError(f"the regex needs a group for the epoch, got {text!r}")
+    return text

@@ -110,6 +110,8 @@ def make_point_evaluator(
     origin: Mapping[str, torch.Tensor] | None = None,
     device: str | torch.device | None = None,
     fast: bool = True,
+    forward_fn: Callable | None = None,
+    output_fn: Callable | None = None,
 ) -> Callable[[Sequence[float]], tuple[float, float]]:
     r"""``f(coeffs) -> (loss, accuracy)`` at :math:`o + \sum_j c_j d_j`, averaged over ``data``.
 
@@ -123,15 +125,17 @@ def make_point_evaluator(
         fast: fold BatchNorm into convolutions (exact up to float rounding; once for
             the whole grid where the directions leave the BatchNorm alone), feed image
             batches channels-last when something was folded, and run under
-            ``torch.inference_mode``.
+            ``torch.inference_mode`` (with ``forward_fn`` the model runs as it is).
+        forward_fn, output_fn: hooks for models outside the batch convention
+            (:class:`analysis.batches.Call`).
     """
     if iter(data) is data:
         raise ValueError("data is a one-shot iterator; pass a list of batches or a DataLoader")
     device, base, dirs = _placed(model, directions, origin, device)
     # Entries that are exactly zero (ignored biases and BatchNorm, by default) move nothing.
     keys = sorted(k for k in set().union(*dirs) if any(k in d and bool(d[k].any()) for d in dirs))
-    net = model
-    if fast:
+    call, net = B.Call(forward_fn, output_fn), model
+    if fast and call.forward_fn is None:
         net, base, dirs, _ = prefold_batchnorm(model, base, dirs, set(keys))
     own = dict([*net.named_parameters(), *net.named_buffers()])
     keys = [k for k in keys if k in own]  # a traced module drops submodules it never calls
@@ -152,7 +156,7 @@ def make_point_evaluator(
         params = {**fixed, **dict(zip(keys, move(coeffs), strict=True))}
 
         def loss_and_accuracy(batch):
-            return B.loss_and_accuracy(loss_fn, B.forward(net, batch[0], params), batch[1])
+            return B.loss_and_accuracy(loss_fn, call(net, batch, params), batch[1])
 
         ctx = torch.inference_mode() if fast else torch.no_grad()
         with B.model_mode(model, "eval"), ctx:
@@ -348,6 +352,8 @@ def surface(
     save_every: int = 10,
     progress: bool = True,
     distributed: bool | None = None,
+    forward_fn: Callable | None = None,
+    output_fn: Callable | None = None,
 ) -> Surface:
     r"""Loss and accuracy on the grid :math:`o + \sum_j c_j d_j`, one axis per direction.
 
@@ -369,6 +375,8 @@ def surface(
         progress: show a tqdm bar on stderr.
         distributed: split points across ``torch.distributed`` ranks (default:
             when initialized).
+        forward_fn, output_fn: hooks for models outside the batch convention
+            (:class:`analysis.batches.Call`).
 
     Returns:
         A :class:`Surface` with ``loss[i, j]`` at ``(coords[0][i], coords[1][j])``.
@@ -384,7 +392,9 @@ def surface(
             raise ValueError("grid coordinates must be a non-empty list of finite numbers")
     if save_every < 1:
         raise ValueError(f"save_every must be >= 1, got {save_every}")
-    point = make_point_evaluator(model, loss_fn, data, directions, origin, device, fast)
+    point = make_point_evaluator(
+        model, loss_fn, data, directions, origin, device, fast, forward_fn, output_fn
+    )
     meta = _grid_meta(directions, origin, metadata)
     fp = fingerprint(coords, directions, origin, metadata)
     return evaluate_grid(point, coords, path, meta, fp, save_every, progress, distributed)

@@ -167,9 +167,9 @@ def test_run_directory_and_safetensors(tmp_path):
 
     run = tmp_path / "run"
     (run / "checkpoints").mkdir(parents=True)
-    save_file(mlp().state_dict(), str(run / "checkpoints" / "step-3.safetensors"))
+    save_file(mlp().state_dict(), str(run / "checkpoints" / "epoch=3-step=30.safetensors"))
     df = _run(run, metrics=["loss"])
-    assert list(df.checkpoint) == ["step-3.safetensors"] and df.epoch[0] == 3
+    assert list(df.checkpoint) == ["epoch=3-step=30.safetensors"] and df.epoch[0] == 3
     assert (run / "analysis.csv").is_file()
 
 
@@ -182,7 +182,7 @@ def test_input_validation(tmp_path):
         AnalysisSettings(kind="best")
     with pytest.raises(ValueError, match="tol must be"):
         AnalysisSettings(tol=float("nan"))
-    assert epoch_from_name("a1-b22.pt") == 22 and epoch_from_name("x.pt") is None
+    assert epoch_from_name("a1-ep22.pt") == 22 and epoch_from_name("x.pt") is None
 
 
 def test_lambda_k_expands_to_the_top_k_rows_in_order(tmp_path):

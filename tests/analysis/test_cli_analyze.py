@@ -97,6 +97,8 @@ def test_foreign_folder_with_a_skip_exits_3(tmp_path, capsys, monkeypatch):
             "loss,trace",
             "--out",
             str(out),
+            "--epoch-regex",
+            r"net-(\d+)",
             "--no-progress",
         ]
     )

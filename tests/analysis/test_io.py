@@ -23,8 +23,15 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 def test_load_state_dict_unwraps_and_strips_prefix(tmp_path):
     sd = {"module.w": torch.arange(3.0)}
     atomic_torch_save({"state_dict": sd, "epoch": 3}, tmp_path / "c.pt")
-    out = load_state_dict(tmp_path / "c.pt")
+    out = load_state_dict(tmp_path / "c.pt", model=_W())
     assert list(out) == ["w"] and torch.equal(out["w"], sd["module.w"])
+    assert list(load_state_dict(tmp_path / "c.pt")) == ["module.w"]  # no model: as stored
+
+
+class _W(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(3))
 
 
 class _Evil:
