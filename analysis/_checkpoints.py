@@ -23,7 +23,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -253,6 +253,11 @@ def _data_hash(data: Iterable) -> str:
     h = hashlib.sha256()
 
     def feed(t):
+        if isinstance(t, Mapping):
+            for k in sorted(t):
+                h.update(str(k).encode())
+                feed(t[k])
+            return
         if isinstance(t, (tuple, list)):
             for u in t:
                 feed(u)

@@ -13,6 +13,7 @@ from cli._common import (
     EXIT_OK,
     EXIT_SKIPPED,
     UsageError,
+    data_for,
     device,
     existing_dir,
     import_object,
@@ -22,7 +23,7 @@ from cli._common import (
     regex,
     resolve_loss,
 )
-from saf import DATASETS, data_batches, is_run_dir, model_from_run, read_run_lenient
+from saf import is_run_dir, model_from_run, read_run_lenient
 
 DEFAULT_METRICS = "loss,accuracy,lambda_max,trace,sam_sharpness"
 
@@ -111,14 +112,7 @@ def _sources(args):
     if error:
         notes = [error]
     factory = import_object(args.model, "--model") if args.model else (lambda: model_from_run(run))
-    name = args.data or run["data"]["name"]
-    if args.data and ":" in args.data:
-        return factory, import_object(args.data, "--data")(), notes
-    if name not in DATASETS:
-        raise UsageError(f"--data: unknown data set {name!r}; use {', '.join(DATASETS)} "
-                         "or package.module:function")  # fmt: skip
-    data_dir = args.data_dir or (run or {}).get("data", {}).get("data_dir")
-    data = data_batches(name, args.split, args.batch_size, args.n_samples, data_dir, args.device)
+    data = data_for(args, (run or {}).get("data"))
     return factory, data, notes
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from analysis import LOSSES, loss_function
+from saf import DATASETS, data_batches
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -178,3 +179,19 @@ def regex(text: str) -> str:
     if groups < 1:
         raise argparse.ArgumentTypeError(f"the regex needs a group for the epoch, got {text!r}")
     return text
+
+
+def data_for(args, run_data: dict | None = None):
+    """The batches to measure on: ``--data`` (a data set of ours, or ``MODULE:FUNCTION``:
+    trusted code from the command line) or else the run's own data set (``run.json`` is
+    data: only names of ours are accepted there)."""
+    if args.data and ":" in args.data:
+        return import_object(args.data, "--data")()
+    name = args.data or (run_data or {}).get("name")
+    if name not in DATASETS:
+        raise UsageError(
+            f"--data: unknown data set {name!r}; use {', '.join(DATASETS)} or "
+            "package.module:function"
+        )
+    data_dir = args.data_dir or (run_data or {}).get("data_dir")
+    return data_batches(name, args.split, args.batch_size, args.n_samples, data_dir, args.device)

@@ -16,22 +16,34 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch.nn.functional as F
+import torch
 
 import landscape as L
-from analysis import atomic_write_json, load_checkpoint, load_state_dict
+from analysis import (
+    atomic_write_json,
+    check_loss,
+    find_checkpoints,
+    load_checkpoint,
+    load_state_dict,
+)
+from analysis.batches import forward, split, to
 from analysis.distributed import init_from_env
 from cli._common import (
     EXIT_OK,
     UsageError,
+    data_for,
     device,
     existing_dir,
     existing_path,
+    import_object,
+    loss_spec,
     nonneg_int,
     positive_int,
+    regex,
+    resolve_loss,
     writable_dir,
 )
-from saf import data_batches, is_run_dir, list_checkpoints, model_from_run, read_run
+from saf import is_run_dir, model_from_run, read_run
 
 DIRECTIONS = ("random", "interpolate", "pca", "hessian")
 MAX_POINTS = 10_001
@@ -93,16 +105,49 @@ def add_parser(subparsers) -> None:
     # Let "--grid -1:1:51" read as a value, not an option (argparse only knows plain numbers).
     p._negative_number_matcher = re.compile(r"^-\.?\d")
     a = p.add_argument
-    a("target", type=existing_path, metavar="RUN_DIR|CHECKPOINT", help="run or checkpoint")
+    a(
+        "target",
+        type=existing_path,
+        metavar="RUN_DIR|FOLDER|CHECKPOINT",
+        help="a run of `saf train`, or (with --model and --data) any checkpoint file or folder",
+    )
     a("--dim", type=int, choices=(1, 2), default=2, help="1D line or 2D plane (default: 2)")
     a("--grid", type=grid_spec, default=grid_spec("-1:1:21"), help="START:STOP:N (-1:1:21)")
     a("--grid-y", type=grid_spec, default=None, help="second axis (default: same as --grid)")
-    a("--compare", type=existing_dir, nargs="+", default=[], metavar="RUN_DIR",
-      help="more runs: side-by-side panels (or interpolation end points)")  # fmt: skip
+    a(
+        "--compare",
+        type=existing_path,
+        nargs="+",
+        default=[],
+        metavar="RUN|CHECKPOINT",
+        help="more runs or checkpoints: side-by-side panels (or interpolation end points)",
+    )
     a("--directions", choices=DIRECTIONS, default="random", help="direction kind (random)")
     a("--norm", choices=("filter", "layer", "model", "none"), default="filter")
     a("--ignore", choices=("biasbn", "none"), default="biasbn", help="1-D tensors (biasbn)")
     a("--epoch", type=nonneg_int, default=None, help="checkpoint epoch (default: last)")
+    a("--model", metavar="MODULE:FACTORY", help="zero-argument callable returning your model")
+    a(
+        "--data",
+        metavar="NAME|MODULE:FUNCTION",
+        help="data set name, or a callable returning "
+        "(inputs, targets) batches (default: the run's data set)",
+    )
+    a(
+        "--loss",
+        type=loss_spec,
+        default="ce",
+        metavar="ce|mse|bce|nll|MODULE:FUNCTION",
+        help="loss(output, targets), a batch mean (default: ce); checked against the data first",
+    )
+    a("--key", default=None, help="where each file keeps its state dict (e.g. ema, state_dict)")
+    a(
+        "--epoch-regex",
+        type=regex,
+        default=None,
+        metavar="REGEX",
+        help="the epoch in a file name: the first group (default: epoch=N, epoch_N, epN, N)",
+    )
     a("--split", choices=("train", "test"), default="train", help="data split (train)")
     a("--n-samples", type=positive_int, default=None, help="class-balanced subset size")
     a("--batch-size", type=positive_int, default=512, help="evaluation batch size (512)")
@@ -116,61 +161,76 @@ def add_parser(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def _resolve(target: Path, epoch: int | None) -> tuple[Path, Path, int]:
-    """``(run_dir, checkpoint, epoch)`` of a run directory or a checkpoint file."""
-    if target.is_file():
-        run_dir = next((p for p in target.parents[:2] if is_run_dir(p)), None)
-        if run_dir is None:
-            raise UsageError(f"{target}: a checkpoint must sit inside a run directory (run.json)")
-        if epoch is not None:
-            raise UsageError("give either a CHECKPOINT or --epoch, not both")
-        ckpts = {p.resolve(): e for e, p in list_checkpoints(run_dir)}
-        return run_dir, target, ckpts.get(target.resolve(), -1)
-    if not is_run_dir(target):
-        raise UsageError(f"{target}: not a run directory of `saf train` (no run.json)")
-    ckpts = list_checkpoints(target)
-    if not ckpts:
-        raise UsageError(f"{target}: no checkpoints yet")
-    if epoch is None:
-        return target, ckpts[-1][1], ckpts[-1][0]
-    found = dict(ckpts)
-    if epoch not in found:
-        raise UsageError(f"{target}: no checkpoint for epoch {epoch} (have {sorted(found)})")
-    return target, found[epoch], epoch
+class _Source:
+    """One model to draw: its weights (one checkpoint), its data, its checkpoint history.
 
+    A run directory of ``saf train`` (or a checkpoint inside one) describes itself; any
+    other file or folder needs ``--model`` and ``--data``."""
 
-class _Run:
-    """A run's model (weights loaded from one checkpoint) and its settings."""
-
-    def __init__(self, target: Path, epoch: int | None, dev: str):
-        self.dir, self.ckpt, self.epoch = _resolve(target, epoch)
-        self.info = read_run(self.dir)
-        self.model = load_checkpoint(model_from_run(self.info), self.ckpt)
+    def __init__(self, target: Path, epoch: int | None, args, is_main: bool):
+        run_dir = _run_of(target)
+        self.info = read_run(run_dir) if run_dir is not None and args.model is None else None
+        self.dir = run_dir if self.info is not None else (target if target.is_dir() else
+                                                           target.parent)  # fmt: skip
+        if self.info is None and (args.model is None or args.data is None):
+            raise UsageError(
+                f"{target}: not a run of `saf train`; give --model MODULE:FACTORY and "
+                "--data NAME|MODULE:FUNCTION to draw your own checkpoints"
+            )
+        found = find_checkpoints(self.dir, regex=args.epoch_regex)
+        self.history = [(e, p) for e, p in found if e is not None] or found
+        self.ckpt, self.epoch = _pick(target, epoch, self.history, is_main)
+        factory = import_object(args.model, "--model") if args.model else None
+        self.model = factory() if factory else model_from_run(self.info)
+        self.model = load_checkpoint(self.model, self.ckpt, args.key)
+        self.key = args.key
         self.state = self.model.state_dict()
         for k, t in self.state.items():  # load_state_dict keeps NaN
             if t.is_floating_point() and not bool(t.isfinite().all()):
                 raise UsageError(f"{self.ckpt}: {k} has NaN/Inf weights; no surface to compute")
-        self.model.to(dev).eval()
-        self.name = self.dir.resolve().name
+        self.model.to(args.device).eval()
+        self.name = (self.dir.resolve().name if self.info is not None or target.is_dir()
+                     else self.ckpt.stem)  # fmt: skip
+        self.data = data_for(args, (self.info or {}).get("data"))
         self.pca = None
 
-
-def _data(run: _Run, args):
-    d = run.info["data"]
-    data_dir = args.data_dir if args.data_dir is not None else d.get("data_dir")
-    return data_batches(d["name"], args.split, args.batch_size, args.n_samples, data_dir,
-                        args.device)  # fmt: skip
-
-
-def _checkpoints(run: _Run, k: int) -> list[dict]:
-    ckpts = [p for e, p in list_checkpoints(run.dir) if e <= run.epoch or run.epoch < 0]
-    if len(ckpts) < k:
-        raise UsageError(f"{run.dir}: needs at least {k} checkpoints, has {len(ckpts)}")
-    picks = [ckpts[round(i * (len(ckpts) - 1) / (k - 1))] for i in range(k)]
-    return [load_state_dict(p) for p in picks]
+    def states(self, k: int | None = None) -> list[dict]:
+        """The state dicts of the history up to this checkpoint (``k`` of them, evenly)."""
+        upto = [p for e, p in self.history if self.epoch is None or e is None or e <= self.epoch]
+        if k is not None:
+            if len(upto) < k:
+                raise UsageError(f"{self.dir}: needs at least {k} checkpoints, has {len(upto)}")
+            upto = [upto[round(i * (len(upto) - 1) / (k - 1))] for i in range(k)]
+        return [load_state_dict(p, key=self.key, model=self.model) for p in upto]
 
 
-def _directions(args, run: _Run, others: list[_Run], data, out: Path) -> tuple[list, dict | None]:
+def _run_of(target: Path) -> Path | None:
+    """The run directory ``target`` is, or holds the checkpoint ``target``."""
+    if target.is_dir():
+        return target if is_run_dir(target) else None
+    return next((p for p in target.parents[:2] if is_run_dir(p)), None)
+
+
+def _pick(target: Path, epoch: int | None, history, is_main: bool) -> tuple[Path, int | None]:
+    """``(checkpoint, epoch)``: the file given, else ``--epoch`` (the main target's) or
+    the last of the history."""
+    if target.is_file():
+        if epoch is not None and is_main:
+            raise UsageError("give either a CHECKPOINT or --epoch, not both")
+        known = {p.resolve(): e for e, p in history}
+        return target, known.get(target.resolve())
+    if not history:
+        raise UsageError(f"{target}: no checkpoints yet")
+    if epoch is None or not is_main:
+        return history[-1][1], history[-1][0]
+    found = {e: p for e, p in history}
+    if epoch not in found:
+        have = sorted(e for e in found if e is not None)
+        raise UsageError(f"{target}: no checkpoint for epoch {epoch} (have {have})")
+    return found[epoch], epoch
+
+
+def _directions(args, run: _Source, others: list[_Source], loss_fn, out: Path):
     """``(directions, origin)`` for ``run``; for PCA also writes ``*_pca.json`` and sets
     ``run.pca``."""
     n, ignore = args.dim, None if args.ignore == "none" else args.ignore
@@ -180,29 +240,24 @@ def _directions(args, run: _Run, others: list[_Run], data, out: Path) -> tuple[l
     if args.directions == "interpolate":
         states = [run.state, *(o.state for o in others)]
         if len(states) == 1:
-            states = _checkpoints(run, n + 1)
+            states = run.states(n + 1)
         if len(states) != n + 1:
             raise UsageError(f"--directions interpolate --dim {n} needs {n} --compare run(s)")
         return L.interpolation_directions(*states), states[0]
     if args.directions == "pca":
-        traj = _all_checkpoints(run)
+        traj = run.states()
+        if len(traj) < 3:
+            raise UsageError(f"{run.dir}: PCA needs at least 3 checkpoints, has {len(traj)}")
         keys = [k for k, p in run.model.named_parameters() if p.dim() > 1 or ignore is None]
         pca = L.pca_directions(traj, keys, n_components=n, origin=run.state)
         _write_pca(pca, out / f"{_stem(args, run)}_pca.json")
         run.pca = pca
         return pca.directions, None
     dirs, evals = L.hessian_directions(
-        run.model, F.cross_entropy, data, k=n, seed=args.seed, tol=1e-3, progress=args.progress
+        run.model, loss_fn, run.data, k=n, seed=args.seed, tol=1e-3, progress=args.progress
     )
     print(f"saf surface: top Hessian eigenvalues {np.round(evals, 6).tolist()}", file=sys.stderr)
     return dirs, None
-
-
-def _all_checkpoints(run: _Run) -> list[dict]:
-    paths = [p for e, p in list_checkpoints(run.dir) if run.epoch < 0 or e <= run.epoch]
-    if len(paths) < 3:
-        raise UsageError(f"{run.dir}: PCA needs at least 3 checkpoints, has {len(paths)}")
-    return [load_state_dict(p) for p in paths]
 
 
 def _write_pca(pca, path: Path) -> None:
@@ -221,22 +276,27 @@ def run(args) -> int:
     if args.directions == "interpolate" and args.compare and len(args.compare) != args.dim:
         raise UsageError(f"--directions interpolate --dim {args.dim} takes {args.dim} --compare")
     ys = args.grid if args.grid_y is None else args.grid_y
-    main = _Run(args.target, args.epoch, args.device)
-    others = [_Run(c, None, args.device) for c in args.compare]
-    data = _data(main, args)
+    loss_fn = resolve_loss(args.loss)
+    main = _Source(args.target, args.epoch, args, is_main=True)
+    others = [_Source(c, None, args, is_main=False) for c in args.compare]
+    for src in [main, *others]:  # the loss against the data, before anything is written
+        first = split(next(iter(src.data)))
+        with torch.no_grad():
+            check_loss(loss_fn, forward(src.model, to(first[0], args.device)),
+                       to(first[1], args.device))  # fmt: skip
     out = writable_dir(args.out)
     rank, _ = init_from_env(args.device)
     group = [main] if args.directions == "interpolate" else [main, *others]
     surfaces = []
     for r in group:
-        rdata = data if r is main else _data(r, args)
-        dirs, origin = _directions(args, r, others, rdata, out)
+        rdata = r.data
+        dirs, origin = _directions(args, r, others, loss_fn, out)
         kw = {"origin": origin, "path": out / f"{_stem(args, r)}.npz", "metadata": _meta(args, r),
               "device": args.device, "progress": args.progress}  # fmt: skip
         if args.dim == 1:
-            s = L.surface_1d(r.model, F.cross_entropy, rdata, dirs[0], args.grid, **kw)
+            s = L.surface_1d(r.model, loss_fn, rdata, dirs[0], args.grid, **kw)
         else:
-            s = L.surface_2d(r.model, F.cross_entropy, rdata, tuple(dirs), args.grid, ys, **kw)
+            s = L.surface_2d(r.model, loss_fn, rdata, tuple(dirs), args.grid, ys, **kw)
         surfaces.append(s)
     if rank == 0 and args.plots:
         _plots(args, group, surfaces, out)
@@ -247,11 +307,11 @@ def run(args) -> int:
     return EXIT_OK
 
 
-def _stem(args, r: _Run) -> str:
+def _stem(args, r: _Source) -> str:
     return f"{r.name}_e{r.epoch}_{args.directions}_{args.dim}d"
 
 
-def _meta(args, r: _Run) -> dict:
+def _meta(args, r: _Source) -> dict:
     return {
         "label": r.name,
         "run_dir": str(r.dir),
@@ -263,6 +323,7 @@ def _meta(args, r: _Run) -> dict:
         "seed": args.seed,
         "split": args.split,
         "n_samples": args.n_samples,
+        "loss": args.loss,
         "compare": [str(c) for c in args.compare] if args.directions == "interpolate" else [],
     }
 
@@ -278,7 +339,7 @@ def _summary(s) -> dict:
     }
 
 
-def _plots(args, group: list[_Run], surfaces: list, out: Path) -> None:
+def _plots(args, group: list[_Source], surfaces: list, out: Path) -> None:
     labels = [r.name for r in group]
     base = out / ("compare" if len(group) > 1 else _stem(args, group[0]))
     if args.dim == 1:

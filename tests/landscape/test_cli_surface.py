@@ -54,7 +54,7 @@ def test_malformed_grid_exits_2_one_line_nothing_written(tmp_path, runs, capsys,
 
 def test_not_a_run_dir_exits_2(tmp_path, capsys):
     assert main(["surface", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
-    assert "run directory" in capsys.readouterr().err
+    assert "not a run of `saf train`; give --model" in capsys.readouterr().err
 
 
 def _surface_cmd(target, out, *extra):
