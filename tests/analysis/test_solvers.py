@@ -44,7 +44,7 @@ def test_lanczos_on_the_network_matches_eigh(problem, which):
     idx = [-1, -2, -3] if which == "largest" else [0, 1, 2]
     torch.testing.assert_close(r.values, evals[idx], rtol=1e-6, atol=0)
     _same_up_to_sign(r.vectors, evecs[:, idx].T)
-    assert r.converged and 3 <= r.n_matvecs <= H.shape[0]
+    assert r.converged and 3 <= r.n_matvecs <= 2 * H.shape[0]  # k > 1: two runs (see lanczos)
     true_res = (H @ r.vectors.T - r.vectors.T * r.values).norm(dim=0)
     torch.testing.assert_close(r.residuals, true_res, rtol=1e-3, atol=1e-9)
 
