@@ -11,6 +11,7 @@ where :math:`\ell_b` is ``loss_fn`` (a mean over its batch) on batch :math:`b`.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -109,6 +110,14 @@ class HessianOperator:
             raise ValueError(f"cache must be False, True or 'auto', got {cache!r}")
         with model_mode(model, mode):  # validates mode
             pass
+        if mode == "train" and any(
+            isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules()
+        ):
+            warnings.warn(
+                "mode='train' with dropout: every product draws new dropout masks, so the "
+                "operator is random (not a fixed Hessian); use mode='eval'",
+                stacklevel=3,
+            )
         self.model, self.loss_fn, self.mode = model, loss_fn, mode
         self.space = ParamSpace(model, params, dtype, device, Call(forward_fn, output_fn))
         self.distributed = distributed

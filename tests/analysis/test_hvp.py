@@ -175,3 +175,15 @@ def test_cuda_matches_cpu_and_memory_does_not_grow_with_batches():
         H.matvec(v.cuda())
         peaks.append(torch.cuda.max_memory_allocated() - base)
     assert peaks[1] <= peaks[0] * 1.5
+
+
+def test_train_mode_with_dropout_warns_that_the_operator_is_random():
+    model = nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.Linear(5, 3)).double()
+    with pytest.warns(UserWarning, match="random"):
+        HessianOperator(model, CE, batches(), mode="train")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # eval mode, or no dropout: no warning
+        HessianOperator(model, CE, batches())
+        HessianOperator(mlp(), CE, batches(), mode="train")
