@@ -30,3 +30,33 @@ def test_own_loop_examples_run_and_train():
 
 def test_the_readme_stays_short():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+
+
+def test_own_model_examples_run_as_written(tmp_path, monkeypatch):
+    """`mymodels.py`, the Python example and the two command lines, in a fresh folder."""
+    import shlex
+    import sys
+
+    import pandas as pd
+
+    from cli import main
+
+    section = _section("Measure and look")
+    mymodels, usage = _python_blocks(section)
+    bash = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[-1]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "mymodels", raising=False)
+    (tmp_path / "mymodels.py").write_text(mymodels)
+    ns: dict = {}
+    exec(compile(usage, "README.md", "exec"), ns)  # noqa: S102  (our own README)
+    assert ns["top"].values[0] > 0 and ns["trace"].value > 0
+    assert (tmp_path / "regressor.png").is_file() and (tmp_path / "regressor.pdf").is_file()
+    for line in bash.strip().splitlines():
+        assert main([*shlex.split(line)[1:], "--no-progress"]) == 0, line
+    table = pd.read_csv(tmp_path / "t.csv")
+    assert (
+        set(table.epoch) == {1, 2}
+        and table.status.isin(["ok", "n/a: targets are not class labels"]).all()
+    )
+    assert list((tmp_path / "surf").glob("*.npz"))
