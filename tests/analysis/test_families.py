@@ -128,3 +128,77 @@ def test_a_loss_that_does_not_fit_is_one_line_before_any_work(tmp_path, capsys):
         assert len(err) == 1 and "cross-entropy needs class scores" in err[0], err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpts"]
     assert sorted(p.name for p in folder.iterdir()) == ["epoch_1.pt"]
+
+
+def test_surface_interpolate_pca_and_hessian_on_foreign_checkpoints(tmp_path, capsys):
+    """Three checkpoints of a regressor of one's own: the line between two files (its ends are
+    the two models' own losses), the PCA plane of the folder, a Hessian direction."""
+    factory, data_fn, _ = FAMILIES["regressor"]
+    folder = tmp_path / "ckpts"
+    models = []
+    for e in (1, 2, 3):
+        models.append(factory())
+        g = torch.Generator().manual_seed(e)
+        with torch.no_grad():
+            for p in models[-1].parameters():
+                p.add_(torch.randn(p.shape, generator=g))
+        atomic_torch_save({"state_dict": models[-1].state_dict()}, folder / f"ep{e}.pt")
+    own = ["--model", "tests.analysis._families:regressor", "--data",
+           "tests.analysis._families:regressor_data", "--loss", "mse", "--no-plots",
+           "--no-progress"]  # fmt: skip
+    data = data_fn()
+    n = sum(batch_size(b) for b in data)
+
+    def own_loss(m):
+        with torch.no_grad():
+            return sum(batch_size(b) / n * float(F.mse_loss(m(b[0]), b[1])) for b in data)
+
+    cases = [
+        ["--directions", "interpolate", "--dim", "1", "--grid", "0:1:2",
+         "--compare", str(folder / "ep3.pt"), str(folder / "ep1.pt")],
+        ["--directions", "pca", "--dim", "2", "--grid", "-1:1:3", str(folder)],
+        ["--directions", "hessian", "--dim", "1", "--grid", "-1:1:3", str(folder)],
+    ]  # fmt: skip
+    for extra in cases:
+        target = extra.pop()
+        rc = main(["surface", target, *own, *extra, "--out", str(tmp_path / extra[1])])
+        captured = capsys.readouterr()
+        assert rc == 0, captured.err
+        (summary,) = json.loads(captured.out.strip().splitlines()[-1]).values()
+        if extra[1] == "interpolate":  # grid 0, 1: ep1 (the target) and ep3 (the end point)
+            s = __import__("landscape").Surface.load(next((tmp_path / "interpolate").glob("*.npz")))
+            assert s.loss[0] == pytest.approx(own_loss(models[0]), rel=1e-5)
+            assert s.loss[1] == pytest.approx(own_loss(models[2]), rel=1e-5)
+        else:  # centred on the last checkpoint of the folder
+            assert summary["centre_loss"] == pytest.approx(own_loss(models[2]), rel=1e-5)
+    assert list((tmp_path / "pca").glob("*_pca.json"))
+
+
+def test_a_checkpoint_that_fails_at_run_time_is_a_named_skip(tmp_path, capsys, monkeypatch):
+    """The model's forward raises for one checkpoint (here: a weight marked as poisoned):
+    that file is named and skipped, the others are analysed, exit 3, no traceback."""
+    import tests.analysis._families as fam
+
+    class Fragile(torch.nn.Linear):
+        def forward(self, x):
+            if float(self.bias.detach()[0]) == 123.0:
+                raise RuntimeError("this checkpoint breaks the forward")
+            return super().forward(x)
+
+    monkeypatch.setattr(fam, "fragile", lambda: Fragile(5, 1), raising=False)
+    folder = tmp_path / "ckpts"
+    for e, b in ((1, 0.5), (2, 123.0), (3, 0.25)):
+        m = Fragile(5, 1)
+        with torch.no_grad():
+            m.bias.fill_(b)
+        atomic_torch_save(m.state_dict(), folder / f"epoch_{e}.pt")
+    own = ["--model", "tests.analysis._families:fragile", "--data",
+           "tests.analysis._families:regressor_data", "--loss", "mse"]  # fmt: skip
+    rc = main(["analyze", str(folder), *own, "--metrics", "loss,trace", "--trace-matvecs", "6",
+               "--out", str(tmp_path / "t.csv"), "--no-progress"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc == 3 and "Traceback" not in err, err
+    named = [line for line in err.strip().splitlines() if "epoch_2.pt" in line]
+    assert len(named) == 1 and "breaks the forward" in named[0], err
+    table = __import__("pandas").read_csv(tmp_path / "t.csv")
+    assert (table[table.epoch != 2].status == "ok").all()
