@@ -19,9 +19,11 @@ import glob
 import io
 import json
 import os
+import pickletools
 import re
 import tempfile
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -113,8 +115,67 @@ def atomic_write_with(path: str | os.PathLike, writer: Callable[[IO[bytes]], Non
         writer(f)
 
 
+_ALLOWED_GLOBALS = {
+    ("collections", "OrderedDict"),
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor_v3"),
+    ("torch._utils", "_rebuild_parameter"),
+    ("torch._utils", "_rebuild_parameter_with_state"),
+    ("torch", "Size"),
+    ("torch", "device"),
+    ("builtins", "set"),
+    ("__builtin__", "set"),
+    ("builtins", "frozenset"),
+    ("__builtin__", "frozenset"),
+    ("_codecs", "encode"),  # protocol-2 bytes: as large as the text in the file, no larger
+}
+
+
+def _allowed(module: str, name: str) -> bool:
+    """Globals a checkpoint of tensors, numbers, strings and containers may name; nothing
+    that builds an object of a size chosen in the file (``bytearray(3 * 2**30)``)."""
+    if (module, name) in _ALLOWED_GLOBALS:
+        return True
+    attr = getattr(torch, name, None) if module == "torch" else None
+    storage = isinstance(attr, type) and issubclass(
+        attr, torch.storage._StorageBase | torch.storage.TypedStorage
+    )
+    return isinstance(attr, torch.dtype) or storage
+
+
+def _refused_global(path: Path) -> str | None:
+    """The first global of ``path``'s pickle outside :func:`_allowed`, scanned as opcodes
+    (nothing is built); None for a clean file or one that is not a torch zip archive."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if n.endswith("data.pkl")]
+            if len(names) != 1 or z.getinfo(names[0]).file_size > 2**30:
+                return None if not names else "an oversized or ambiguous pickle"
+            data = z.read(names[0])
+    except (zipfile.BadZipFile, OSError):
+        return None  # the legacy format, or not a checkpoint: torch.load decides
+    strings: list[str] = []
+    try:
+        for op, arg, _ in pickletools.genops(data):
+            if op.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE", "BINUNICODE8"):
+                strings.append(arg)
+            elif op.name in ("GLOBAL", "INST"):
+                module, _, name = arg.partition(" ")
+                if not _allowed(module, name):
+                    return f"{module}.{name}"
+            elif op.name == "STACK_GLOBAL" and (
+                len(strings) < 2 or not _allowed(strings[-2], strings[-1])
+            ):
+                return ".".join(strings[-2:]) or "a computed global"
+    except Exception:  # a malformed pickle: torch.load names it
+        return None
+    return None
+
+
 def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True``; any failure becomes a CheckpointError.
+    """``torch.load`` with ``weights_only=True``, after a scan of the pickle's opcodes that
+    refuses any global but tensors, containers, numbers and strings need (so nothing is
+    built at a size the file chooses); any failure becomes a CheckpointError.
 
     Raises:
         CheckpointError: the file is missing, empty, truncated, corrupt, or a
@@ -125,6 +186,11 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"{path}: no such checkpoint file")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: empty file")
+    refused = _refused_global(path)
+    if refused:
+        raise CheckpointError(
+            f"{path}: refused: the file asks to build {refused} (not a plain weights file)"
+        )
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 
 import torch
 
@@ -22,6 +23,7 @@ from cli._common import (
     positive_int,
     regex,
     resolve_loss,
+    threads,
 )
 from saf import is_run_dir, model_from_run, read_run_lenient
 
@@ -92,7 +94,7 @@ def add_parser(subparsers) -> None:
         help="the epoch in a file name: the first group (default: epoch=N, epoch_N, epN, N)",
     )
     a("--seed", type=int, default=0, help="seed of every random probe (default: 0)")
-    a("--threads", type=positive_int, default=None, help="torch CPU threads")
+    a("--threads", type=threads, default=None, help="torch CPU threads")
     a("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
     p.set_defaults(run=run)
 
@@ -132,6 +134,8 @@ def run(args) -> int:
     for note in notes:
         print(f"saf analyze: skipped: {note}", file=sys.stderr)
     out = args.out or str(args.dir / "analysis.csv")
+    if not str(out).strip() or Path(out).is_dir():
+        raise UsageError(f"--out {out!r} must be a CSV file path, not a folder")
     try:
         factory()
     except Exception as e:

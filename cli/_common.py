@@ -8,6 +8,7 @@ import math
 import os
 import re
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -60,6 +61,12 @@ def nonneg_int(text: str) -> int:
     return _number(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
+def threads(text: str) -> int:
+    """argparse type: a thread count from 1 to this machine's CPU count."""
+    n = os.cpu_count() or 1
+    return _number(text, int, lambda v: 1 <= v <= n, f"an integer from 1 to {n} (the CPUs here)")
+
+
 def unit_float(text: str) -> float:
     """argparse type: a number in [0, 1)."""
     return _number(text, float, lambda v: 0 <= v < 1, "a number in [0, 1)")
@@ -93,7 +100,11 @@ def existing_path(text: str) -> Path:
 
 def writable_dir(path: str | Path) -> Path:
     """Create ``path`` if needed and check it is writable, else raise UsageError."""
+    if not str(path).strip():
+        raise UsageError("--out is empty; name an output folder")
     p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise UsageError(f"--out {p} is a file, not a folder")
     try:
         p.mkdir(parents=True, exist_ok=True)
     except OSError as e:
@@ -186,7 +197,17 @@ def data_for(args, run_data: dict | None = None):
     trusted code from the command line) or else the run's own data set (``run.json`` is
     data: only names of ours are accepted there)."""
     if args.data and ":" in args.data:
-        return import_object(args.data, "--data")()
+        data = import_object(args.data, "--data")()
+        if not isinstance(data, Iterable):
+            raise UsageError(f"--data {args.data} returned a {type(data).__name__}, not batches")
+        try:
+            data = list(data) if iter(data) is data else data  # a generator is read once
+            empty = next(iter(data), None) is None
+        except Exception as e:  # the user's own loader failed
+            raise UsageError(f"--data {args.data}: reading its batches failed: {e}") from None
+        if empty:
+            raise UsageError(f"--data {args.data} gave no batches; return (inputs, targets) pairs")
+        return data
     name = args.data or (run_data or {}).get("name")
     if name not in DATASETS:
         raise UsageError(

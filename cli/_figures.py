@@ -10,6 +10,7 @@ from cli._common import (
     nonneg_float,
     positive_float,
     positive_int,
+    threads,
     writable_dir,
 )
 from figures import full_settings, quick_settings, run_pipeline, say
@@ -45,7 +46,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seeds", type=positive_int, default=3, help="seeds per method (default: 3)")
     p.add_argument("--epochs", type=positive_int, help="epochs per run (default: by mode)")
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or auto")
-    p.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default: 1)")
+    p.add_argument("--threads", type=threads, default=1, help="torch CPU threads (default: 1)")
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars"
     )

@@ -14,6 +14,7 @@ from cli._common import (
     nonneg_int,
     positive_float,
     positive_int,
+    threads,
     unit_float,
 )
 from saf import DATASETS, METHODS, MODELS, TrainConfig, read_run, train
@@ -149,7 +150,7 @@ def add_parser(subparsers) -> None:
         help="SyncBatchNorm across ranks (torchrun)",
     )
     a("--save-every", type=positive_int, default=1, help="keep every N-th epoch's checkpoint")
-    a("--threads", type=positive_int, default=None, help="torch CPU threads")
+    a("--threads", type=threads, default=None, help="torch CPU threads")
     a("--seed", type=nonneg_int, default=0, help="seed of init, data order, augmentation")
     a("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or auto (default: cpu)")
     a("--out", default=None, help="run directory (default: runs/METHOD-sSEED)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -40,6 +41,33 @@ class Settings:
     sweep_seeds: int = 1
     data_dir: str | None = None
     quick: bool = False
+
+    def __post_init__(self) -> None:
+        """Every setting is checked here, before the pipeline writes anything."""
+        for name in ("seeds", "epochs", "batch_size", "analysis_samples", "hessian_every",
+                     "sweep_seeds"):  # fmt: skip
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if self.surface_points < 2 or self.interp_points < 2:
+            raise ValueError("surface_points and interp_points must be >= 2 (a grid needs two)")
+        if not all(math.isfinite(v) and v >= 0 for v in self.sweep_lams) or not self.sweep_lams:
+            raise ValueError(f"sweep_lams must be finite numbers >= 0, got {self.sweep_lams}")
+        if not all(1 <= lag < self.epochs for lag in self.sweep_lags):
+            raise ValueError(f"sweep_lags must lie in 1..{self.epochs - 1}, got {self.sweep_lags}")
+        if not self.m_values or not all(1 <= m <= self.analysis_samples for m in self.m_values):
+            raise ValueError(
+                f"m_values must lie in 1..{self.analysis_samples} (the analysed samples), got "
+                f"{self.m_values}"
+            )
+        if not (math.isfinite(self.lr) and self.lr > 0 and math.isfinite(self.surface_span)
+                and self.surface_span > 0):  # fmt: skip
+            raise ValueError("lr and surface_span must be finite numbers > 0")
+        first = max(1, round(0.025 * self.epochs))  # the scaled E_start (saf.scaled_hparams)
+        if {"saf", "mesa"} & set(self.methods) and first >= self.epochs:
+            raise ValueError(
+                f"{self.epochs} epochs: SAF's trajectory loss would start at epoch {first}; "
+                "train at least 2 epochs"
+            )
 
     def key(self) -> dict:
         """The settings that define the results (a change means new results)."""

@@ -309,10 +309,24 @@ def _cifar(name: str, split: str, data_dir):
         try:
             with open(root / f, "rb") as fh:
                 d = _NumpyOnlyUnpickler(fh, encoding="bytes").load()
-            xs.append(np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            ys.append(np.asarray(d[key], dtype=np.int64))
-        except (pickle.UnpicklingError, EOFError, LookupError, TypeError, ValueError) as e:
+            data, labels = np.asarray(d[b"data"]), np.asarray(d[key])
+        except (pickle.UnpicklingError, EOFError, LookupError, TypeError, ValueError,
+                MemoryError, OverflowError) as e:  # fmt: skip
             raise _CifarFileError(f"{root / f}: not a python-format CIFAR file ({e})") from None
+        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or (
+            labels.shape != (len(data),)
+        ):
+            raise _CifarFileError(
+                f"{root / f}: expected uint8 data of shape (N, 3072) and N labels, got "
+                f"{data.dtype} {data.shape} and {labels.shape}"
+            )
+        if len(labels) and not (labels.min() >= 0 and labels.max() < classes):
+            raise _CifarFileError(
+                f"{root / f}: labels must lie in 0..{classes - 1}, got "
+                f"{labels.min()}..{labels.max()}"
+            )
+        xs.append(data.reshape(-1, 3, 32, 32))
+        ys.append(labels.astype(np.int64))
     x = torch.from_numpy(np.concatenate(xs)).float() / 255.0
     mean, std = torch.tensor(_CIFAR_MEAN)[:, None, None], torch.tensor(_CIFAR_STD)[:, None, None]
     return (x - mean) / std, torch.from_numpy(np.concatenate(ys)), classes

@@ -145,6 +145,11 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+BOUNDS = {"width": (1, 4096), "widen": (1, 64), "depth": (1, 64), "dropout": (0.0, 0.99)}
+"""The range of each model option (``width``, ``depth``, ...), checked before a model is
+built: a ``run.json`` may hold them."""
+
+
 def build_model(name: str, num_classes: int, in_shape: tuple[int, ...], **kwargs) -> nn.Module:
     """Build a registered model by name.
 
@@ -162,9 +167,17 @@ def build_model(name: str, num_classes: int, in_shape: tuple[int, ...], **kwargs
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
-    for k in ("width", "widen"):  # 0 builds an empty layer that fails only in forward
-        if k in kwargs and not (isinstance(kwargs[k], int) and kwargs[k] >= 1):
-            raise ValueError(f"model option {k} must be an integer >= 1, got {kwargs[k]!r}")
+    for k, v in kwargs.items():  # a file may hold these: bounded before anything is built
+        lo, hi = BOUNDS.get(k, (None, None))
+        if lo is None:
+            continue
+        kind = float if k == "dropout" else int
+        ok = isinstance(v, (int, float) if kind is float else int) and not isinstance(v, bool)
+        if not ok or not lo <= v <= hi:
+            raise ValueError(f"model option {k} must be {kind.__name__} in [{lo}, {hi}], got {v!r}")
+    if not (1 <= num_classes <= 100_000 and 1 <= len(in_shape) <= 4
+            and all(1 <= d <= 4096 for d in in_shape)):  # fmt: skip
+        raise ValueError(f"cannot build for {num_classes} classes of inputs shaped {in_shape}")
     try:
         return MODELS[name](num_classes, tuple(in_shape), **kwargs)
     except (TypeError, RuntimeError) as e:
