@@ -313,8 +313,11 @@ def _cifar(name: str, split: str, data_dir):
         except (pickle.UnpicklingError, EOFError, LookupError, TypeError, ValueError,
                 MemoryError, OverflowError) as e:  # fmt: skip
             raise _CifarFileError(f"{root / f}: not a python-format CIFAR file ({e})") from None
-        if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or (
-            labels.shape != (len(data),)
+        if (
+            data.dtype != np.uint8
+            or data.ndim != 2
+            or data.shape[1] != 3072
+            or (labels.shape != (len(data),))
         ):
             raise _CifarFileError(
                 f"{root / f}: expected uint8 data of shape (N, 3072) and N labels, got "
