@@ -18,6 +18,7 @@ rho = 0.05 by default, on the given batches: SAF paper Fig. 4b), ``m_sharpness``
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -43,6 +44,7 @@ from analysis.io import (
     CheckpointError,
     atomic_write_json,
     atomic_write_text,
+    exclusive,
     find_checkpoints,
     load_checkpoint,
 )
@@ -194,7 +196,8 @@ def analyze_run(
     """
     names = parse_metrics(metrics)
     s = settings or AnalysisSettings()
-    files = find_checkpoints(path, every, epoch_regex)
+    odd: list = []
+    files = find_checkpoints(path, every, epoch_regex, notes=odd)
     if epochs is not None:
         files = [(e, f) for e, f in files if e in set(epochs)]
     loss_fn = loss_function(loss_fn) if loss_fn is not None else nn.CrossEntropyLoss()
@@ -213,17 +216,21 @@ def analyze_run(
     if out is None:
         out = Path(path) / "analysis.csv"
     cache_dir = Path(out).parent / f".{Path(out).name}.cache" if out is not False else None
-    rows, skipped = [], []
-    for epoch, f in tqdm(files, desc="analyze", unit="ckpt", disable=not progress):
-        got, reason = _one_checkpoint(f, job, cache_dir, skey)
-        if reason:
-            print(f"skipped {f.name}: {reason}", file=log or sys.stderr)
-            skipped.append((f.name, reason))
-        rows += [{"checkpoint": f.name, "epoch": epoch, **r} for r in got]
-    df = pd.DataFrame(rows, columns=list(COLUMNS))
-    df.attrs["skipped"] = skipped
-    if out is not False:
-        atomic_write_text(out, df.to_csv(index=False))
+    lock = exclusive(Path(out).parent / f".{Path(out).name}.lock", str(out)) if out else None
+    with lock or contextlib.nullcontext():  # one writer per table (and its cache)
+        rows, skipped = [], list(odd)
+        for name, why in odd:
+            print(f"skipped {name}: {why}", file=log or sys.stderr)
+        for epoch, f in tqdm(files, desc="analyze", unit="ckpt", disable=not progress):
+            got, reason = _one_checkpoint(f, job, cache_dir, skey)
+            if reason:
+                print(f"skipped {f.name}: {reason}", file=log or sys.stderr)
+                skipped.append((f.name, reason))
+            rows += [{"checkpoint": f.name, "epoch": epoch, **r} for r in got]
+        df = pd.DataFrame(rows, columns=list(COLUMNS))
+        df.attrs["skipped"] = skipped
+        if out is not False:
+            atomic_write_text(out, df.to_csv(index=False))
     return df
 
 
@@ -308,11 +315,15 @@ def _expand(names: list[str]) -> list[str]:
 
 def _one_checkpoint(path: Path, job: _Job, cache_dir, skey) -> tuple[list[dict], str]:
     order = _expand(job.names)
+    casts: list = []
     try:
-        model = load_checkpoint(job.factory(), path, job.key).to(job.device)
+        model = load_checkpoint(job.factory(), path, job.key, casts).to(job.device)
     except CheckpointError as e:
         reason = str(e).removeprefix(f"{path}: ")
         return [_row(n, status=reason) for n in order], reason
+    if casts:
+        kinds = sorted({f"{a} -> {b}".replace("torch.", "") for _, a, b in casts})
+        print(f"note {path.name}: {len(casts)} tensors cast ({', '.join(kinds)})", file=sys.stderr)
     if not all(
         torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()
     ):

@@ -31,6 +31,11 @@ from typing import IO, Any
 import torch
 from torch import nn
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: no advisory locks
+    fcntl = None
+
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
@@ -83,6 +88,31 @@ def _sweep_stale_temps(path: Path) -> None:
         with contextlib.suppress(OSError):  # gone already, or not ours to remove
             if now - tmp.stat().st_mtime > _STALE_S:
                 tmp.unlink()
+
+
+@contextlib.contextmanager
+def exclusive(lock: str | os.PathLike, what: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file ``lock`` (created) for the block: one writer of
+    ``what`` at a time. The lock dies with its process (even after SIGKILL).
+
+    Raises:
+        ValueError: another process holds it (one line naming ``what``).
+    """
+    lock = Path(lock)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise ValueError(
+                    f"{what} is being written by another process; wait for it to finish or "
+                    "choose another --out"
+                ) from None
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -297,13 +327,18 @@ def match_prefix(state: dict[str, Any], want: Iterable[str]) -> dict[str, Any]:
     return best
 
 
-def load_checkpoint(model: nn.Module, path: str | os.PathLike, key: str | None = None) -> nn.Module:
+def load_checkpoint(
+    model: nn.Module, path: str | os.PathLike, key: str | None = None, casts: list | None = None
+) -> nn.Module:
     """Load the checkpoint at ``path`` into ``model`` (strictly) and return the model.
 
     Raises:
         CheckpointError: unreadable or unsafe (:func:`load_state_dict`), a tensor whose
             kind (floating, complex, integer) differs from the model's, or keys that do not
             match (the first missing and the first unexpected one are named).
+
+    A floating-point tensor of another width (float16 into float32, say) is cast, as
+    ``nn.Module.load_state_dict`` does; each such ``(key, from, to)`` goes to ``casts``.
     """
     sd = load_state_dict(path, key=key, model=model)
     ref = model.state_dict()
@@ -317,6 +352,8 @@ def load_checkpoint(model: nn.Module, path: str | os.PathLike, key: str | None =
         t = sd[k]
         if (t.is_floating_point(), t.is_complex()) != (r.is_floating_point(), r.is_complex()):
             raise CheckpointError(f"{path}: {k} is {t.dtype}, the model expects {r.dtype}")
+        if t.dtype != r.dtype and casts is not None:
+            casts.append((k, t.dtype, r.dtype))
         if t.shape != r.shape:
             raise CheckpointError(
                 f"{path}: {k} has shape {tuple(t.shape)}, the model expects {tuple(r.shape)}"
@@ -363,13 +400,14 @@ def checkpoint_epoch(path: str | Path, regex: str | None = None) -> int | None:
 
 
 def find_checkpoints(
-    path: str | Path, every: int = 1, regex: str | None = None
+    path: str | Path, every: int = 1, regex: str | None = None, notes: list | None = None
 ) -> list[tuple[int | None, Path]]:
     """``(epoch, file)`` of the checkpoint files of a folder (or of ``RUN_DIR/checkpoints``),
     sorted by epoch (:func:`checkpoint_epoch`; files without one come last, by name).
 
     Keeps files whose epoch is a multiple of ``every`` (files without an epoch are
-    always kept).
+    always kept). A symbolic link (it may point anywhere, ``/dev/zero`` too) and a folder
+    with a checkpoint's name are not read: each is named in ``notes``, when given.
 
     Raises:
         ValueError: ``path`` is not a folder, or holds no checkpoint file.
@@ -380,7 +418,16 @@ def find_checkpoints(
     if not path.is_dir():
         raise ValueError(f"{path}: not a folder of checkpoints or a run directory")
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    files = [p for p in folder.iterdir() if p.is_file() and p.suffix in CHECKPOINT_SUFFIXES]
+    files = []
+    for p in sorted(folder.iterdir()):
+        if p.suffix not in CHECKPOINT_SUFFIXES:
+            continue
+        if p.is_symlink() or not p.is_file():
+            what = "a symbolic link (not followed)" if p.is_symlink() else "not a regular file"
+            if notes is not None:
+                notes.append((p.name, what))
+            continue
+        files.append(p)
     if not files:
         raise ValueError(f"{folder}: no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)})")
     found = [(checkpoint_epoch(p, regex), p) for p in files]

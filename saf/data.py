@@ -281,9 +281,30 @@ class _NumpyOnlyUnpickler(pickle.Unpickler):
     }
 
     def find_class(self, module, name):
-        if (module, name) in self._ALLOWED:
-            return super().find_class(module, name)
-        raise pickle.UnpicklingError(f"refused global {module}.{name} in a CIFAR file")
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refused global {module}.{name} in a CIFAR file")
+        found = super().find_class(module, name)
+        return _bounded(found) if name == "_reconstruct" else found
+
+
+_MAX_ELEMENTS = 60_000 * 3072  # the largest CIFAR array (every image of CIFAR-100/10 train)
+
+
+def _bounded(reconstruct):
+    """numpy's array constructor, refusing a shape larger than any CIFAR file holds (a file
+    must not choose how much memory is allocated for it)."""
+
+    def build(cls, shape, dtype):
+        n = 1
+        for d in shape if isinstance(shape, tuple) else (shape,):
+            if not isinstance(d, int) or d < 0:
+                raise pickle.UnpicklingError(f"bad array shape {shape!r} in a CIFAR file")
+            n *= d
+        if n > _MAX_ELEMENTS:
+            raise pickle.UnpicklingError(f"an array of {n} elements is larger than CIFAR's")
+        return reconstruct(cls, shape, dtype)
+
+    return build
 
 
 class _CifarFileError(ValueError, pickle.UnpicklingError):

@@ -24,8 +24,10 @@ epochs before it are kept.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +40,7 @@ from tqdm.auto import tqdm
 
 from analysis.batches import batch_mean, loss_and_accuracy, model_mode
 from analysis.distributed import all_reduce_sum, init_from_env, local_device
+from analysis.io import exclusive
 from saf import _setup, runs
 from saf.config import TrainConfig, TrainingDiverged, describe_run, is_spec
 from saf.methods import Stepper
@@ -108,6 +111,25 @@ def train(
             nothing to resume.
         TrainingDiverged: the loss became NaN/Inf (checkpoints so far are kept).
     """
+    if not resume:
+        config.validate()  # bad input: one line, nothing written (not even the lock)
+    elif not (config.run_dir / "run.json").is_file():
+        raise ValueError(f"{config.run_dir}: nothing to resume (no run.json)")
+    run_dir, rank0 = config.run_dir, int(os.environ.get("RANK", "0")) == 0
+    new = not run_dir.exists()
+    lock = exclusive(run_dir / ".lock", run_dir) if rank0 else contextlib.nullcontext()
+    try:
+        with lock:  # one writer per run directory
+            return _train(config, resume, epochs, model_factory, dataset_fn)
+    except BaseException:
+        if new and rank0 and not (run_dir / "run.json").exists():  # refused before any write
+            (run_dir / ".lock").unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run_dir.rmdir()
+        raise
+
+
+def _train(config, resume, epochs, model_factory, dataset_fn) -> Path:
     cfg, saved = _config_and_state(config, resume, epochs)
     run_dir = cfg.run_dir
     if cfg.threads is not None:
@@ -164,7 +186,13 @@ def train(
         first_epoch, rows = int(saved["epoch"]), list(saved["metrics"])
         if "model" not in saved:  # written before the weights moved into state.pt
             saved["model"] = runs.safe_torch_load(runs.checkpoint_path(run_dir, first_epoch))
-        _setup.restore(saved, device, *parts)
+        try:
+            _setup.restore(saved, device, *parts)
+        except (RuntimeError, KeyError, TypeError, ValueError, IndexError) as e:
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"{run_dir / 'state.pt'}: cannot resume from it ({why})") from None
+        if not all(t.isfinite().all() for t in net.state_dict().values() if t.is_floating_point()):
+            raise ValueError(f"{run_dir / 'state.pt'}: its weights are NaN/Inf; nothing to resume")
 
     # --- the epoch loop -------------------------------------------------------------------------
     # each rank's loss weight: its share of the global batch (1 when the batch splits evenly)
@@ -243,6 +271,14 @@ def _config_and_state(
             "threads": config.threads, **frozen}  # fmt: skip
     # killed after run.json but before the first state.pt: nothing trained, start over
     state = runs.load_state(run_dir) if (run_dir / "state.pt").exists() else None
+    need = {"epoch", "metrics", "optimizer", "scheduler", "rng"}
+    if state is not None and not (
+        isinstance(state, dict) and need <= set(state) and type(state["epoch"]) is int
+        and 0 <= state["epoch"] <= saved["epochs"] and isinstance(state["metrics"], list)
+    ):  # fmt: skip
+        raise ValueError(
+            f"{run_dir / 'state.pt'}: not a resume state of `saf train` (it needs {sorted(need)})"
+        )
     if epochs is not None:
         done = int(state["epoch"]) if state else 0
         if epochs < max(done, 1):
