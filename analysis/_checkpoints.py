@@ -243,7 +243,12 @@ def _check_fit(job: _Job) -> None:
     space = ParamSpace(model, None, job.s.dtype, "cpu", job.call)
     with torch.no_grad(), model_mode(model, "eval"):
         b = space.batch(first)
-        check_loss(job.loss_fn, space.output(space.theta, b), b[1])
+        try:
+            out = space.output(space.theta, b)
+        except Exception as e:  # shapes, dtypes, a forward of the caller's own
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ValueError(f"the model does not run on the data's first batch: {why}") from None
+        check_loss(job.loss_fn, out, b[1])
 
 
 def _describe(fn: Any) -> str:

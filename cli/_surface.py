@@ -282,8 +282,12 @@ def run(args) -> int:
     for src in [main, *others]:  # the loss against the data, before anything is written
         first = split(next(iter(src.data)))
         with torch.no_grad():
-            check_loss(loss_fn, forward(src.model, to(first[0], args.device)),
-                       to(first[1], args.device))  # fmt: skip
+            try:
+                out = forward(src.model, to(first[0], args.device))
+            except Exception as e:  # shapes, dtypes, a forward of the caller's own
+                why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise UsageError(f"{src.name}: the model does not run on the data: {why}") from None
+            check_loss(loss_fn, out, to(first[1], args.device))
     out = writable_dir(args.out)
     rank, _ = init_from_env(args.device)
     group = [main] if args.directions == "interpolate" else [main, *others]

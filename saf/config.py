@@ -27,7 +27,9 @@ OPTIMIZERS = ("sgd", "adamw")
 
 def is_spec(name) -> bool:
     """Whether ``name`` names code (``package.module:function``) rather than one of ours."""
-    mod, sep, fn = str(name).partition(":")
+    if not isinstance(name, str):
+        return False
+    mod, sep, fn = name.partition(":")
     return bool(sep and mod and fn.isidentifier())
 
 

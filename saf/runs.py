@@ -86,11 +86,12 @@ def _unusable(run: dict, custom_ok: bool = False) -> str | None:
         model = {**model, "name": next(iter(MODELS))}  # checked by the caller's own factory
     if custom_ok and isinstance(data, dict) and is_spec(data.get("name")):
         data = {**data, "name": DATASETS[0]}
-    if not (isinstance(model, dict) and model.get("name") in MODELS
-            and isinstance(model.get("kwargs"), dict)):  # fmt: skip
+    if not (isinstance(model, dict) and isinstance(model.get("name"), str)
+            and model["name"] in MODELS and isinstance(model.get("kwargs"), dict)):  # fmt: skip
         return f"model must be {{'name': one of {', '.join(MODELS)}, 'kwargs': {{...}}}}"
     shape = data.get("in_shape") if isinstance(data, dict) else None
-    if not (isinstance(data, dict) and data.get("name") in DATASETS
+    if not (isinstance(data, dict) and isinstance(data.get("name"), str)
+            and data["name"] in DATASETS
             and _positive_int(data.get("num_classes")) and isinstance(shape, list)
             and shape and all(map(_positive_int, shape))):  # fmt: skip
         return (
