@@ -268,7 +268,9 @@ def _config_and_state(
     hp = run["hparams"]
     frozen = {k: hp[k] for k in ("lag", "start_epoch", "ema_decay") if hp.get(k) is not None}
     over = {"out": str(run_dir), "device": config.device, "progress": config.progress,
-            "threads": config.threads, **frozen}  # fmt: skip
+            **frozen}  # fmt: skip
+    if config.threads is not None:  # else the run's own (another count changes the bits)
+        over["threads"] = config.threads
     # killed after run.json but before the first state.pt: nothing trained, start over
     state = runs.load_state(run_dir) if (run_dir / "state.pt").exists() else None
     need = {"epoch", "metrics", "optimizer", "scheduler", "rng"}
