@@ -6,7 +6,17 @@ package sits on top of ``saf`` (trainer), ``landscape`` and ``analysis``; only t
 command line (``cli``) imports it.
 """
 
-from figures._results import Grid, mean_std, melt_metrics, metric_curves
+from figures._results import (
+    Grid,
+    at_loss,
+    band_stats,
+    common_loss_range,
+    loss_trajectories,
+    matched_loss,
+    mean_std,
+    melt_metrics,
+    metric_curves,
+)
 from figures._settings import Settings, full_settings, quick_settings, say
 from figures.pipeline import export_reference, run_pipeline
 from figures.recipes import (
@@ -14,13 +24,14 @@ from figures.recipes import (
     interpolation,
     m_sharpness,
     sam_sharpness,
+    sharpness_vs_loss,
     surface_slices,
     surfaces_2d,
     sweep,
     table3,
     training_ce,
 )
-from figures.report import Section, final_metrics, findings, write_report
+from figures.report import Section, final_metrics, findings, matched_metrics, write_report
 
 __all__ = [
     # recipes (one per figure)
@@ -28,6 +39,7 @@ __all__ = [
     "interpolation",
     "m_sharpness",
     "sam_sharpness",
+    "sharpness_vs_loss",
     "surface_slices",
     "surfaces_2d",
     "sweep",
@@ -38,6 +50,13 @@ __all__ = [
     "mean_std",
     "melt_metrics",
     "metric_curves",
+    # matched training loss
+    "at_loss",
+    "band_stats",
+    "common_loss_range",
+    "loss_trajectories",
+    "matched_loss",
+    "matched_metrics",
     # report
     "Section",
     "final_metrics",

@@ -11,6 +11,7 @@ synthetic tables and the pipeline only has to produce them:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -91,3 +92,140 @@ def melt_metrics(metrics: pd.DataFrame, method: str, seed: int) -> pd.DataFrame:
     long.insert(0, "seed", int(seed))
     long.insert(0, "method", method)
     return long[list(CURVE_COLUMNS)]
+
+
+def band_stats(df: pd.DataFrame, by: list[str], log: bool = False) -> pd.DataFrame:
+    r"""Centre line and band per group: ``mean``, ``lo``, ``hi``, ``n``.
+
+    Linear axes: the arithmetic mean and mean :math:`\pm` one standard deviation
+    (:func:`mean_std`). Log axes: the geometric mean
+    :math:`\exp(\frac1n\sum_s \log v_s)` and the min--max over seeds, which stay positive
+    (a mean :math:`\pm` std band can cross zero and fall off a log axis); values
+    :math:`\le 0` are left out there.
+
+    >>> t = pd.DataFrame({"m": ["a", "a"], "value": [1.0, 100.0]})
+    >>> band_stats(t, ["m"], log=True)[["mean", "lo", "hi", "n"]].round(9).to_dict("records")
+    [{'mean': 10.0, 'lo': 1.0, 'hi': 100.0, 'n': 2}]
+    """
+    if not log:
+        s = mean_std(df, by)
+        return s.assign(lo=s["mean"] - s["std"], hi=s["mean"] + s["std"])
+    d = df.dropna(subset=["value"])
+    d = d[d["value"] > 0].assign(logv=lambda t: np.log(t["value"]))
+    g = d.groupby(by, sort=True)
+    out = g["logv"].mean().apply(np.exp).rename("mean").to_frame()
+    out["lo"], out["hi"], out["n"] = g["value"].min(), g["value"].max(), g["value"].count()
+    return out.reset_index()
+
+
+# -- matched training loss -----------------------------------------------------------------
+
+
+def at_loss(loss, value, level: float) -> float:
+    r"""A measure's value when a run's training loss was ``level``, interpolated in log-log.
+
+    ``loss`` and ``value`` are one run's analysed checkpoints in epoch order. Between the
+    two consecutive checkpoints whose losses bracket ``level`` (the latest such pair, so
+    the value belongs to the run's last visit to that loss),
+
+    .. math:: \log v = \log v_i + \frac{\log \ell - \log \ell_i}{\log \ell_{i+1} - \log \ell_i}
+              (\log v_{i+1} - \log v_i),
+
+    exact for a power law :math:`v = a\,\ell^b` on the segment. Where an end of the pair
+    is not positive (a sharpness estimate can be), :math:`v` itself is interpolated
+    linearly in :math:`\log \ell`. Checkpoints with a non-finite or non-positive loss, or
+    a non-finite value, are left out.
+
+    Raises:
+        ValueError: ``level`` lies outside the run's range of losses (no extrapolation).
+
+    >>> round(at_loss([1.0, 0.01], [4.0, 0.04], 0.1), 12)  # v = 4 loss: 0.4 at loss 0.1
+    0.4
+    """
+    x = np.asarray(loss, dtype=float)
+    y = np.asarray(value, dtype=float)
+    ok = np.isfinite(x) & (x > 0) & np.isfinite(y)
+    x, y = x[ok], y[ok]
+    if not (math.isfinite(level) and level > 0):
+        raise ValueError(f"loss level must be a finite number > 0, got {level}")
+    if x.size == 0:
+        raise ValueError("no checkpoint with a finite loss and value")
+    if not x.min() <= level <= x.max():
+        raise ValueError(
+            f"loss level {level:.4g} lies outside this run's range [{x.min():.4g}, "
+            f"{x.max():.4g}]; refusing to extrapolate"
+        )
+    lx, t = np.log(x), math.log(level)
+    for i in range(x.size - 1, -1, -1):  # the latest checkpoint or segment that holds level
+        if x[i] == level:
+            return float(y[i])
+        if i + 1 < x.size and min(lx[i], lx[i + 1]) <= t <= max(lx[i], lx[i + 1]):
+            f = (t - lx[i]) / (lx[i + 1] - lx[i])
+            if y[i] > 0 and y[i + 1] > 0:
+                return float(math.exp(math.log(y[i]) + f * (math.log(y[i + 1]) - math.log(y[i]))))
+            return float(y[i] + f * (y[i + 1] - y[i]))
+    raise AssertionError("unreachable: level lies within the range")  # pragma: no cover
+
+
+def loss_trajectories(curves: pd.DataFrame, metric: str, loss: str = "checkpoint_ce") -> dict:
+    """Per run ``(method, seed)``: the losses and values at checkpoints that have both."""
+    c = check_curves(curves)
+    wide = c[c["metric"].isin([metric, loss])].pivot_table(
+        index=["method", "seed", "epoch"], columns="metric", values="value", aggfunc="first"
+    )
+    if metric not in wide.columns or loss not in wide.columns:
+        return {}
+    wide = wide.dropna(subset=[metric, loss]).sort_index()
+    wide = wide[(wide[loss] > 0) & np.isfinite(wide[loss])]
+    return {
+        run: (g[loss].to_numpy(), g[metric].to_numpy())
+        for run, g in wide.groupby(level=["method", "seed"], sort=True)
+    }
+
+
+def common_loss_range(
+    curves: pd.DataFrame, metrics: list[str], loss: str = "checkpoint_ce"
+) -> tuple[float, float] | None:
+    """The training-loss interval that every run visits at checkpoints with every metric.
+
+    ``(lowest, highest)``: ``lowest`` is the largest of the runs' smallest losses (the
+    lowest loss that every run reaches), ``highest`` the smallest of their largest. None
+    when the runs share no level.
+    """
+    lows, highs = [], []
+    for metric in metrics:
+        for x, _ in loss_trajectories(curves, metric, loss).values():
+            lows.append(float(x.min()))
+            highs.append(float(x.max()))
+    if not lows or max(lows) > min(highs):
+        return None
+    return max(lows), min(highs)
+
+
+def matched_loss(
+    curves: pd.DataFrame,
+    metrics: list[str],
+    levels: list[float] | None = None,
+    loss: str = "checkpoint_ce",
+) -> pd.DataFrame:
+    """Each run's measures at common training-loss levels (:func:`at_loss` per run).
+
+    Args:
+        curves: tidy curves with the ``loss`` metric and ``metrics`` at the same epochs.
+        levels: the loss levels; None: the lowest loss that every run reaches
+            (:func:`common_loss_range`), and ten times it where every run was there too.
+
+    Returns:
+        Rows ``method, seed, metric, level, value``. A run that never visits a level has
+        no row for it (never an extrapolated value); no rows when the runs share no level.
+    """
+    if levels is None:
+        r = common_loss_range(curves, metrics, loss)
+        levels = [] if r is None else [r[0]] + ([10 * r[0]] if 10 * r[0] <= r[1] else [])
+    rows = []
+    for metric in metrics:
+        for (method, seed), (x, y) in loss_trajectories(curves, metric, loss).items():
+            for level in levels:
+                if x.min() <= level <= x.max():
+                    rows.append((method, seed, metric, float(level), at_loss(x, y, level)))
+    return pd.DataFrame(rows, columns=["method", "seed", "metric", "level", "value"])

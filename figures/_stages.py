@@ -13,14 +13,23 @@ from torch import nn
 from analysis import AnalysisSettings, analyze_run, load_checkpoint, load_state_dict, m_sharpness
 from analysis.io import atomic_write_json, atomic_write_text
 from figures import recipes
-from figures._results import CURVE_COLUMNS, Grid, melt_metrics
-from figures._save import label
+from figures._results import (
+    CURVE_COLUMNS,
+    Grid,
+    common_loss_range,
+    matched_loss,
+    melt_metrics,
+)
+from figures._save import label, save_table
 from figures._settings import Settings, run_name, say
 from figures.report import (
     Section,
     display_table,
     epoch_average_findings,
     findings,
+    matched_display,
+    matched_findings,
+    matched_metrics,
     sweep_findings,
     write_final_table,
     write_report,
@@ -33,6 +42,7 @@ from landscape import (
     surface_2d,
 )
 from saf import (
+    DEFAULT_RHO,
     OutputStore,
     TrainConfig,
     data_batches,
@@ -128,10 +138,19 @@ def _model_factory(run_dir: Path):
     return lambda: model_from_run(run)
 
 
-# What the figures measure, and how (analysis.analyze_run's settings).
-SHARPNESS = ["sam_sharpness"]  # one-step SAM sharpness, rho = 0.05, every checkpoint
-HESSIAN = ["lambda_max", "trace"]  # every `hessian_every` epochs and at the last
+# What the figures measure, and how (analysis.analyze_run's settings). Every checkpoint:
+# its training cross-entropy (eval mode, the analysed samples; "loss" is renamed
+# checkpoint_ce), the one-step SAM sharpness (rho = 0.05) and the adaptive (ASAM-scaled,
+# rho = 0.5, the ASAM paper's CIFAR radius) one-step sharpness, which a rescaling of the
+# weights before a BatchNorm leaves unchanged; every `hessian_every` epochs and at the
+# last: the Hessian's lambda_max and trace.
+SHARPNESS = ["loss", "sam_sharpness"]
+HESSIAN = ["lambda_max", "trace"]
 ANALYSIS = AnalysisSettings(sam_rho=0.05, tol=1e-3, trace_matvecs=30)
+ADAPTIVE = AnalysisSettings(tol=1e-3, trace_matvecs=30, rho=DEFAULT_RHO["asam"], m=None,
+                            adaptive=True)  # fmt: skip
+RENAME = {"loss": "checkpoint_ce", "m_sharpness": "adaptive_sharpness"}
+MATCHED = ["lambda_max", "trace", "sam_sharpness", "adaptive_sharpness"]
 
 
 def analyse_checkpoints(
@@ -142,18 +161,21 @@ def analyse_checkpoints(
     csv: Path,
     device: str,
     progress: bool,
+    settings: AnalysisSettings = ANALYSIS,
 ) -> pd.DataFrame:
     """``analysis.analyze_run`` on some of a run's checkpoints: rows ``epoch, metric, value,
-    stderr``, cached per checkpoint beside ``csv`` (resumable, also after SIGKILL)."""
+    stderr`` (metrics named as in the curves, :data:`RENAME`), cached per checkpoint beside
+    ``csv`` (resumable, also after SIGKILL)."""
     df = analyze_run(
         run_dir, metrics, model_factory=_model_factory(run_dir), data=data, epochs=epochs,
-        settings=ANALYSIS, out=csv, device=device, progress=progress,
+        settings=settings, out=csv, device=device, progress=progress,
     )  # fmt: skip
-    return df[["epoch", "metric", "value", "stderr"]]
+    return df[["epoch", "metric", "value", "stderr"]].replace({"metric": RENAME})
 
 
 def analyse_run(s: Settings, run_dir: Path, data, folder: Path, device: str, progress: bool):
-    """SAM sharpness of every checkpoint; Hessian lambda_max and trace of some."""
+    """Training CE, SAM and adaptive sharpness of every checkpoint; Hessian lambda_max and
+    trace of some."""
     hessian = [e for e, _ in list_checkpoints(run_dir) if e % s.hessian_every == 0 or e == s.epochs]
     one = functools.partial(
         analyse_checkpoints, run_dir, data=data, device=device, progress=progress
@@ -161,6 +183,12 @@ def analyse_run(s: Settings, run_dir: Path, data, folder: Path, device: str, pro
     return pd.concat(
         [
             one(SHARPNESS, None, csv=folder / f"{run_dir.name}.sam.csv"),
+            one(
+                ["m_sharpness"],
+                None,
+                csv=folder / f"{run_dir.name}.adaptive.csv",
+                settings=ADAPTIVE,
+            ),  # fmt: skip
             one(HESSIAN, hessian, csv=folder / f"{run_dir.name}.hessian.csv"),
         ],
         ignore_index=True,
@@ -168,7 +196,8 @@ def analyse_run(s: Settings, run_dir: Path, data, folder: Path, device: str, pro
 
 
 def analyse_all(s: Settings, out: Path, runs: dict, device: str, progress: bool) -> pd.DataFrame:
-    """SAM sharpness every epoch, Hessian lambda_max/trace every ``hessian_every`` epochs."""
+    """Training CE, SAM and adaptive sharpness every epoch, Hessian lambda_max and trace every
+    ``hessian_every`` epochs (:func:`analyse_run`), and the trainer's metrics."""
     data = _data(s, "train", s.analysis_samples, device, batch_size=s.batch_size)
     parts = []
     for i, ((method, seed), run_dir) in enumerate(runs.items(), 1):
@@ -261,31 +290,56 @@ def _last(run_dir: Path) -> Path:
 # -- 5. sweep of SAF's lambda and lag ------------------------------------------------------
 
 
-def sweep(s: Settings, out: Path, device: str, progress: bool) -> pd.DataFrame:
-    """Final SAM sharpness, lambda_max and test accuracy of SAF for each (lambda, lag)."""
+def sweep(s: Settings, out: Path, curves: pd.DataFrame, device: str, progress: bool):
+    """SAF for each (lambda, lag): final SAM sharpness, lambda_max and test accuracy, and the
+    measures at the lowest training loss that these runs, SGD and SAM all reach.
+
+    Every checkpoint of a sweep run is analysed like the main runs (:func:`analyse_run`);
+    the trajectories are kept in ``analysis/sweep_curves.csv``.
+    """
     path = out / "analysis" / "sweep.csv"
-    if path.is_file():
+    if path.is_file() and "matched_level" in pd.read_csv(path, nrows=0).columns:
         return pd.read_csv(path)
     data = _data(s, "train", s.analysis_samples, device, batch_size=s.batch_size)
     grid = [
         (lam, lag, k) for lam in s.sweep_lams for lag in s.sweep_lags for k in range(s.sweep_seeds)
     ]
-    rows = []
+    rows, parts = [], []
     for i, (lam, lag, seed) in enumerate(grid, 1):
         run_dir = out / "sweep" / f"saf-lam{lam:g}-lag{lag}-s{seed}"
         say(f"[sweep {i}/{len(grid)}] {run_dir.name}")
         if not _finished(run_dir, s.epochs):
             cfg = train_config(s, "saf", seed, run_dir, device, progress, lam=lam, lag=lag)
             train(cfg, resume=(run_dir / "state.pt").is_file())
-        csv = out / "analysis" / "sweep" / f"{run_dir.name}.csv"
-        final = analyse_checkpoints(run_dir, SHARPNESS + HESSIAN, [s.epochs], data, csv,
-                                    device, progress)  # fmt: skip
+        df = analyse_run(s, run_dir, data, out / "analysis" / "sweep", device, progress)
+        parts.append(df.assign(method=f"lam{lam:g}-lag{lag}", seed=seed)[list(CURVE_COLUMNS)])
+        final = df[df["epoch"] == s.epochs]
         acc = float(read_metrics(run_dir)["test_acc"].iloc[-1])
         rows.append({"lam": lam, "lag": lag, "seed": seed, "test_acc": acc,
                      **dict(zip(final["metric"], final["value"], strict=True))})  # fmt: skip
-    df = pd.DataFrame(rows)
-    _csv(df, path)
-    return df
+    table = pd.DataFrame(rows)
+    runs = pd.concat(parts, ignore_index=True)
+    _csv(runs, out / "analysis" / "sweep_curves.csv")
+    table = _sweep_matched(table, runs, curves[curves["method"].isin(["sgd", "sam"])])
+    _csv(table, path)
+    return table
+
+
+def _sweep_matched(table: pd.DataFrame, runs: pd.DataFrame, refs: pd.DataFrame):
+    """``<measure>_matched`` columns: each sweep run at the lowest training loss that every
+    sweep run and the SGD and SAM runs reach (NaN without a common level)."""
+    both = pd.concat([runs, refs], ignore_index=True)
+    measures = ["sam_sharpness", "lambda_max"]
+    common = common_loss_range(both, measures)
+    table["matched_level"] = common[0] if common else np.nan
+    if common is None:
+        return table
+    m = matched_loss(runs, measures, [common[0]])
+    for k in measures:
+        got = m[m.metric == k].set_index(["method", "seed"])["value"]
+        table[f"{k}_matched"] = [got.get((f"lam{r.lam:g}-lag{r.lag}", r.seed), np.nan)
+                                 for r in table.itertuples()]  # fmt: skip
+    return table
 
 
 # -- 5. outputs --------------------------------------------------------------------------
@@ -328,6 +382,9 @@ def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, sweep, d
         "Training cross-entropy (Fig. 4a)": recipes.training_ce(curves, figs),
         "SAM sharpness, rho = 0.05 (Fig. 4b)": recipes.sam_sharpness(curves, figs),
         "Hessian lambda_max and trace": recipes.hessian(curves, figs),
+        "Sharpness against the training loss (matched-loss comparison)": (
+            recipes.sharpness_vs_loss(curves, figs)
+        ),
         "2D loss surfaces, shared colour scale (Figs. 2, 5)": recipes.surfaces_2d(surfaces, figs),
         "1D slices of the 2D surfaces": recipes.surface_slices(surfaces, figs),
         f"Interpolation {label(a)} -> {label(b)}": recipes.interpolation(interp, figs, a, b),
@@ -337,11 +394,13 @@ def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, sweep, d
         made["Where SAF flattens: lambda and lag sweep"] = recipes.sweep(sweep, curves, figs)
     table, _ = recipes.table3(runs_table(s, runs), out / "tables")
     final = write_final_table(curves, out / "tables")
+    matched = matched_metrics(curves)
+    save_table(matched, out / "tables" / "matched_loss")
     sections = [
         Section(
             t,
             next(p for p in ps if p.suffix == ".png"),
-            "mean ± std over seeds",
+            "mean ± std over seeds (log axes: geometric mean, min-max band)",
             [p for p in ps if p.suffix != ".png"],
         )
         for t, ps in made.items()
@@ -349,6 +408,7 @@ def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, sweep, d
     tables = {
         "Table 3 (test accuracy, speed, memory)": table,
         "Final-epoch metrics (mean ± std over seeds)": display_table(final),
+        "At matched training loss (mean ± std over seeds; ratio to SGD)": matched_display(matched),
     }
 
     steps = read_run(next(iter(runs.values())))["hparams"]["steps_per_epoch"]
@@ -357,8 +417,9 @@ def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, sweep, d
     settings = {**s.key(), **hp, "steps_per_epoch": steps, "device": device}
     notes = (
         findings(final)
+        + matched_findings(matched)
         + epoch_average_findings(curves)
-        + (sweep_findings(sweep, final) if len(sweep) else [])
+        + (sweep_findings(sweep, final, curves) if len(sweep) else [])
         + [SPEED_NOTE]
     )
     atomic_write_text(out / "tables" / "findings.md", "".join(f"- {n}\n" for n in notes))

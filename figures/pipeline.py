@@ -4,16 +4,19 @@ Stages (each reuses what is already on disk under ``out``, so a rerun is cheap
 and an interrupted run resumes):
 
 1. **train** every method x seed (finished runs are skipped, unfinished ones resume);
-2. **analyse** checkpoints: SAM sharpness (:math:`\rho=0.05`) every epoch, Hessian
-   :math:`\lambda_{\max}` and trace every ``hessian_every`` epochs, with
+2. **analyse** checkpoints: training cross-entropy, SAM sharpness (:math:`\rho=0.05`) and
+   adaptive sharpness (:math:`\rho=0.5`) every epoch, Hessian :math:`\lambda_{\max}` and
+   trace every ``hessian_every`` epochs, with
    :func:`analysis.analyze_run` (the engine of ``saf analyze``: cached per checkpoint);
 3. **m-sharpness** of the final models against m (cached CSV);
 4. **surfaces**: 2D filter-normalized surfaces of the seed-0 final models (two random
    directions, the same draw for every method) and the SGD -> SAF interpolation
    (resumable ``.npz`` files);
 5. **sweep**: SAF with other :math:`\lambda` and lag values (``sweep_seeds`` seeds), final
-   SAM sharpness, :math:`\lambda_{\max}` and test accuracy, to show where SAF flattens;
-6. **figures, tables, report** (``index.html``).
+   SAM sharpness, :math:`\lambda_{\max}` and test accuracy, and the same at a training
+   loss that SGD, SAM and every sweep run reach, to show where SAF flattens;
+6. **figures, tables, report** (``index.html``), with every measure also compared at
+   matched training loss (:func:`figures._results.matched_loss`).
 
 Layout of ``out``: ``settings.json``, ``runs/<method>-s<seed>/`` (trainer runs),
 ``analysis/``, ``surfaces/``, ``figures/``, ``tables/``, ``index.html``.
@@ -57,7 +60,7 @@ def run_pipeline(
     msharp = _stages.m_sharpness_all(s, out, runs, device, progress)
     surfaces = _stages.surfaces_all(s, out, runs, device, progress)
     interp = _stages.interpolation(s, out, runs, device, progress)
-    sweep = _stages.sweep(s, out, device, progress)
+    sweep = _stages.sweep(s, out, curves, device, progress)
     say("writing figures, tables and the report")
     return _stages.write_outputs(s, out, runs, curves, msharp, surfaces, interp, sweep, device)
 

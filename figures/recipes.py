@@ -14,7 +14,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from figures._results import Grid, check_curves, mean_std, metric_curves
+from figures._results import (
+    Grid,
+    at_loss,
+    band_stats,
+    check_curves,
+    common_loss_range,
+    loss_trajectories,
+    matched_loss,
+    mean_std,
+)
 from figures._save import (
     color,
     label,
@@ -29,24 +38,34 @@ PathLike = str | os.PathLike
 
 
 def _band(ax, stats: pd.DataFrame, x: str, method: str, marker: str | None = None) -> None:
-    """One method's mean line and a +-1 std band."""
+    """One method's centre line and band (``mean``, ``lo``, ``hi`` of :func:`band_stats`)."""
     s = stats[stats["method"] == method].sort_values(x)
     if s.empty:
         return
     n = int(s["n"].max())
     ax.plot(s[x], s["mean"], color=color(method), marker=marker, label=f"{label(method)} (n={n})")
-    lo, hi = s["mean"] - s["std"], s["mean"] + s["std"]
-    ax.fill_between(s[x], lo, hi, color=color(method), alpha=0.2, linewidth=0)
+    ax.fill_between(s[x], s["lo"], s["hi"], color=color(method), alpha=0.2, linewidth=0)
+
+
+def _log_worthy(values) -> bool:
+    """Whether a log axis suits ``values``: all positive, spanning more than a factor of 10."""
+    v = np.asarray(values, dtype=float)
+    v = v[np.isfinite(v)]
+    return bool(v.size and (v > 0).all() and v.max() > 10 * v.min())
 
 
 def _curve_panel(ax, curves: pd.DataFrame, metric: str, ylabel: str, log: bool = False) -> None:
-    stats = metric_curves(curves, metric)
+    """Mean +- std per epoch; on a log axis the geometric mean and the min-max over seeds."""
+    c = check_curves(curves)
+    sub = c[c["metric"] == metric]
+    log = log and _log_worthy(sub["value"])
+    stats = band_stats(sub, ["method", "epoch"], log=log)
     for m in method_order(stats["method"]):
         _band(ax, stats, "epoch", m)
     ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel)
+    ax.set_ylabel(ylabel + (" (geometric mean, min-max)" if log else ""))
     if log:
-        _maybe_log(ax, stats["mean"])
+        ax.set_yscale("log")
     ax.grid(alpha=0.3)
     if not stats.empty:
         ax.legend(fontsize=8)
@@ -54,10 +73,17 @@ def _curve_panel(ax, curves: pd.DataFrame, metric: str, ylabel: str, log: bool =
 
 def _maybe_log(ax, values) -> None:
     """Log y axis when the positive values span more than a factor of 10."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size and (v > 0).all() and v.max() > 10 * v.min():
+    if _log_worthy(values):
         ax.set_yscale("log")
+
+
+def _log_ticks(axis) -> None:
+    """Readable ticks on a log axis that may span less than a decade: 1, 2, 5 x 10^k."""
+    from matplotlib import ticker
+
+    axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
+    axis.set_minor_formatter(ticker.NullFormatter())
 
 
 def _need(curves: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -227,7 +253,7 @@ def m_sharpness(msharp: pd.DataFrame, out: PathLike, name: str = "m_sharpness") 
     need = {"method", "seed", "m", "value"}
     if not need <= set(msharp.columns):
         raise ValueError(f"m-sharpness table needs columns {sorted(need)}")
-    stats = mean_std(msharp, ["method", "m"])
+    stats = band_stats(msharp, ["method", "m"])
     fig, ax = plt.subplots(figsize=(5, 3.4))
     for m in method_order(stats["method"]):
         _band(ax, stats, "m", m, marker="o")
@@ -279,6 +305,10 @@ def table3(
     return t, save_table(t, Path(out) / name)
 
 
+SWEEP_METRICS = (("sam_sharpness", r"SAM sharpness, $\rho=0.05$"),
+                 ("lambda_max", r"$\lambda_{\max}(H)$"), ("test_acc", "test accuracy"))  # fmt: skip
+
+
 def sweep(
     table: pd.DataFrame, curves: pd.DataFrame, out: PathLike, name: str = "saf_sweep"
 ) -> list[Path]:
@@ -286,32 +316,128 @@ def sweep(
     :math:`\lambda`, one line per lag, with SGD's and SAM's final values (mean +- std
     over seeds) as horizontal bands.
 
+    A second row, when ``table`` has a ``matched_level`` and ``<measure>_matched``
+    columns, compares the same measures at that common training loss
+    (:func:`figures._results.matched_loss`): SAF's runs against SGD and SAM at the same
+    loss, so a stronger SAF that stops at a higher loss is not credited for it.
+
     Args:
-        table: rows ``lam, lag, seed, sam_sharpness, lambda_max, test_acc``.
-        curves: the study's curves (for the SGD and SAM reference bands).
+        table: rows ``lam, lag, seed, sam_sharpness, lambda_max, test_acc`` (optionally
+            ``matched_level, sam_sharpness_matched, lambda_max_matched``).
+        curves: the study's curves (for the SGD and SAM reference bands; with
+            ``checkpoint_ce`` for the matched row).
     """
-    metrics = [("sam_sharpness", r"SAM sharpness, $\rho=0.05$"),
-               ("lambda_max", r"$\lambda_{\max}(H)$"), ("test_acc", "test accuracy")]  # fmt: skip
     c = check_curves(curves)
     last = c[c.groupby(["method", "seed", "metric"])["epoch"].transform("max") == c["epoch"]]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.4))
-    for ax, (k, yl) in zip(axes, metrics, strict=True):
-        ref = mean_std(last[last.metric == k], ["method"]).set_index("method")
-        for m in [m for m in ("sgd", "sam") if m in ref.index]:
-            mu, sd = ref.loc[m, "mean"], ref.loc[m, "std"]
-            ax.axhspan(mu - sd, mu + sd, color=color(m), alpha=0.15, lw=0)
-            ax.axhline(mu, color=color(m), ls="--", label=f"{label(m)} (final)")
-        stats = mean_std(table.rename(columns={k: "value"}), ["lag", "lam"])
-        n_lags = stats["lag"].nunique()
-        for i, (lag, g) in enumerate(stats.groupby("lag")):
-            shade = plt.get_cmap("Reds")(0.5 + 0.45 * i / max(1, n_lags - 1))
-            ax.errorbar(g["lam"], g["mean"], g["std"], color=shade, marker="o", capsize=3,
-                        label=f"SAF, lag {lag}")  # fmt: skip
+    level = table["matched_level"].dropna() if "matched_level" in table else pd.Series([])
+    matched = [(k, yl) for k, yl in SWEEP_METRICS if f"{k}_matched" in table] if len(level) else []
+    rows = 2 if matched else 1
+    fig, axes = plt.subplots(rows, 3, figsize=(12, 3.4 * rows), squeeze=False)
+    for ax, (k, yl) in zip(axes[0], SWEEP_METRICS, strict=True):
+        ref = mean_std(last[last.metric == k], ["method"])
+        _sweep_panel(ax, table, k, yl, ref, "final")
+    if matched:
+        lv = float(level.iloc[0])
+        ref = mean_std(matched_loss(c, [k for k, _ in matched], [lv]), ["method", "metric"])
+        for ax, (k, yl) in zip(axes[1], matched, strict=False):
+            r = ref[ref.metric == k]
+            _sweep_panel(ax, table, f"{k}_matched", yl, r, f"at CE {lv:.3g}")
+            ax.set_title(f"at matched training CE = {lv:.3g}", fontsize=10)
+        for ax in axes[1][len(matched) :]:
+            ax.axis("off")
+    axes[0][0].legend(fontsize=8)
+    if matched:
+        axes[1][0].legend(fontsize=8)
+    fig.suptitle(r"SAF's sharpness against $\lambda$ and the lag $\tilde E$")
+    fig.tight_layout()
+    return save_figure(fig, Path(out) / name)
+
+
+def _sweep_panel(ax, table, k: str, ylabel: str, ref: pd.DataFrame, what: str) -> None:
+    ref = ref.set_index("method")
+    for m in [m for m in ("sgd", "sam") if m in ref.index]:
+        mu, sd = ref.loc[m, "mean"], ref.loc[m, "std"]
+        ax.axhspan(mu - sd, mu + sd, color=color(m), alpha=0.15, lw=0)
+        ax.axhline(mu, color=color(m), ls="--", label=f"{label(m)} ({what})")
+    stats = mean_std(table.rename(columns={k: "value"}), ["lag", "lam"])
+    n_lags = stats["lag"].nunique()
+    for i, (lag, g) in enumerate(stats.groupby("lag")):
+        shade = plt.get_cmap("Reds")(0.5 + 0.45 * i / max(1, n_lags - 1))
+        ax.errorbar(g["lam"], g["mean"], g["std"], color=shade, marker="o", capsize=3,
+                    label=f"SAF, lag {lag}")  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xlabel(r"$\lambda$ (trajectory-loss weight)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+
+
+# -- sharpness against the training loss ---------------------------------------------------
+
+LOSS_METRICS = (
+    ("lambda_max", r"$\lambda_{\max}(H)$"),
+    ("trace", r"$\mathrm{tr}(H)$"),
+    ("sam_sharpness", r"SAM sharpness, $\rho=0.05$"),
+    ("adaptive_sharpness", r"adaptive sharpness, $\rho=0.5$"),
+)
+
+
+def sharpness_vs_loss(
+    curves: pd.DataFrame,
+    out: PathLike,
+    name: str = "sharpness_vs_loss",
+    loss: str = "checkpoint_ce",
+) -> list[Path]:
+    r"""Each sharpness measure against the training cross-entropy along every trajectory.
+
+    The cross-entropy Hessian shrinks as the softmax saturates (for a confident sample
+    :math:`\nabla^2_z \ell = \mathrm{diag}(p) - pp^\top \to 0`), so a run that stops at
+    a higher training loss looks sharper. Plotting against the loss compares methods where
+    they had the same loss. One panel per measure present (:math:`\lambda_{\max}`, trace,
+    SAM and adaptive sharpness); thin lines are the seeds' analysed checkpoints, the thick
+    line the geometric mean over seeds at common loss levels (interpolated in log-log,
+    :func:`figures._results.at_loss`) with the min-max band, on log axes; the dotted line
+    is the lowest loss every run reaches (the matched level of the tables).
+
+    Args:
+        curves: tidy curves with ``loss`` (the checkpoint's training cross-entropy) and
+            the measures at the same epochs.
+    """
+    c = check_curves(curves)
+    if not (c["metric"] == loss).any():
+        raise ValueError(f"curves table has no rows for metric {loss!r}; run the analysis first")
+    panels = [(k, yl) for k, yl in LOSS_METRICS if (c["metric"] == k).any()]
+    if not panels:
+        raise ValueError(f"curves table has none of {[k for k, _ in LOSS_METRICS]}")
+    common = common_loss_range(c, [k for k, _ in panels], loss)
+    fig, axes = plt.subplots(1, len(panels), figsize=(3.6 * len(panels), 3.5), squeeze=False)
+    for ax, (k, yl) in zip(axes[0], panels, strict=True):
+        runs = loss_trajectories(c, k, loss)
+        values = np.concatenate([y for _, y in runs.values()]) if runs else np.array([])
+        log_y = _log_worthy(values)
+        for m in method_order({run[0] for run in runs}):
+            seeds = [xy for run, xy in runs.items() if run[0] == m]
+            for x, y in seeds:
+                ax.plot(x, y, color=color(m), lw=0.7, alpha=0.35, marker=".", ms=3)
+            lo, hi = max(x.min() for x, _ in seeds), min(x.max() for x, _ in seeds)
+            if lo >= hi:
+                continue
+            grid = np.geomspace(lo, hi, 30)
+            v = np.array([[at_loss(x, y, g) for g in grid] for x, y in seeds])
+            centre = np.exp(np.log(v).mean(0)) if (v > 0).all() else v.mean(0)
+            ax.plot(grid, centre, color=color(m), lw=2, label=f"{label(m)} (n={len(seeds)})")
+            ax.fill_between(grid, v.min(0), v.max(0), color=color(m), alpha=0.2, lw=0)
+        if common is not None:
+            ax.axvline(common[0], color="k", ls=":", lw=1)
         ax.set_xscale("log")
-        ax.set_xlabel(r"$\lambda$ (trajectory-loss weight)")
+        if log_y:
+            ax.set_yscale("log")
+        for axis in (ax.xaxis, ax.yaxis) if log_y else (ax.xaxis,):
+            _log_ticks(axis)
+        ax.invert_xaxis()  # training runs from left to right
+        ax.set_xlabel("training cross-entropy (checkpoint)")
         ax.set_ylabel(yl)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(r"SAF's final sharpness against $\lambda$ and the lag $\tilde E$")
+        ax.grid(alpha=0.3, which="both", lw=0.4)
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Sharpness against the training loss (training runs left to right)")
     fig.tight_layout()
     return save_figure(fig, Path(out) / name)

@@ -16,10 +16,17 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.io import atomic_write_text
-from figures._results import check_curves, mean_std
+from figures._results import check_curves, matched_loss, mean_std
 from figures._save import label, method_order, save_table
 
-FINAL_METRICS = ("test_acc", "train_ce", "sam_sharpness", "lambda_max", "trace")
+FINAL_METRICS = ("test_acc", "train_ce", "checkpoint_ce", "sam_sharpness", "adaptive_sharpness",
+                 "lambda_max", "trace")  # fmt: skip
+MEASURES = (
+    ("sam_sharpness", "one-step SAM sharpness (rho=0.05)"),
+    ("adaptive_sharpness", "adaptive SAM sharpness (rho=0.5)"),
+    ("lambda_max", "Hessian lambda_max"),
+    ("trace", "Hessian trace"),
+)
 
 
 @dataclass
@@ -57,9 +64,8 @@ def findings(final: pd.DataFrame) -> list[str]:
         return []
     out = []
     for k, what in (
-        ("sam_sharpness", "one-step SAM sharpness (rho=0.05)"),
-        ("lambda_max", "Hessian lambda_max"),
-        ("trace", "Hessian trace"),
+        ("checkpoint_ce", "training cross-entropy (eval mode, analysed samples)"),
+        *MEASURES,
         ("test_acc", "test accuracy"),
     ):
         if f"{k}_mean" not in f.columns:
@@ -112,21 +118,97 @@ def epoch_average_findings(curves: pd.DataFrame) -> list[str]:
     return out
 
 
-def sweep_findings(sweep: pd.DataFrame, final: pd.DataFrame) -> list[str]:
-    """One sentence per measure: SAF's range over the sweep against SGD's and SAM's values."""
+def sweep_findings(sweep: pd.DataFrame, final: pd.DataFrame, curves: pd.DataFrame) -> list[str]:
+    """Per measure: SAF's range over the sweep against SGD's and SAM's values, at the last
+    epoch and at the matched training loss of the sweep table (when it has one)."""
     f = final.set_index("method")
     out = []
     for k, what in (("sam_sharpness", "SAM sharpness"), ("lambda_max", "lambda_max")):
         if k not in sweep.columns or f"{k}_mean" not in f.columns:
             continue
-        g = sweep.groupby(["lam", "lag"])[k].mean()
-        lo, hi = g.idxmin(), g.idxmax()
         refs = "; ".join(f"{m} {f.loc[m, f'{k}_mean']:.4g}" for m in ("SGD", "SAM") if m in f.index)
-        out.append(
-            f"Sweep, final {what} of SAF: {g.min():.4g} (lambda={lo[0]:g}, lag={lo[1]}) to "
-            f"{g.max():.4g} (lambda={hi[0]:g}, lag={hi[1]}); {refs}"
-        )
+        out.append(f"Sweep, final {what} of SAF: {_sweep_range(sweep, k)}; {refs}")
+        level = sweep["matched_level"].dropna() if "matched_level" in sweep else []
+        if len(level) and f"{k}_matched" in sweep:
+            lv = float(level.iloc[0])
+            st = mean_std(matched_loss(curves, [k], [lv]), ["method"]).set_index("method")
+            refs = "; ".join(
+                f"{label(m)} {st.loc[m, 'mean']:.4g} ± {st.loc[m, 'std']:.2g}"
+                for m in ("sgd", "sam")
+                if m in st.index
+            )
+            out.append(
+                f"Sweep at matched training CE {lv:.3g} (the lowest every sweep run, SGD and "
+                f"SAM reach), {what} of SAF: {_sweep_range(sweep, f'{k}_matched')}; {refs}"
+            )
     return out
+
+
+def _sweep_range(sweep: pd.DataFrame, k: str) -> str:
+    g = sweep.groupby(["lam", "lag"])[k].mean()
+    lo, hi = g.idxmin(), g.idxmax()
+    return (
+        f"{g.min():.4g} (lambda={lo[0]:g}, lag={lo[1]}) to {g.max():.4g} "
+        f"(lambda={hi[0]:g}, lag={hi[1]})"
+    )
+
+
+def matched_metrics(
+    curves: pd.DataFrame, metrics: Sequence[str] = tuple(k for k, _ in MEASURES)
+) -> pd.DataFrame:
+    """Each measure at the common training-loss levels (:func:`figures._results.matched_loss`),
+    mean and std over seeds and the ratio of means to SGD: rows ``level, method, metric,
+    mean, std, n, vs_sgd``."""
+    present = [k for k in metrics if (check_curves(curves)["metric"] == k).any()]
+    m = matched_loss(curves, present)
+    cols = ["level", "method", "metric", "mean", "std", "n", "vs_sgd"]
+    if m.empty:
+        return pd.DataFrame(columns=cols)
+    st = mean_std(m, ["level", "metric", "method"])
+    base = st[st.method == "sgd"].set_index(["level", "metric"])["mean"]
+    st["vs_sgd"] = [r.mean / base.get((r.level, r.metric), float("nan")) for r in st.itertuples()]
+    rank = {m: i for i, m in enumerate(method_order(st["method"]))}
+    st = st.assign(rank=st["method"].map(rank)).sort_values(["level", "rank", "metric"])
+    return st[cols].reset_index(drop=True)
+
+
+def matched_findings(matched: pd.DataFrame) -> list[str]:
+    """One sentence per measure at the lowest matched training loss, in numbers."""
+    if matched.empty:
+        return [
+            "Matched training loss: the runs share no training-loss level at the analysed "
+            "checkpoints, so no measure is compared at matched loss (train longer or analyse "
+            "more checkpoints)."
+        ]
+    lv = matched["level"].min()
+    at = matched[matched.level == lv]
+    out = [
+        f"Matched training loss: each measure where each run's training CE was {lv:.3g}, the "
+        "lowest that every run reaches (interpolated in log-log between its analysed "
+        "checkpoints, never extrapolated)."
+    ]
+    for k, what in MEASURES:
+        r = at[at.metric == k]
+        if r.empty:
+            continue
+        parts = [
+            f"{label(x.method)} {x.mean:.4g} ± {x.std:.2g}"
+            + ("" if x.method == "sgd" else f" ({x.vs_sgd:.2f}× SGD)")
+            for x in r.itertuples()
+        ]
+        out.append(f"{what[0].upper() + what[1:]} at training CE {lv:.3g}: " + "; ".join(parts))
+    return out
+
+
+def matched_display(matched: pd.DataFrame) -> pd.DataFrame:
+    """``matched_metrics`` as one row per level and method, "mean ± std (r× SGD)" cells."""
+    rows = []
+    for (lv, m), g in matched.groupby(["level", "method"], sort=False):
+        row = {"training CE": f"{lv:.3g}", "method": label(m)}
+        for x in g.itertuples():
+            row[x.metric] = f"{x.mean:.4g} ± {x.std:.2g} ({x.vs_sgd:.2f}×)"
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def _table_html(df: pd.DataFrame) -> str:

@@ -19,6 +19,7 @@ FIGURES = [
     "fig4a_train_ce",
     "fig4b_sam_sharpness",
     "hessian_per_epoch",
+    "sharpness_vs_loss",
     "fig2_surfaces_2d",
     "surface_slices_1d",
     "interpolation_sgd_saf",
