@@ -190,16 +190,20 @@ def main(argv=None) -> int:
     res = {"model": a.model, "data": a.data, "batch_size": a.batch_size, "steps": a.steps,
            "threads": torch.get_num_threads(), "device": a.device,
            "sgd_ms_median": 1e3 * statistics.median(times["sgd"]),
-           "eval_forward_over_sgd_step": fwd, "ratio_to_sgd": {}}  # fmt: skip
+           "eval_forward_over_sgd_step": fwd, "ratio_to_sgd": {},
+           "images_per_s": {m: a.batch_size / statistics.median(times[m])
+                            for m in methods}}  # fmt: skip
     print(
         f"{a.model} on {a.data}, batch {a.batch_size}, {a.steps} interleaved steps each, "
         f"{res['threads']} thread(s), {a.device}; sgd step {res['sgd_ms_median']:.2f} ms "
-        f"(median); a no-grad eval forward costs {fwd:.3f} of it (MESA's floor: {1 + fwd:.3f})"
+        f"(median, {res['images_per_s']['sgd']:.0f} images/s); a no-grad eval forward "
+        f"costs {fwd:.3f} of it (MESA's floor: {1 + fwd:.3f})"
     )
     for m in methods[1:]:
         med, lo, hi = ratio_summary(times[m], times["sgd"])
         res["ratio_to_sgd"][m] = {"median": med, "ci95": [lo, hi]}
-        print(f"  {m:12s} / sgd = {med:.3f}  (95% CI {lo:.3f} - {hi:.3f})")
+        print(f"  {m:12s} / sgd = {med:.3f}  (95% CI {lo:.3f} - {hi:.3f}), "
+              f"{res['images_per_s'][m]:.0f} images/s")  # fmt: skip
     if "saf" in steppers:
         store = steppers["saf"].traj.store
         res["store_bytes_per_sample_per_class"] = store.nbytes_per_sample_per_class

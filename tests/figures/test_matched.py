@@ -1,0 +1,173 @@
+"""Matched-loss comparison against curves with a known answer (power laws), the refusal to
+extrapolate, the log-axis bands, and the figures built on them."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from figures import (
+    at_loss,
+    band_stats,
+    common_loss_range,
+    matched_loss,
+    matched_metrics,
+    recipes,
+)
+from figures.report import matched_display, matched_findings
+
+# Each method's sharpness is a power law of its training loss, v = a * loss**b, with its
+# own a and b; each run's loss decays geometrically to its own final value.
+LAWS = {"sgd": (2.0, 0.5), "sam": (1.0, 0.5), "saf": (3.0, 0.8), "mesa": (2.0, 1.2)}
+FINAL = {"sgd": 1e-3, "sam": 2e-3, "saf": 5e-3, "mesa": 2e-2}
+
+
+def _curves(seeds=(0, 1, 2), epochs=12, metrics=("lambda_max", "sam_sharpness")):
+    rows = []
+    for m, (a, b) in LAWS.items():
+        for s in seeds:
+            start = 2.0 * (1 + 0.1 * s)
+            losses = np.geomspace(start, FINAL[m] * (1 + 0.05 * s), epochs)
+            for e, x in enumerate(losses):
+                rows.append((m, s, e, "checkpoint_ce", x))
+                for k, metric in enumerate(metrics):
+                    rows.append((m, s, e, metric, (k + 1) * a * x**b))
+    return pd.DataFrame(rows, columns=["method", "seed", "epoch", "metric", "value"])
+
+
+@pytest.mark.parametrize("b", [-1.5, -0.3, 0.5, 2.0])
+def test_at_loss_is_exact_on_a_power_law(b):
+    rng = np.random.default_rng(0)
+    x = np.sort(rng.uniform(1e-4, 3.0, 9))[::-1]  # decreasing, like training
+    a = 1.7
+    for level in np.geomspace(x.min(), x.max(), 17):
+        assert at_loss(x, a * x**b, level) == pytest.approx(a * level**b, rel=1e-12)
+
+
+def test_at_loss_refuses_to_extrapolate():
+    x = np.array([1.0, 0.1, 0.01])
+    with pytest.raises(ValueError, match="outside this run's range.*refusing to extrapolate"):
+        at_loss(x, x, 0.005)
+    with pytest.raises(ValueError, match="refusing to extrapolate"):
+        at_loss(x, x, 2.0)
+    assert at_loss(x, 3 * x, 0.01) == pytest.approx(0.03)  # the range's ends are inside
+    assert at_loss(x, 3 * x, 1.0) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="finite number > 0"):
+        at_loss(x, x, 0.0)
+    with pytest.raises(ValueError, match="no checkpoint"):
+        at_loss([np.nan], [1.0], 1.0)
+
+
+def test_at_loss_uses_the_latest_visit_of_a_level():
+    # the loss goes down, back up past 0.5, then down again: the last crossing counts
+    x = np.array([1.0, 0.25, 1.0, 0.25])
+    y = np.array([1.0, 1.0, 8.0, 2.0])
+    got = at_loss(x, y, 0.5)  # between (1.0, 8.0) and (0.25, 2.0): the log-log midpoint
+    assert got == pytest.approx(4.0)
+
+
+def test_at_loss_non_positive_values_interpolate_linearly_in_log_loss():
+    x = np.array([1.0, 0.01])
+    assert at_loss(x, np.array([-1.0, 1.0]), 0.1) == pytest.approx(0.0)
+
+
+def test_common_range_is_the_lowest_loss_every_run_reaches():
+    c = _curves()
+    lo, hi = common_loss_range(c, ["lambda_max"])
+    assert lo == pytest.approx(FINAL["mesa"] * 1.10)  # mesa seed 2 stops highest
+    assert hi == pytest.approx(2.0)  # seed 0 starts lowest
+    none = pd.DataFrame(
+        [("a", 0, 0, "checkpoint_ce", 1.0), ("a", 0, 0, "lambda_max", 1.0),
+         ("b", 0, 0, "checkpoint_ce", 0.1), ("b", 0, 0, "lambda_max", 1.0)],
+        columns=["method", "seed", "epoch", "metric", "value"],
+    )  # fmt: skip
+    assert common_loss_range(none, ["lambda_max"]) is None
+    assert matched_loss(none, ["lambda_max"]).empty
+
+
+def test_matched_loss_recovers_each_power_law():
+    c = _curves()
+    m = matched_loss(c, ["lambda_max", "sam_sharpness"])
+    lo = FINAL["mesa"] * 1.10
+    assert sorted(m["level"].unique()) == pytest.approx([lo, 10 * lo])
+    for r in m.itertuples():
+        a, b = LAWS[r.method]
+        k = 1 if r.metric == "lambda_max" else 2
+        assert r.value == pytest.approx(k * a * r.level**b, rel=1e-10)
+    assert len(m) == 4 * 3 * 2 * 2  # methods x seeds x metrics x levels: nobody is left out
+
+
+def test_matched_loss_leaves_out_a_run_that_never_visits_the_level():
+    c = _curves()
+    m = matched_loss(c, ["lambda_max"], levels=[FINAL["sgd"] * 1.01])
+    assert set(m["method"]) == {"sgd"} and len(m) == 1  # only sgd seed 0 gets that low
+
+
+def test_matched_metrics_ratio_to_sgd_is_the_power_law_ratio():
+    c = _curves(seeds=(0,))
+    t = matched_metrics(c, ["lambda_max"])
+    lo = t["level"].min()
+    at = t[t.level == lo].set_index("method")
+    for m, (a, b) in LAWS.items():
+        want = a * lo**b / (LAWS["sgd"][0] * lo ** LAWS["sgd"][1])
+        assert at.loc[m, "vs_sgd"] == pytest.approx(want, rel=1e-10)
+    text = " ".join(matched_findings(t))
+    assert f"{lo:.3g}" in text and "× SGD" in text and "never extrapolated" in text
+    d = matched_display(t)
+    assert list(d["method"][:4]) == ["SGD", "SAM", "SAF", "MESA"]
+
+
+def test_matched_findings_say_when_there_is_no_common_level():
+    (line,) = matched_findings(matched_metrics(pd.DataFrame(columns=list(_curves().columns))))
+    assert "share no training-loss level" in line
+
+
+def test_log_bands_stay_positive_where_mean_minus_std_does_not():
+    t = pd.DataFrame({"method": "sgd", "epoch": 0, "value": [0.01, 0.02, 10.0]})
+    lin = band_stats(t, ["method", "epoch"]).iloc[0]
+    assert lin["lo"] < 0  # the band that fell off the log axis
+    log = band_stats(t, ["method", "epoch"], log=True).iloc[0]
+    assert log["mean"] == pytest.approx(np.exp(np.log([0.01, 0.02, 10.0]).mean()))
+    assert (log["lo"], log["hi"], log["n"]) == (0.01, 10.0, 3)
+
+
+def test_log_panels_draw_positive_bands(tmp_path):
+    rows = [("sgd", s, e, "lambda_max", v)
+            for e in range(5) for s, v in enumerate((0.01, 0.02, 10.0))]  # fmt: skip
+    fig_paths = recipes.hessian(pd.DataFrame(rows, columns=_curves().columns), tmp_path)
+    assert fig_paths
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots()
+    recipes._curve_panel(ax, pd.DataFrame(rows, columns=_curves().columns), "lambda_max", "l", True)
+    assert ax.get_yscale() == "log"
+    (band,) = ax.collections
+    ys = np.concatenate([p.vertices[:, 1] for p in band.get_paths()])
+    assert ys.min() == pytest.approx(0.01) and ys.max() == pytest.approx(10.0)
+    plt.close(fig)
+
+
+def test_sharpness_vs_loss_figure(tmp_path):
+    c = _curves(metrics=("lambda_max", "trace", "sam_sharpness", "adaptive_sharpness"))
+    paths = recipes.sharpness_vs_loss(c, tmp_path)
+    assert {p.suffix for p in paths} == {".png", ".pdf"}
+    assert all(p.stat().st_size > 1000 for p in paths)
+    again = recipes.sharpness_vs_loss(c, tmp_path / "again")
+    assert paths[0].read_bytes() == again[0].read_bytes()  # same inputs, same bytes
+    with pytest.raises(ValueError, match="checkpoint_ce"):
+        recipes.sharpness_vs_loss(c[c.metric != "checkpoint_ce"], tmp_path)
+
+
+def test_sweep_figure_with_a_matched_row(tmp_path):
+    c = _curves()
+    c = pd.concat([c, c[c.metric == "lambda_max"].assign(metric="test_acc", value=0.9)])
+    lv = FINAL["mesa"] * 1.10
+    table = pd.DataFrame(
+        [(lam, lag, 0, 0.1 / lam, 10 / lam, 0.9, lv, 0.2 / lam, 5 / lam)
+         for lam in (0.1, 1.0) for lag in (1, 3)],
+        columns=["lam", "lag", "seed", "sam_sharpness", "lambda_max", "test_acc",
+                 "matched_level", "sam_sharpness_matched", "lambda_max_matched"],
+    )  # fmt: skip
+    paths = recipes.sweep(table, c, tmp_path)
+    assert {p.suffix for p in paths} == {".png", ".pdf"}
