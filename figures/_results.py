@@ -121,7 +121,7 @@ def band_stats(df: pd.DataFrame, by: list[str], log: bool = False) -> pd.DataFra
 # -- matched training loss -----------------------------------------------------------------
 
 
-def at_loss(loss, value, level: float) -> float:
+def at_loss(loss, value, level: float, log_value: bool = True) -> float:
     r"""A measure's value when a run's training loss was ``level``, interpolated in log-log.
 
     ``loss`` and ``value`` are one run's analysed checkpoints in epoch order. Between the
@@ -134,7 +134,8 @@ def at_loss(loss, value, level: float) -> float:
     exact for a power law :math:`v = a\,\ell^b` on the segment. Where an end of the pair
     is not positive (a sharpness estimate can be), :math:`v` itself is interpolated
     linearly in :math:`\log \ell`. Checkpoints with a non-finite or non-positive loss, or
-    a non-finite value, are left out.
+    a non-finite value, are left out. ``log_value=False`` interpolates :math:`v` linearly in
+    :math:`\log \ell` throughout (for an epoch, say).
 
     Raises:
         ValueError: ``level`` lies outside the run's range of losses (no extrapolation).
@@ -161,7 +162,7 @@ def at_loss(loss, value, level: float) -> float:
             return float(y[i])
         if i + 1 < x.size and min(lx[i], lx[i + 1]) <= t <= max(lx[i], lx[i + 1]):
             f = (t - lx[i]) / (lx[i + 1] - lx[i])
-            if y[i] > 0 and y[i + 1] > 0:
+            if log_value and y[i] > 0 and y[i + 1] > 0:
                 return float(math.exp(math.log(y[i]) + f * (math.log(y[i + 1]) - math.log(y[i]))))
             return float(y[i] + f * (y[i + 1] - y[i]))
     raise AssertionError("unreachable: level lies within the range")  # pragma: no cover
@@ -202,6 +203,27 @@ def common_loss_range(
     return max(lows), min(highs)
 
 
+def epoch_at_loss(curves: pd.DataFrame, level: float, loss: str = "checkpoint_ce") -> pd.DataFrame:
+    """When each run's training loss was ``level`` (its latest visit): rows ``method, seed,
+    epoch``, the epoch interpolated linearly in log loss between checkpoints; runs that never
+    visit the level are left out.
+
+    At a matched loss, methods can sit at different points of the schedule (a run that
+    keeps its loss high meets the others' earlier, higher-learning-rate checkpoints), which
+    this makes visible.
+    """
+    c = check_curves(curves)
+    c = c[c["metric"] == loss].dropna(subset=["value"])
+    rows = []
+    for (method, seed), g in c.groupby(["method", "seed"], sort=True):
+        g = g.sort_values("epoch")
+        x, e = g["value"].to_numpy(), g["epoch"].to_numpy(dtype=float)
+        ok = x[(x > 0) & np.isfinite(x)]
+        if ok.size and ok.min() <= level <= ok.max():
+            rows.append((method, seed, at_loss(x, e, level, log_value=False)))
+    return pd.DataFrame(rows, columns=["method", "seed", "epoch"])
+
+
 def matched_loss(
     curves: pd.DataFrame,
     metrics: list[str],
@@ -213,7 +235,9 @@ def matched_loss(
     Args:
         curves: tidy curves with the ``loss`` metric and ``metrics`` at the same epochs.
         levels: the loss levels; None: the lowest loss that every run reaches
-            (:func:`common_loss_range`), and ten times it where every run was there too.
+            (:func:`common_loss_range`). Higher levels are reached early in training, where
+            checkpoints are sparse against the loss's fall (a Hessian every few epochs can
+            bracket a decade of loss), so the default keeps to the lowest.
 
     Returns:
         Rows ``method, seed, metric, level, value``. A run that never visits a level has
@@ -221,7 +245,7 @@ def matched_loss(
     """
     if levels is None:
         r = common_loss_range(curves, metrics, loss)
-        levels = [] if r is None else [r[0]] + ([10 * r[0]] if 10 * r[0] <= r[1] else [])
+        levels = [] if r is None else [r[0]]
     rows = []
     for metric in metrics:
         for (method, seed), (x, y) in loss_trajectories(curves, metric, loss).items():

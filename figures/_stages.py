@@ -16,7 +16,6 @@ from figures import recipes
 from figures._results import (
     CURVE_COLUMNS,
     Grid,
-    common_loss_range,
     matched_loss,
     melt_metrics,
 )
@@ -291,14 +290,15 @@ def _last(run_dir: Path) -> Path:
 
 
 def sweep(s: Settings, out: Path, curves: pd.DataFrame, device: str, progress: bool):
-    """SAF for each (lambda, lag): final SAM sharpness, lambda_max and test accuracy, and the
-    measures at the lowest training loss that these runs, SGD and SAM all reach.
+    """SAF for each (lambda, lag): final training CE, SAM sharpness, lambda_max and test
+    accuracy, and SGD's and SAM's measures where their training CE was that final CE (a
+    stronger SAF stops at a higher loss, so it is judged against the baselines there).
 
     Every checkpoint of a sweep run is analysed like the main runs (:func:`analyse_run`);
     the trajectories are kept in ``analysis/sweep_curves.csv``.
     """
     path = out / "analysis" / "sweep.csv"
-    if path.is_file() and "matched_level" in pd.read_csv(path, nrows=0).columns:
+    if path.is_file() and "sgd_lambda_max_same_ce" in pd.read_csv(path, nrows=0).columns:
         return pd.read_csv(path)
     data = _data(s, "train", s.analysis_samples, device, batch_size=s.batch_size)
     grid = [
@@ -320,25 +320,26 @@ def sweep(s: Settings, out: Path, curves: pd.DataFrame, device: str, progress: b
     table = pd.DataFrame(rows)
     runs = pd.concat(parts, ignore_index=True)
     _csv(runs, out / "analysis" / "sweep_curves.csv")
-    table = _sweep_matched(table, runs, curves[curves["method"].isin(["sgd", "sam"])])
+    table = _sweep_matched(table, curves[curves["method"].isin(["sgd", "sam"])])
     _csv(table, path)
     return table
 
 
-def _sweep_matched(table: pd.DataFrame, runs: pd.DataFrame, refs: pd.DataFrame):
-    """``<measure>_matched`` columns: each sweep run at the lowest training loss that every
-    sweep run and the SGD and SAM runs reach (NaN without a common level)."""
-    both = pd.concat([runs, refs], ignore_index=True)
-    measures = ["sam_sharpness", "lambda_max"]
-    common = common_loss_range(both, measures)
-    table["matched_level"] = common[0] if common else np.nan
-    if common is None:
-        return table
-    m = matched_loss(runs, measures, [common[0]])
-    for k in measures:
-        got = m[m.metric == k].set_index(["method", "seed"])["value"]
-        table[f"{k}_matched"] = [got.get((f"lam{r.lam:g}-lag{r.lag}", r.seed), np.nan)
-                                 for r in table.itertuples()]  # fmt: skip
+SWEEP_MEASURES = ["sam_sharpness", "lambda_max"]
+
+
+def _sweep_matched(table: pd.DataFrame, refs: pd.DataFrame) -> pd.DataFrame:
+    """``sgd_<measure>_same_ce`` and ``sam_<measure>_same_ce`` columns: SGD's and SAM's
+    measures (mean over their seeds) where their training CE equalled this sweep run's final
+    CE (:func:`figures._results.matched_loss`; NaN where no seed was ever at that loss)."""
+    for ref in ("sgd", "sam"):
+        r = refs[refs["method"] == ref]
+        for k in SWEEP_MEASURES:
+            col = []
+            for level in table["checkpoint_ce"]:
+                m = matched_loss(r, [k], [float(level)]) if len(r) else pd.DataFrame()
+                col.append(float(m["value"].mean()) if len(m) else np.nan)
+            table[f"{ref}_{k}_same_ce"] = col
     return table
 
 
@@ -417,9 +418,9 @@ def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, sweep, d
     settings = {**s.key(), **hp, "steps_per_epoch": steps, "device": device}
     notes = (
         findings(final)
-        + matched_findings(matched)
+        + matched_findings(matched, curves)
         + epoch_average_findings(curves)
-        + (sweep_findings(sweep, final, curves) if len(sweep) else [])
+        + (sweep_findings(sweep, final) if len(sweep) else [])
         + [SPEED_NOTE]
     )
     atomic_write_text(out / "tables" / "findings.md", "".join(f"- {n}\n" for n in notes))

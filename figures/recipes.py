@@ -7,6 +7,7 @@ returning the paths written. Same inputs, same bytes.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +22,6 @@ from figures._results import (
     check_curves,
     common_loss_range,
     loss_trajectories,
-    matched_loss,
     mean_std,
 )
 from figures._save import (
@@ -78,10 +78,14 @@ def _maybe_log(ax, values) -> None:
 
 
 def _log_ticks(axis) -> None:
-    """Readable ticks on a log axis that may span less than a decade: 1, 2, 5 x 10^k."""
+    """Readable ticks on a log axis: 1, 2, 5 x 10^k within about a decade, 1 and 3 x 10^k
+    within three, powers of ten beyond."""
     from matplotlib import ticker
 
-    axis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    lo, hi = sorted(axis.get_view_interval())
+    decades = math.log10(hi / lo) if lo > 0 else 99.0
+    subs = (1.0, 2.0, 5.0) if decades < 1.5 else (1.0, 3.0) if decades < 3 else (1.0,)
+    axis.set_major_locator(ticker.LogLocator(subs=subs))
     axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:.3g}"))
     axis.set_minor_formatter(ticker.NullFormatter())
 
@@ -316,49 +320,48 @@ def sweep(
     :math:`\lambda`, one line per lag, with SGD's and SAM's final values (mean +- std
     over seeds) as horizontal bands.
 
-    A second row, when ``table`` has a ``matched_level`` and ``<measure>_matched``
-    columns, compares the same measures at that common training loss
-    (:func:`figures._results.matched_loss`): SAF's runs against SGD and SAM at the same
-    loss, so a stronger SAF that stops at a higher loss is not credited for it.
+    A second row, when ``table`` has ``sgd_<measure>_same_ce`` columns, divides each SAF
+    run's final measure by SGD's where SGD's training CE equalled that run's final CE
+    (1 = as sharp as SGD at the same loss), and shows SAM's ratio at those losses: a
+    stronger SAF that stops at a higher loss is not credited for stopping there.
 
     Args:
         table: rows ``lam, lag, seed, sam_sharpness, lambda_max, test_acc`` (optionally
-            ``matched_level, sam_sharpness_matched, lambda_max_matched``).
-        curves: the study's curves (for the SGD and SAM reference bands; with
-            ``checkpoint_ce`` for the matched row).
+            ``sgd_<measure>_same_ce`` and ``sam_<measure>_same_ce``).
+        curves: the study's curves (for the SGD and SAM reference bands).
     """
     c = check_curves(curves)
     last = c[c.groupby(["method", "seed", "metric"])["epoch"].transform("max") == c["epoch"]]
-    level = table["matched_level"].dropna() if "matched_level" in table else pd.Series([])
-    matched = [(k, yl) for k, yl in SWEEP_METRICS if f"{k}_matched" in table] if len(level) else []
+    matched = [(k, yl) for k, yl in SWEEP_METRICS if f"sgd_{k}_same_ce" in table]
     rows = 2 if matched else 1
     fig, axes = plt.subplots(rows, 3, figsize=(12, 3.4 * rows), squeeze=False)
     for ax, (k, yl) in zip(axes[0], SWEEP_METRICS, strict=True):
-        ref = mean_std(last[last.metric == k], ["method"])
-        _sweep_panel(ax, table, k, yl, ref, "final")
-    if matched:
-        lv = float(level.iloc[0])
-        ref = mean_std(matched_loss(c, [k for k, _ in matched], [lv]), ["method", "metric"])
-        for ax, (k, yl) in zip(axes[1], matched, strict=False):
-            r = ref[ref.metric == k]
-            _sweep_panel(ax, table, f"{k}_matched", yl, r, f"at CE {lv:.3g}")
-            ax.set_title(f"at matched training CE = {lv:.3g}", fontsize=10)
-        for ax in axes[1][len(matched) :]:
-            ax.axis("off")
-    axes[0][0].legend(fontsize=8)
-    if matched:
-        axes[1][0].legend(fontsize=8)
+        _sweep_panel(ax, table, k, yl, mean_std(last[last.metric == k], ["method"]))
+    for ax, (k, yl) in zip(axes[1] if matched else [], matched, strict=False):
+        t = table.assign(ratio=table[k] / table[f"sgd_{k}_same_ce"])
+        _sweep_panel(ax, t, "ratio", f"{yl} / SGD's at the same CE", pd.DataFrame())
+        ax.axhline(1.0, color=color("sgd"), ls="--", label="SGD at the same training CE")
+        if f"sam_{k}_same_ce" in table:
+            sam = table.assign(value=table[f"sam_{k}_same_ce"] / table[f"sgd_{k}_same_ce"])
+            for lag, g in mean_std(sam, ["lag", "lam"]).groupby("lag"):
+                ax.plot(g["lam"], g["mean"], color=color("sam"), ls=":", marker="x",
+                        label=f"SAM at those CEs (lag {lag} runs)")  # fmt: skip
+        ax.set_title("each SAF run at its final training CE", fontsize=10)
+    for ax in axes[1][len(matched) :] if matched else []:
+        ax.axis("off")
+    for row in axes:
+        row[0].legend(fontsize=8)
     fig.suptitle(r"SAF's sharpness against $\lambda$ and the lag $\tilde E$")
     fig.tight_layout()
     return save_figure(fig, Path(out) / name)
 
 
-def _sweep_panel(ax, table, k: str, ylabel: str, ref: pd.DataFrame, what: str) -> None:
-    ref = ref.set_index("method")
+def _sweep_panel(ax, table, k: str, ylabel: str, ref: pd.DataFrame) -> None:
+    ref = ref.set_index("method") if len(ref) else ref
     for m in [m for m in ("sgd", "sam") if m in ref.index]:
         mu, sd = ref.loc[m, "mean"], ref.loc[m, "std"]
         ax.axhspan(mu - sd, mu + sd, color=color(m), alpha=0.15, lw=0)
-        ax.axhline(mu, color=color(m), ls="--", label=f"{label(m)} ({what})")
+        ax.axhline(mu, color=color(m), ls="--", label=f"{label(m)} (final)")
     stats = mean_std(table.rename(columns={k: "value"}), ["lag", "lam"])
     n_lags = stats["lag"].nunique()
     for i, (lag, g) in enumerate(stats.groupby("lag")):

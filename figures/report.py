@@ -16,7 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.io import atomic_write_text
-from figures._results import check_curves, matched_loss, mean_std
+from figures._results import check_curves, epoch_at_loss, matched_loss, mean_std
 from figures._save import label, method_order, save_table
 
 FINAL_METRICS = ("test_acc", "train_ce", "checkpoint_ce", "sam_sharpness", "adaptive_sharpness",
@@ -118,9 +118,10 @@ def epoch_average_findings(curves: pd.DataFrame) -> list[str]:
     return out
 
 
-def sweep_findings(sweep: pd.DataFrame, final: pd.DataFrame, curves: pd.DataFrame) -> list[str]:
-    """Per measure: SAF's range over the sweep against SGD's and SAM's values, at the last
-    epoch and at the matched training loss of the sweep table (when it has one)."""
+def sweep_findings(sweep: pd.DataFrame, final: pd.DataFrame) -> list[str]:
+    """Per measure: SAF's range over the sweep against SGD's and SAM's final values, and
+    (with ``sgd_<measure>_same_ce`` columns) SAF's final value over SGD's at the same
+    training CE, beside SAM's ratio at those losses."""
     f = final.set_index("method")
     out = []
     for k, what in (("sam_sharpness", "SAM sharpness"), ("lambda_max", "lambda_max")):
@@ -128,27 +129,27 @@ def sweep_findings(sweep: pd.DataFrame, final: pd.DataFrame, curves: pd.DataFram
             continue
         refs = "; ".join(f"{m} {f.loc[m, f'{k}_mean']:.4g}" for m in ("SGD", "SAM") if m in f.index)
         out.append(f"Sweep, final {what} of SAF: {_sweep_range(sweep, k)}; {refs}")
-        level = sweep["matched_level"].dropna() if "matched_level" in sweep else []
-        if len(level) and f"{k}_matched" in sweep:
-            lv = float(level.iloc[0])
-            st = mean_std(matched_loss(curves, [k], [lv]), ["method"]).set_index("method")
-            refs = "; ".join(
-                f"{label(m)} {st.loc[m, 'mean']:.4g} ± {st.loc[m, 'std']:.2g}"
-                for m in ("sgd", "sam")
-                if m in st.index
-            )
+        if f"sgd_{k}_same_ce" in sweep:
+            r = sweep.assign(ratio=sweep[k] / sweep[f"sgd_{k}_same_ce"])
+            sam = ""
+            if f"sam_{k}_same_ce" in sweep:
+                q = sweep[f"sam_{k}_same_ce"] / sweep[f"sgd_{k}_same_ce"]
+                sam = f"; SAM over SGD at those losses: {q.min():.2f} to {q.max():.2f}"
+            ce = sweep["checkpoint_ce"]
             out.append(
-                f"Sweep at matched training CE {lv:.3g} (the lowest every sweep run, SGD and "
-                f"SAM reach), {what} of SAF: {_sweep_range(sweep, f'{k}_matched')}; {refs}"
+                f"Sweep, SAF's final {what} over SGD's at the same training CE ({ce.min():.3g} "
+                f"to {ce.max():.3g}): {_sweep_range(r, 'ratio', '.2f')}{sam}"
             )
     return out
 
 
-def _sweep_range(sweep: pd.DataFrame, k: str) -> str:
-    g = sweep.groupby(["lam", "lag"])[k].mean()
+def _sweep_range(sweep: pd.DataFrame, k: str, fmt: str = ".4g") -> str:
+    g = sweep.groupby(["lam", "lag"])[k].mean().dropna()
+    if g.empty:
+        return "n/a (no run has a value)"
     lo, hi = g.idxmin(), g.idxmax()
     return (
-        f"{g.min():.4g} (lambda={lo[0]:g}, lag={lo[1]}) to {g.max():.4g} "
+        f"{g.min():{fmt}} (lambda={lo[0]:g}, lag={lo[1]}) to {g.max():{fmt}} "
         f"(lambda={hi[0]:g}, lag={hi[1]})"
     )
 
@@ -172,8 +173,9 @@ def matched_metrics(
     return st[cols].reset_index(drop=True)
 
 
-def matched_findings(matched: pd.DataFrame) -> list[str]:
-    """One sentence per measure at the lowest matched training loss, in numbers."""
+def matched_findings(matched: pd.DataFrame, curves: pd.DataFrame | None = None) -> list[str]:
+    """One sentence per measure at the lowest matched training loss, in numbers; with
+    ``curves``, also the epoch at which each method was at that loss."""
     if matched.empty:
         return [
             "Matched training loss: the runs share no training-loss level at the analysed "
@@ -187,6 +189,18 @@ def matched_findings(matched: pd.DataFrame) -> list[str]:
         "lowest that every run reaches (interpolated in log-log between its analysed "
         "checkpoints, never extrapolated)."
     ]
+    if curves is not None:
+        ep = mean_std(epoch_at_loss(curves, lv).rename(columns={"epoch": "value"}), ["method"])
+        last = int(check_curves(curves)["epoch"].max())
+        ep = ep.set_index("method")
+        parts = [
+            f"{label(m)} {ep.loc[m, 'mean']:.1f} ± {ep.loc[m, 'std']:.1g}"
+            for m in method_order(ep.index)
+        ]
+        out.append(
+            f"Epoch at which each method was at training CE {lv:.3g} (of {last}; the "
+            "learning rate and the schedule differ there): " + "; ".join(parts)
+        )
     for k, what in MEASURES:
         r = at[at.metric == k]
         if r.empty:

@@ -11,6 +11,7 @@ from figures import (
     at_loss,
     band_stats,
     common_loss_range,
+    epoch_at_loss,
     matched_loss,
     matched_metrics,
     recipes,
@@ -90,12 +91,14 @@ def test_matched_loss_recovers_each_power_law():
     c = _curves()
     m = matched_loss(c, ["lambda_max", "sam_sharpness"])
     lo = FINAL["mesa"] * 1.10
-    assert sorted(m["level"].unique()) == pytest.approx([lo, 10 * lo])
+    assert sorted(m["level"].unique()) == pytest.approx([lo])  # the lowest common level
     for r in m.itertuples():
         a, b = LAWS[r.method]
         k = 1 if r.metric == "lambda_max" else 2
         assert r.value == pytest.approx(k * a * r.level**b, rel=1e-10)
-    assert len(m) == 4 * 3 * 2 * 2  # methods x seeds x metrics x levels: nobody is left out
+    assert len(m) == 4 * 3 * 2  # methods x seeds x metrics: nobody is left out
+    two = matched_loss(c, ["lambda_max"], levels=[lo, 10 * lo])
+    assert len(two) == 4 * 3 * 2 and set(two["level"]) == {lo, 10 * lo}
 
 
 def test_matched_loss_leaves_out_a_run_that_never_visits_the_level():
@@ -116,6 +119,18 @@ def test_matched_metrics_ratio_to_sgd_is_the_power_law_ratio():
     assert f"{lo:.3g}" in text and "× SGD" in text and "never extrapolated" in text
     d = matched_display(t)
     assert list(d["method"][:4]) == ["SGD", "SAM", "SAF", "MESA"]
+
+
+def test_epoch_at_loss_inverts_a_geometric_decay():
+    c = _curves(epochs=12)
+    ep = epoch_at_loss(c, 0.1).set_index(["method", "seed"])["epoch"]
+    for (m, s), e in ep.items():
+        start, end = 2.0 * (1 + 0.1 * s), FINAL[m] * (1 + 0.05 * s)
+        # loss = start * (end / start) ** (epoch / 11): log-linear, so exact
+        assert e == pytest.approx(11 * np.log(0.1 / start) / np.log(end / start))
+    assert epoch_at_loss(c, 1e-9).empty
+    text = " ".join(matched_findings(matched_metrics(c, ["lambda_max"]), c))
+    assert "Epoch at which each method was at training CE" in text and "(of 11;" in text
 
 
 def test_matched_findings_say_when_there_is_no_common_level():
@@ -159,15 +174,32 @@ def test_sharpness_vs_loss_figure(tmp_path):
         recipes.sharpness_vs_loss(c[c.metric != "checkpoint_ce"], tmp_path)
 
 
-def test_sweep_figure_with_a_matched_row(tmp_path):
+def test_sweep_judged_at_the_same_training_ce(tmp_path):
+    from figures._stages import _sweep_matched
+    from figures.report import sweep_findings
+
     c = _curves()
-    c = pd.concat([c, c[c.metric == "lambda_max"].assign(metric="test_acc", value=0.9)])
-    lv = FINAL["mesa"] * 1.10
+    refs = c[c.method.isin(["sgd", "sam"])]
     table = pd.DataFrame(
-        [(lam, lag, 0, 0.1 / lam, 10 / lam, 0.9, lv, 0.2 / lam, 5 / lam)
-         for lam in (0.1, 1.0) for lag in (1, 3)],
+        [(lam, lag, 0, 0.1 / lam, 10 / lam, 0.9, ce)
+         for lam, ce in ((0.1, 0.01), (1.0, 0.1)) for lag in (1, 3)],
         columns=["lam", "lag", "seed", "sam_sharpness", "lambda_max", "test_acc",
-                 "matched_level", "sam_sharpness_matched", "lambda_max_matched"],
+                 "checkpoint_ce"],
     )  # fmt: skip
-    paths = recipes.sweep(table, c, tmp_path)
+    t = _sweep_matched(table.copy(), refs)
+    for r in t.itertuples():  # SGD's power law at each run's final CE, k=1 for lambda_max
+        a, b = LAWS["sgd"]
+        assert r.sgd_lambda_max_same_ce == pytest.approx(a * r.checkpoint_ce**b, rel=1e-10)
+        assert r.sgd_sam_sharpness_same_ce == pytest.approx(2 * a * r.checkpoint_ce**b)
+        a, b = LAWS["sam"]
+        assert r.sam_lambda_max_same_ce == pytest.approx(a * r.checkpoint_ce**b, rel=1e-10)
+    low = _sweep_matched(table.assign(checkpoint_ce=1e-6), refs)  # below every SGD run
+    assert low["sgd_lambda_max_same_ce"].isna().all()
+    final = pd.DataFrame({"method": ["SGD", "SAM"], "lambda_max_mean": [1.0, 0.5],
+                          "sam_sharpness_mean": [1.0, 0.5]})  # fmt: skip
+    text = " ".join(sweep_findings(t, final))
+    assert "over SGD's at the same training CE (0.01 to 0.1)" in text
+    assert "n/a" in " ".join(sweep_findings(low, final))
+    c = pd.concat([c, c[c.metric == "lambda_max"].assign(metric="test_acc", value=0.9)])
+    paths = recipes.sweep(t, c, tmp_path)
     assert {p.suffix for p in paths} == {".png", ".pdf"}
