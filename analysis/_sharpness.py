@@ -4,11 +4,13 @@ For disjoint batches :math:`B` of :math:`m` samples,
 
 .. math:: S_{\text{worst}} = \mathbb{E}_B \max_{\|T^{-1}\delta\| \le \rho}
           L_B(w + \delta) - L_B(w), \qquad
-          S_{\text{avg}} = \mathbb{E}_B \mathbb{E}_{\delta \sim \mathcal N(0, \rho^2 T^2)}
+          S_{\text{avg}} = \mathbb{E}_B \mathbb{E}_{\delta = T u}
           L_B(w + \delta) - L_B(w),
 
 with :math:`T = \mathrm{diag}(|w|)` when adaptive (ASAM's scaling) and
-:math:`T = I` otherwise. References: Foret et al., "Sharpness-Aware
+:math:`T = I` otherwise; in the average case :math:`u \sim \mathcal N(0, \rho^2 I)`
+(``norm="l2"``) or :math:`u \sim \mathcal U[-\rho, \rho]^d` (``norm="linf"``, as in
+Andriushchenko et al.'s code). References: Foret et al., "Sharpness-Aware
 Minimization", ICLR 2021 (m-sharpness); Kwon et al., "ASAM", ICML 2021;
 Andriushchenko et al., "A modern look at the relationship between sharpness
 and generalization", ICML 2023.
@@ -72,9 +74,10 @@ def m_sharpness(
     :math:`\hat\delta = \rho\, T^2 g / \|Tg\|`, the quantity of the SAF paper's Fig. 4b
     (:math:`\rho = 0.05`).
 
-    Average case: ``n_draws`` Gaussian draws :math:`\delta = \rho\, T z`,
-    :math:`z \sim \mathcal N(0, I)` per batch (``rho`` is a per-coordinate standard
-    deviation here).
+    Average case: ``n_draws`` draws :math:`\delta = \rho\, T z` per batch, with
+    :math:`z \sim \mathcal N(0, I)` for ``"l2"`` (``rho`` is a per-coordinate standard
+    deviation) or :math:`z \sim \mathcal U[-1, 1]^d` for ``"linf"`` (uniform in the
+    :math:`\ell_\infty` ball of radius ``rho``).
 
     BatchNorm is in eval mode throughout, and the model's weights are never
     written (``functional_call``), so they are bitwise unchanged afterwards.
@@ -89,11 +92,12 @@ def m_sharpness(
         steps: ascent steps (worst case).
         kind: ``"worst"`` or ``"average"``.
         adaptive: scale the ball by :math:`|w|` elementwise.
-        norm: ``"l2"`` or ``"linf"`` (worst case).
+        norm: ``"l2"`` or ``"linf"``: the ball of the ascent (worst case) or the noise,
+            Gaussian or uniform in the box (average case).
         step_size: :math:`\alpha` (default :math:`\rho` for one step, :math:`2\rho/\text{steps}`
             otherwise).
-        n_draws: Gaussian draws per batch (average case).
-        seed: seed of the Gaussian draws (draw ``j`` of batch ``i`` uses a fixed stream).
+        n_draws: noise draws per batch (average case).
+        seed: seed of the noise draws (draw ``j`` of batch ``i`` uses a fixed stream).
         distributed: shard batches over ``torch.distributed`` ranks; every rank
             gets the full result.
         progress: show a tqdm bar on stderr.
@@ -119,7 +123,7 @@ def m_sharpness(
             if kind == "worst":
                 vals.append(_worst(space, loss_fn, b, T, rho, alpha, steps, norm))
             else:
-                vals.append(_average(space, loss_fn, b, T, rho, n_draws, seed + 7919 * i))
+                vals.append(_average(space, loss_fn, b, T, rho, n_draws, norm, seed + 7919 * i))
     vals = gather_floats(vals, distributed)
     if not vals:
         raise ValueError("data has no batch of m samples; pass more data or a smaller m")
@@ -146,14 +150,17 @@ def _worst(space, loss_fn, b, T, rho, alpha, steps, norm) -> float:
     return best
 
 
-def _average(space, loss_fn, b, T, rho, n_draws, seed) -> float:
+def _average(space, loss_fn, b, T, rho, n_draws, norm, seed) -> float:
     theta = space.theta
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         loss0 = float(space.loss(theta, loss_fn, b))
         total = 0.0
         for _ in range(n_draws):
-            z = torch.randn(theta.numel(), generator=gen, dtype=torch.float64)
+            if norm == "l2":
+                z = torch.randn(theta.numel(), generator=gen, dtype=torch.float64)
+            else:
+                z = torch.rand(theta.numel(), generator=gen, dtype=torch.float64) * 2 - 1
             delta = rho * T * z.to(theta.device, theta.dtype)
             total += float(space.loss(theta + delta, loss_fn, b)) - loss0
     return total / n_draws

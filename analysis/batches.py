@@ -220,6 +220,36 @@ def loss_and_accuracy(loss_fn: Callable, output: torch.Tensor, targets: Any) -> 
     return torch.stack([loss, accuracy(output, targets)])
 
 
+def sample_losses(
+    loss_fn: Callable, output: torch.Tensor, targets: Any, batch_loss: float | None = None
+) -> torch.Tensor | None:
+    r"""Per-sample losses :math:`\ell_i = \text{loss\_fn}(f(x_i), y_i)`, float64, or ``None``.
+
+    Each row is scored as a batch of one (:func:`torch.vmap`; a loop where the loss
+    does not vectorise). ``None`` when the targets are not a tensor with a row per
+    output row, or when the mean of the :math:`\ell_i` is not the batch loss (to
+    :math:`10^{-6}` relative): a loss that is not a mean over samples has no
+    per-sample decomposition. ``batch_loss``: that batch loss when already computed.
+    """
+    if not (isinstance(targets, torch.Tensor) and targets.dim() >= 1):
+        return None
+    if not isinstance(output, torch.Tensor) or output.shape[:1] != targets.shape[:1]:
+        return None
+
+    def one(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return loss_fn(o.unsqueeze(0), t.unsqueeze(0)).reshape(())
+
+    try:
+        per = torch.vmap(one)(output, targets)
+    except Exception:  # a loss that vmap cannot batch: score the rows one by one
+        per = torch.stack([one(o, t) for o, t in zip(output, targets, strict=True)])
+    per = per.detach().to(torch.float64)
+    batch = float(loss_fn(output, targets)) if batch_loss is None else float(batch_loss)
+    if abs(float(per.mean()) - batch) > 1e-6 * max(abs(batch), 1e-12):
+        return None
+    return per
+
+
 @contextlib.contextmanager
 def model_mode(model: nn.Module, mode: str) -> Iterator[None]:
     """Put every submodule in ``mode`` ("eval" or "train"); restore each one's flag after."""

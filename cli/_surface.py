@@ -332,6 +332,10 @@ def _meta(args, r: _Source) -> dict:
     }
 
 
+def _finite(v) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
 def _summary(s) -> dict:
     i = np.unravel_index(np.nanargmin(s.loss), s.loss.shape)
     centre = tuple(int(np.argmin(np.abs(c))) for c in s.coords)
@@ -339,6 +343,8 @@ def _summary(s) -> dict:
         "min_loss": float(s.loss[i]),
         "argmin": [float(c[j]) for c, j in zip(s.coords, i, strict=True)],
         "centre_loss": float(s.loss[centre]),
+        "centre_loss_se": _finite(s.loss_se[centre]),  # None: the loss has no per-sample form
+        "max_loss_se": _finite(np.nanmax(s.loss_se)) if np.isfinite(s.loss_se).any() else None,
         "max_loss": float(np.nanmax(s.loss)),
     }
 

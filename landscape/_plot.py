@@ -62,7 +62,11 @@ def plot_1d(
     log: bool = False,
     accuracy: bool = False,
 ) -> Figure:
-    """Loss (and optionally accuracy) along 1D surfaces, overlaid, one line each."""
+    r"""Loss (and optionally accuracy) along 1D surfaces, overlaid, one line each.
+
+    Where a surface has its standard errors (``loss_se``), the loss line carries a
+    shaded band of :math:`\pm 2\,\mathrm{SE}` (about 95%).
+    """
     surfaces = [surfaces] if isinstance(surfaces, Surface) else list(surfaces)
     labels = labels or [
         str(s.metadata.get("label", f"surface {i}")) for i, s in enumerate(surfaces)
@@ -74,7 +78,12 @@ def plot_1d(
     for s, lab in zip(surfaces, labels, strict=True):
         if s.dim != 1:
             raise ValueError("plot_1d needs 1D surfaces; use plot_2d for 2D ones")
-        axes[0].plot(s.coords[0], np.where(s.done, s.loss, np.nan), label=lab)
+        loss = np.where(s.done, s.loss, np.nan)
+        (line,) = axes[0].plot(s.coords[0], loss, label=lab)
+        se = np.where(s.done, s.loss_se, np.nan)
+        if np.isfinite(se).any():
+            lo = np.maximum(loss - 2 * se, loss * 0.5) if log else loss - 2 * se
+            axes[0].fill_between(s.coords[0], lo, loss + 2 * se, color=line.get_color(), alpha=0.2)
         if accuracy:
             axes[1].plot(s.coords[0], np.where(s.done, s.accuracy, np.nan), label=lab)
     axes[0].set_ylabel("loss")

@@ -7,7 +7,11 @@ A surface point is
     \ell\big(f(x;\, o + \alpha d_1 + \beta d_2), y\big)
 
 over every batch of ``data`` (batch losses weighted by batch size), with the
-model in eval mode (Li et al. 2018). The model itself is never copied nor
+model in eval mode (Li et al. 2018), stored with its standard error
+:math:`\mathrm{SE} = s/\sqrt N`, :math:`s^2 = \frac{1}{N-1}\sum_i (\ell_i - L)^2`
+over the per-sample losses :math:`\ell_i` (:func:`analysis.batches.sample_losses`),
+the error of :math:`L` as an estimate of the loss on the distribution the ``N``
+samples were drawn from. The model itself is never copied nor
 modified: each point is one :func:`torch.func.functional_call` with the
 perturbed tensors, so the model's state is bit-identical afterwards.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -46,6 +51,8 @@ class Surface:
         accuracy: same shape; NaN where the outputs are not class scores.
         done: which points have been evaluated (all of them once complete).
         metadata: settings and provenance (JSON-serialisable).
+        loss_se: same shape, the standard error of each point's mean loss over the
+            samples (module docstring); NaN where the loss has no per-sample form.
     """
 
     coords: list[np.ndarray]
@@ -53,11 +60,14 @@ class Surface:
     accuracy: np.ndarray
     done: np.ndarray | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
+    loss_se: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.coords = [np.asarray(c, dtype=float) for c in self.coords]
         if self.done is None:
             self.done = np.ones(self.loss.shape, dtype=bool)
+        if self.loss_se is None:
+            self.loss_se = np.full(np.shape(self.loss), np.nan)
 
     @property
     def dim(self) -> int:
@@ -74,7 +84,7 @@ class Surface:
         path = Path(path)
         meta = {**self.metadata, "format": FORMAT, "complete": self.complete}
         arrays = {f"coords{i}": c for i, c in enumerate(self.coords)}
-        arrays.update(loss=self.loss, accuracy=self.accuracy, done=self.done)
+        arrays.update(loss=self.loss, accuracy=self.accuracy, done=self.done, loss_se=self.loss_se)
         arrays["metadata"] = np.array(json.dumps(meta, sort_keys=True))
         atomic_write_with(path, lambda f: np.savez(f, **arrays))
         atomic_write_json(path.with_suffix(".json"), _json_view(self, meta))
@@ -88,7 +98,8 @@ class Surface:
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path}: not a surface file (format {meta.get('format')!r})")
             coords = [z[f"coords{i}"] for i in range(sum(k.startswith("coords") for k in z))]
-            return cls(coords, z["loss"], z["accuracy"], z["done"].astype(bool), meta)
+            se = z.get("loss_se")  # None in files from before loss_se
+            return cls(coords, z["loss"], z["accuracy"], z["done"].astype(bool), meta, se)
 
 
 def _json_view(s: Surface, meta: dict) -> dict:
@@ -99,6 +110,7 @@ def _json_view(s: Surface, meta: dict) -> dict:
         "coords": [c.tolist() for c in s.coords],
         "loss": tolist(s.loss),
         "accuracy": tolist(s.accuracy),
+        "loss_se": tolist(s.loss_se),
     }
 
 
@@ -112,8 +124,11 @@ def make_point_evaluator(
     fast: bool = True,
     forward_fn: Callable | None = None,
     output_fn: Callable | None = None,
-) -> Callable[[Sequence[float]], tuple[float, float]]:
-    r"""``f(coeffs) -> (loss, accuracy)`` at :math:`o + \sum_j c_j d_j`, averaged over ``data``.
+) -> Callable[[Sequence[float]], tuple[float, float, float]]:
+    r"""``f(coeffs) -> (loss, accuracy, loss_se)`` at :math:`o + \sum_j c_j d_j` over ``data``.
+
+    ``loss_se`` is the standard error of the mean loss over the samples (module
+    docstring), NaN where the loss has no per-sample form.
 
     Args:
         model: any module; never modified (tensors are swapped in by functional_call).
@@ -152,17 +167,25 @@ def make_point_evaluator(
 
     cached = [prep(b) for b in data] if isinstance(data, Sequence) else None
 
-    def point(coeffs: Sequence[float]) -> tuple[float, float]:
+    def point(coeffs: Sequence[float]) -> tuple[float, float, float]:
         params = {**fixed, **dict(zip(keys, move(coeffs), strict=True))}
+        count = [0]
 
-        def loss_and_accuracy(batch):
-            return B.loss_and_accuracy(loss_fn, call(net, batch, params), batch[1])
+        def moments(batch):  # [loss, accuracy, mean of the squared per-sample losses]
+            out, y = call(net, batch, params), batch[1]
+            la = B.loss_and_accuracy(loss_fn, out, y)
+            per = B.sample_losses(loss_fn, out, y, la[0])
+            count[0] += B.batch_size(batch)
+            m2 = (per**2).mean() if per is not None else torch.tensor(float("nan"))
+            return torch.cat([la, m2.to(la).reshape(1)])
 
         ctx = torch.inference_mode() if fast else torch.no_grad()
         with B.model_mode(model, "eval"), ctx:
             batches = cached if cached is not None else (prep(b) for b in data)
-            loss, acc = B.batch_mean(loss_and_accuracy, batches).tolist()
-        return loss, acc
+            loss, acc, m2 = B.batch_mean(moments, batches).tolist()
+        n = count[0]
+        se = (max(m2 - loss * loss, 0.0) / (n - 1)) ** 0.5 if n > 1 else float("nan")
+        return loss, acc, se
 
     return point
 
@@ -250,12 +273,12 @@ def fingerprint(coords, directions, origin, extra: Mapping[str, Any] | None = No
     return h.hexdigest()
 
 
-def _load_partials(path: Path | None, fp: str, shape) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    loss = np.full(shape, np.nan)
-    acc = np.full(shape, np.nan)
+def _load_partials(path: Path | None, fp: str, shape) -> tuple[np.ndarray, np.ndarray]:
+    """``(values, done)``: loss, accuracy and loss_se stacked, from ``path`` and its partials."""
+    vals = np.full((3, *shape), np.nan)
     done = np.zeros(shape, dtype=bool)
     if path is None:
-        return loss, acc, done
+        return vals, done
     for p in [path, *sorted(path.parent.glob(path.name + ".rank*.npz"))]:
         if not p.is_file():
             continue
@@ -266,12 +289,14 @@ def _load_partials(path: Path | None, fp: str, shape) -> tuple[np.ndarray, np.nd
         if s.metadata.get("fingerprint") != fp or s.loss.shape != tuple(shape):
             continue
         new = s.done & ~done
-        loss[new], acc[new], done[new] = s.loss[new], s.accuracy[new], True
-    return loss, acc, done
+        for v, a in zip(vals, (s.loss, s.accuracy, s.loss_se), strict=True):
+            v[new] = a[new]
+        done[new] = True
+    return vals, done
 
 
 def evaluate_grid(
-    point: Callable[[Sequence[float]], tuple[float, float]],
+    point: Callable[[Sequence[float]], tuple[float, ...]],
     coords: Sequence[Sequence[float]],
     path: str | Path | None = None,
     metadata: Mapping[str, Any] | None = None,
@@ -282,11 +307,12 @@ def evaluate_grid(
 ) -> Surface:
     """Evaluate ``point`` on the grid ``coords``, resuming from ``path`` and sharing across ranks.
 
-    Points already saved under ``path`` (or its per-rank partial files) with the
-    same fingerprint are not recomputed. Partial progress is saved atomically
-    every ``save_every`` points. Under ``torch.distributed`` the missing points
-    are dealt round-robin to the ranks and gathered with one all-reduce; rank 0
-    writes the final file.
+    ``point(coeffs)`` returns ``(loss, accuracy)`` or ``(loss, accuracy, loss_se)``
+    (:func:`make_point_evaluator`). Points already saved under ``path`` (or its
+    per-rank partial files) with the same fingerprint are not recomputed. Partial
+    progress is saved atomically every ``save_every`` points. Under
+    ``torch.distributed`` the missing points are dealt round-robin to the ranks and
+    gathered with one all-reduce; rank 0 writes the final file.
     """
     coords = [np.asarray(c, dtype=float) for c in coords]
     shape = tuple(len(c) for c in coords)
@@ -294,25 +320,28 @@ def evaluate_grid(
     path = Path(path) if path is not None else None
     fp = fp or fingerprint(coords, [], None, dict(metadata or {}))
     meta = {**(metadata or {}), "fingerprint": fp, "dim": len(shape)}
-    loss, acc, done = _load_partials(path, fp, shape)
+    vals, done = _load_partials(path, fp, shape)
     todo = np.flatnonzero(~done.ravel())
     mine = todo[rank::world]
     part = path if world == 1 else (path and path.with_name(f"{path.name}.rank{rank}.npz"))
-    new_l, new_a, new_d = np.zeros(loss.size), np.zeros(loss.size), np.zeros(loss.size)
+    new = np.zeros((4, done.size))  # this rank's loss, accuracy, loss_se and done
+    flat_vals = vals.reshape(3, -1)
     t0 = time.perf_counter()
     bar = tqdm(mine, desc="surface", disable=not progress or rank != 0, leave=False)
     for count, flat in enumerate(bar, 1):
         idx = np.unravel_index(flat, shape)
-        l, a = point([float(c[i]) for c, i in zip(coords, idx, strict=True)])
-        new_l[flat], new_a[flat], new_d[flat] = l, a, 1.0
-        loss.flat[flat], acc.flat[flat], done.flat[flat] = l, a, True
+        out = tuple(point([float(c[i]) for c, i in zip(coords, idx, strict=True)]))
+        out = (*out, math.nan) if len(out) == 2 else out
+        new[:, flat] = (*out, 1.0)
+        flat_vals[:, flat] = out
+        done.flat[flat] = True
         if part is not None and count % save_every == 0 and count < len(mine):
-            Surface(coords, loss, acc, done, meta).save(part)
+            Surface(coords, *vals[:2], done, meta, vals[2]).save(part)
     if world > 1:
-        loss, acc, done = _gather(loss, acc, done, new_l, new_a, new_d, shape)
+        vals, done = _gather(vals, done, new, shape)
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     meta["evaluated_points"] = int(len(todo))
-    s = Surface(coords, loss, acc, done, meta)
+    s = Surface(coords, *vals[:2], done, meta, vals[2])
     if path is not None and rank == 0:
         s.save(path)
         for p in path.parent.glob(path.name + ".rank*.npz"):
@@ -322,12 +351,11 @@ def evaluate_grid(
     return s
 
 
-def _gather(loss, acc, done, new_l, new_a, new_d, shape):
+def _gather(vals, done, new, shape):
     """Every rank's new points, summed over ranks (each point is computed by one rank)."""
-    t = all_reduce_sum(torch.tensor(np.stack([new_l, new_a, new_d]), dtype=torch.float64), True)
-    nl, na, nd = (v.reshape(shape) for v in t.numpy())
-    mask = nd > 0.5
-    return np.where(mask, nl, loss), np.where(mask, na, acc), done | mask
+    t = all_reduce_sum(torch.tensor(new, dtype=torch.float64), True).numpy()
+    mask = t[3].reshape(shape) > 0.5
+    return np.where(mask, t[:3].reshape(3, *shape), vals), done | mask
 
 
 def _grid_meta(directions, origin, extra) -> dict[str, Any]:

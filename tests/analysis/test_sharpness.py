@@ -101,6 +101,20 @@ def test_average_case_converges_to_half_rho_squared_trace(linear):
     assert abs(few.value - exact) > abs(r.value - exact)
 
 
+def test_average_case_linf_draws_uniformly_in_the_box(linear):
+    """Uniform noise on [-rho, rho]^d has variance rho^2/3 per coordinate: E = rho^2 tr(H)/6."""
+    model, X, y = linear
+    rho, draws = 0.1, 4000
+    kw = dict(rho=rho, m=24, kind="average", n_draws=draws, seed=3)
+    r = m_sharpness(model, MSE, [(X, y)], norm="linf", **kw)
+    g, H = _quad(model, X, y)
+    exact = rho**2 * float(H.trace()) / 6
+    sd = math.sqrt(rho**2 / 3 * float(g @ g) + 0.5 * rho**4 * float((H**2).sum()))
+    assert abs(r.value - exact) < 4 * sd / math.sqrt(draws)
+    gaussian = m_sharpness(model, MSE, [(X, y)], norm="l2", **kw).value
+    assert abs(gaussian - 3 * exact) < 4 * 3 * sd / math.sqrt(draws)
+
+
 def test_bn_eval_and_weights_restored_bitwise():
     model, data = mlp(bn=True).train(), batches()
     before = {k: v.clone() for k, v in model.state_dict().items()}

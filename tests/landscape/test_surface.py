@@ -228,8 +228,8 @@ class _Interrupt(Exception):
 def _counting_loss(limit=None):
     calls = {"n": 0}
 
-    def loss(out, y):
-        calls["n"] += 1
+    def loss(out, y):  # counts whole-batch calls (one per point; not the per-sample ones)
+        calls["n"] += out.shape[0] > 1
         if limit is not None and calls["n"] > limit:
             raise _Interrupt
         return F.cross_entropy(out, y)
@@ -253,6 +253,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path):
     assert calls["n"] == 12 - 6  # only the missing points
     np.testing.assert_array_equal(resumed.loss, full.loss)
     np.testing.assert_array_equal(resumed.accuracy, full.accuracy)
+    np.testing.assert_array_equal(resumed.loss_se, full.loss_se)
     assert L.Surface.load(path).complete
     # a rerun of a complete surface evaluates nothing; other settings start afresh
     loss, calls = _counting_loss()
@@ -260,6 +261,66 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path):
     assert calls["n"] == 0
     L.surface_2d(model, loss, data, d[::-1], xs, ys, path=path, progress=False)
     assert calls["n"] == 12
+
+
+def _direct_se(model, loss_fn, data, direction, alpha):
+    """s / sqrt(N) over the per-sample losses, each sample scored alone at o + alpha d."""
+    moved = {k: v.detach() + alpha * direction.get(k, 0) for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        per = torch.cat(
+            [
+                torch.stack(
+                    [
+                        loss_fn(
+                            torch.func.functional_call(model, moved, (x[i : i + 1],)), y[i : i + 1]
+                        )
+                        for i in range(len(y))
+                    ]
+                )
+                for x, y in data
+            ]
+        ).double()
+    return float(per.std(unbiased=True) / len(per) ** 0.5), float(per.mean())
+
+
+@pytest.mark.parametrize("kind", ["classes", "regression"])
+def test_loss_se_equals_the_direct_standard_error(kind, tmp_path):
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(3)
+    if kind == "classes":
+        model, loss_fn = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)), F.cross_entropy
+        data = [
+            (torch.randn(n, 5, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in (7, 9)
+        ]
+    else:  # two outputs per sample: each sample's loss is the mean over its outputs
+        model, loss_fn = nn.Linear(5, 2), F.mse_loss
+        data = [(torch.randn(n, 5, generator=g), torch.randn(n, 2, generator=g)) for n in (7, 9)]
+    model = model.double()
+    data = [(x.double(), y.double() if y.is_floating_point() else y) for x, y in data]
+    d = L.random_direction(model, seed=1, ignore=None)
+    alphas = [-1.0, 0.0, 0.5]
+    s = L.surface_1d(model, loss_fn, data, d, alphas, progress=False, path=tmp_path / "s.npz")
+    for i, a in enumerate(alphas):
+        se, mean = _direct_se(model, loss_fn, data, d, a)
+        assert s.loss[i] == pytest.approx(mean, rel=1e-12)
+        assert s.loss_se[i] == pytest.approx(se, rel=1e-9)
+    np.testing.assert_array_equal(L.Surface.load(tmp_path / "s.npz").loss_se, s.loss_se)
+
+
+def test_loss_se_is_nan_for_a_loss_that_is_not_a_mean_over_samples(tmp_path):
+    model, data = (
+        LinReg(3),
+        [(torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64))],
+    )
+    rmse = lambda out, y: (out - y).pow(2).mean().sqrt()  # noqa: E731
+    s = L.surface_1d(
+        model, rmse, data, {"w": torch.ones(3, dtype=torch.float64)}, [0.0, 1.0], progress=False
+    )
+    assert np.isfinite(s.loss).all() and np.isnan(s.loss_se).all()
+    # a file written before loss_se existed loads with NaN
+    with np.load(s.save(tmp_path / "new.npz")) as z:
+        np.savez(tmp_path / "old.npz", **{k: z[k] for k in z.files if k != "loss_se"})
+    assert np.isnan(L.Surface.load(tmp_path / "old.npz").loss_se).all()
 
 
 def test_save_load_roundtrip(tmp_path):
@@ -297,6 +358,7 @@ def _rank_worker(rank, world, store_path, out_dir):
             model, F.cross_entropy, data, d, grid, grid, path=f"{out_dir}/dist.npz", progress=False
         )
         np.save(f"{out_dir}/rank{rank}.npy", s.loss)
+        np.save(f"{out_dir}/se{rank}.npy", s.loss_se)
         np.save(f"{out_dir}/count{rank}.npy", s.metadata["evaluated_points"])
     finally:
         dist.destroy_process_group()
@@ -317,8 +379,10 @@ def test_distributed_gloo_two_ranks_equals_single_process(tmp_path):
         torch.set_num_threads(threads)
     gathered = L.Surface.load(tmp_path / "dist.npz")
     np.testing.assert_array_equal(gathered.loss, single.loss)
+    np.testing.assert_array_equal(gathered.loss_se, single.loss_se)
     for r in (0, 1):
         np.testing.assert_array_equal(np.load(tmp_path / f"rank{r}.npy"), gathered.loss)
+        np.testing.assert_array_equal(np.load(tmp_path / f"se{r}.npy"), gathered.loss_se)
     assert not list(tmp_path.glob("dist.npz.rank*"))
 
 
