@@ -12,7 +12,7 @@ from analysis._density import SpectralDensity, hessian_density, plot_density, sl
 from analysis._eigen import hessian_eigenvalues
 from analysis._functional import params_without_norm_and_bias
 from analysis._hvp import HessianOperator, hessian_operator
-from analysis._lanczos import lanczos
+from analysis._lanczos import lanczos, warm_start_vector
 from analysis._linop import EigenResult
 from analysis._power import power_iteration
 from analysis._sharpness import SharpnessResult, m_sharpness, sam_sharpness
@@ -46,6 +46,7 @@ __all__ = [
     "hessian_eigenvalues",
     "lanczos",
     "power_iteration",
+    "warm_start_vector",
     # trace and density
     "SpectralDensity",
     "TraceResult",

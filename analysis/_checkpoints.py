@@ -9,6 +9,9 @@ Table contract (one row per checkpoint x metric; column and metric names are sta
 * ``rho``, ``m``, ``kind``, ``steps``, ``adaptive``: the sharpness settings on the
   ``sam_sharpness``/``m_sharpness`` rows (NaN/empty elsewhere). ``m`` is NaN when the
   given batches were used as they are.
+* ``matvecs``: Hessian-vector products the row's computation used (the one Lanczos run
+  of all the ``lambda_*`` rows, ``lambda_min``, ``trace``; NaN elsewhere), and
+  ``warm``: whether that Lanczos started from the previous checkpoint's vectors.
 
 Metric names: ``loss``, ``accuracy``, ``lambda_max``, ``lambda_2`` .. ``lambda_k``
 (asking for any ``lambda_j`` computes the top ``j`` in one Lanczos run and reports all of
@@ -36,23 +39,25 @@ from tqdm.auto import tqdm
 
 from analysis._functional import ParamSpace
 from analysis._hvp import HessianOperator
-from analysis._lanczos import lanczos
+from analysis._lanczos import lanczos, warm_start_vector
 from analysis._sharpness import m_sharpness
 from analysis._trace import hutchpp
 from analysis.batches import Call, batch_mean, loss_and_accuracy, model_mode, reiterable
 from analysis.io import (
     CheckpointError,
+    atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
     exclusive,
     find_checkpoints,
     load_checkpoint,
+    safe_torch_load,
 )
 from analysis.losses import check_loss, loss_function
 
 BASIC = ("loss", "accuracy", "lambda_max", "lambda_min", "trace", "sam_sharpness", "m_sharpness")
 COLUMNS = ("checkpoint", "epoch", "metric", "value", "stderr", "status",
-           "rho", "m", "kind", "steps", "adaptive")  # fmt: skip
+           "rho", "m", "kind", "steps", "adaptive", "matvecs", "warm")  # fmt: skip
 _LAMBDA = re.compile(r"lambda_(\d+)$")
 
 
@@ -90,6 +95,11 @@ class AnalysisSettings:
         rho, m, steps, kind, adaptive: settings of ``m_sharpness`` (see
             :func:`analysis.m_sharpness`; ``m=None`` uses the given batches).
         seed: seed of every random probe.
+        warm_start: start each checkpoint's top-eigenvalue Lanczos (the ``lambda_*``
+            metrics) from the Ritz vectors of the checkpoint before it, mixed with the
+            cold start vector (:func:`warm_start_vector`): consecutive epochs change
+            slowly, so fewer products reach the same tolerance. The stopping bound is the
+            same, so the values agree with cold starts within ``tol``.
     """
 
     mode: str = "eval"
@@ -103,6 +113,7 @@ class AnalysisSettings:
     kind: str = "worst"
     adaptive: bool = False
     seed: int = 0
+    warm_start: bool = False
 
     def __post_init__(self) -> None:
         if self.mode not in ("eval", "train"):
@@ -176,7 +187,9 @@ def analyze_run(
             cache nothing). Finished results are cached in ``.<out name>.cache/``
             beside it, keyed by the checkpoint's content hash and every setting, and
             written atomically after each metric, so a rerun (also after SIGKILL)
-            computes only what is missing.
+            computes only what is missing. With ``settings.warm_start`` the cache also
+            keeps the last computed checkpoint's Ritz vectors, so a resumed run starts
+            where the killed one would have (the same numbers, bit for bit).
         device: where to compute.
         progress: a tqdm bar over checkpoints (stderr).
         log: stream for skip messages (default ``sys.stderr``).
@@ -221,8 +234,9 @@ def analyze_run(
         rows, skipped = [], list(odd)
         for name, why in odd:
             print(f"skipped {name}: {why}", file=log or sys.stderr)
+        warm = _Warm(cache_dir / f"warm-{skey}.pt" if cache_dir and s.warm_start else None)
         for epoch, f in tqdm(files, desc="analyze", unit="ckpt", disable=not progress):
-            got, reason = _one_checkpoint(f, job, cache_dir, skey)
+            got, reason = _one_checkpoint(f, job, cache_dir, skey, warm)
             if reason:
                 print(f"skipped {f.name}: {reason}", file=log or sys.stderr)
                 skipped.append((f.name, reason))
@@ -302,6 +316,8 @@ def _row(metric, value=math.nan, stderr=math.nan, status="ok", **extra) -> dict:
         "kind": "",
         "steps": math.nan,
         "adaptive": "",
+        "matvecs": math.nan,
+        "warm": "",
     } | extra
 
 
@@ -318,7 +334,48 @@ def _expand(names: list[str]) -> list[str]:
     return out
 
 
-def _one_checkpoint(path: Path, job: _Job, cache_dir, skey) -> tuple[list[dict], str]:
+class _Warm:
+    """The Ritz vectors of the last checkpoint whose top eigenvalues were computed, by the
+    content hash of that checkpoint; kept in memory and (atomically) in ``path``."""
+
+    def __init__(self, path: Path | None):
+        self.path, self.source, self.vectors = path, None, None
+        self.previous: str | None = None  # hash of the checkpoint before the current one
+
+    def start(self) -> torch.Tensor | None:
+        """The previous checkpoint's vectors, if they are at hand."""
+        if self.previous is None:
+            return None
+        if self.source != self.previous and self.path is not None and self.path.is_file():
+            try:
+                saved = safe_torch_load(self.path)
+                self.source, self.vectors = saved["source"], saved["vectors"]
+            except Exception:  # an unreadable file: start cold
+                self.source = self.vectors = None
+        return self.vectors if self.source == self.previous else None
+
+    def keep(self, source: str, vectors: torch.Tensor) -> None:
+        self.source, self.vectors = source, vectors.detach().cpu()
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_torch_save({"source": source, "vectors": self.vectors}, self.path)
+
+
+def _one_checkpoint(
+    path: Path, job: _Job, cache_dir, skey, warm: _Warm | None = None
+) -> tuple[list[dict], str]:
+    try:
+        fhash = _file_hash(path)
+    except OSError:  # unreadable: load_checkpoint names why
+        fhash = ""
+    try:
+        return _measure(path, fhash, job, cache_dir, skey, warm)
+    finally:
+        if warm is not None:
+            warm.previous = fhash
+
+
+def _measure(path: Path, fhash: str, job: _Job, cache_dir, skey, warm) -> tuple[list[dict], str]:
     order = _expand(job.names)
     casts: list = []
     try:
@@ -333,13 +390,13 @@ def _one_checkpoint(path: Path, job: _Job, cache_dir, skey) -> tuple[list[dict],
         torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()
     ):
         return [_row(n, status="nonfinite weights") for n in order], ""
-    cfile = cache_dir / f"{_file_hash(path)}-{skey}.json" if cache_dir else None
+    cfile = cache_dir / f"{fhash}-{skey}.json" if cache_dir and fhash else None
     done = _read_cache(cfile)
     ops: dict = {}
     for group in _groups(job.names):
         if not all(n in done for n in group[1]):
             try:
-                rows = _compute(group[0], model, job, ops)
+                rows = _compute(group[0], model, job, ops, warm, fhash)
             except Exception as e:  # the model's forward, a shape, a dtype: this file's skip
                 why = (str(e).strip().splitlines() or [""])[0][:200]
                 reason = f"failed while computing {group[0]}: {type(e).__name__}: {why}"
@@ -378,7 +435,7 @@ def _groups(names: list[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
-def _compute(key: str, model: nn.Module, job: _Job, ops: dict) -> list[dict]:
+def _compute(key: str, model: nn.Module, job: _Job, ops: dict, warm=None, fhash="") -> list[dict]:
     s = job.s
     if key == "loss":
         return _loss_accuracy(model, job)
@@ -391,13 +448,19 @@ def _compute(key: str, model: nn.Module, job: _Job, ops: dict) -> list[dict]:
         H = ops["H"]
         if key == "trace":
             t = hutchpp(H, s.trace_matvecs, seed=s.seed)
-            return [_row("trace", t.value, t.stderr)]
+            return [_row("trace", t.value, t.stderr, matvecs=t.n_matvecs)]
         if key == "lambda_min":
             r = lanczos(H, 1, which="smallest", tol=s.tol, seed=s.seed)
-            return [_row("lambda_min", r.values[0])]
+            return [_row("lambda_min", r.values[0], matvecs=r.n_matvecs, warm="False")]
         names = dict(_groups(job.names))["lambda"]
-        r = lanczos(H, len(names), tol=s.tol, seed=s.seed)
-        return [_row(n, v) for n, v in zip(names, r.values.tolist(), strict=False)]
+        old = warm.start() if warm is not None and s.warm_start else None
+        fits = old is not None and old.shape[-1] == H.n_params
+        v0 = warm_start_vector(old, s.seed) if fits else None
+        r = lanczos(H, len(names), tol=s.tol, seed=s.seed, v0=v0)
+        if warm is not None and s.warm_start:
+            warm.keep(fhash, r.vectors)
+        extra = dict(matvecs=r.n_matvecs, warm=str(v0 is not None))
+        return [_row(n, v, **extra) for n, v in zip(names, r.values.tolist(), strict=False)]
     if key == "sam_sharpness":
         rho, m, steps, kind, adaptive = s.sam_rho, None, 1, "worst", False
     else:

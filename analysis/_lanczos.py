@@ -154,6 +154,29 @@ def lanczos(
     return EigenResult(sign * values, vectors, residuals, used, ok)
 
 
+def warm_start_vector(vectors: torch.Tensor, seed: int = 0, mix: float = 0.1) -> torch.Tensor:
+    r"""A Lanczos start vector from the Ritz vectors of a nearby operator (a previous epoch).
+
+    :math:`v_0 = u + \text{mix}\,\|u\|\, z/\|z\|` with :math:`u = \sum_i y_i` (the rows
+    of ``vectors``) and :math:`z` the cold start vector of ``seed``
+    (:func:`analysis._linop.random_vector`). The random part keeps every direction in
+    the Krylov space, so an eigenvector that has no part in the old ones is still found
+    (as from a cold start); the old part makes the wanted ones converge in fewer steps
+    when the operator changed little. The stopping bound of :func:`lanczos` is
+    unchanged, so the result is as accurate as a cold start's.
+
+    Args:
+        vectors: ``(k, n)`` or ``(n,)`` Ritz vectors (e.g. ``EigenResult.vectors``).
+        seed: seed of the random part (the one a cold :func:`lanczos` would use).
+        mix: relative weight of the random part.
+    """
+    V = vectors.reshape(-1, vectors.shape[-1]).to(torch.float64)
+    u = (V / V.norm(dim=1, keepdim=True).clamp_min(1e-300)).sum(0)
+    z = random_vector(u.numel(), seed, torch.float64, u.device)
+    v = u + mix * u.norm() * z / z.norm()
+    return v.to(vectors.dtype)
+
+
 def _search(mv, k, tol, budget, start, fresh):
     """Top-k pairs of ``mv``: ``k - 1`` from one run, the k-th from fresh runs deflated of them.
 

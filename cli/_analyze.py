@@ -78,6 +78,9 @@ def add_parser(subparsers) -> None:
     a("--steps", type=positive_int, default=1, help="m_sharpness ascent steps (default: 1)")
     a("--kind", choices=("worst", "average"), default="worst", help="m_sharpness kind")
     a("--adaptive", action=argparse.BooleanOptionalAction, default=False, help="ASAM scaling")
+    a("--warm-start", action=argparse.BooleanOptionalAction, default=False,
+      help="start each checkpoint's Lanczos from the previous one's vectors (fewer products, "
+      "same tolerance; the matvecs column counts them)")  # fmt: skip
     a(
         "--loss",
         type=loss_spec,

@@ -229,3 +229,43 @@ def test_sigkill_midway_then_rerun_gives_the_uninterrupted_table(tmp_path):
     fresh = _run(folder, metrics=["loss", "lambda_max", "trace"], trace_matvecs=12, out=False)
     pd.testing.assert_frame_equal(resumed, fresh)
     assert pd.read_csv(folder / "analysis.csv").shape == fresh.shape
+
+
+def _trajectory(tmp_path, n=6, lr=0.05):
+    """Checkpoints of one model along a few SGD steps each: consecutive epochs are close."""
+    folder = tmp_path / "traj"
+    folder.mkdir()
+    model, data = mlp(seed=3), batches()
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    for e in range(n):
+        atomic_torch_save(model.state_dict(), folder / f"epoch_{e}.pt")
+        for x, y in data:
+            opt.zero_grad()
+            CE(model(x), y).backward()
+            opt.step()
+    return folder
+
+
+def test_warm_started_lanczos_agrees_with_cold_and_with_the_dense_spectrum(tmp_path):
+    folder, tol = _trajectory(tmp_path), 1e-6
+    cold = _run(folder, metrics=["lambda_2"], tol=tol, out=tmp_path / "cold.csv")
+    warm = _run(folder, metrics=["lambda_2"], tol=tol, warm_start=True, out=tmp_path / "w.csv")
+    assert (cold.warm == "False").all() and list(warm.warm) == ["False"] * 2 + ["True"] * 10
+    assert (warm.matvecs > 0).all() and (cold.matvecs > 0).all()
+    for e in range(6):
+        model = mlp(seed=0)
+        model.load_state_dict(torch.load(folder / f"epoch_{e}.pt"))
+        ev = torch.linalg.eigvalsh(dense_hessian(model.eval(), CE, batches())).flip(0)
+        for table in (cold, warm):
+            got = table[table.epoch == e].set_index("metric").value
+            for j, name in enumerate(["lambda_max", "lambda_2"]):
+                assert abs(got[name] - float(ev[j])) <= tol * abs(float(ev[j]))
+
+
+def test_warm_start_resumes_bit_for_bit(tmp_path):
+    folder = _trajectory(tmp_path)
+    whole = _run(folder, metrics=["lambda_max"], tol=1e-8, warm_start=True, out=False)
+    out = tmp_path / "t.csv"
+    _run(folder, metrics=["lambda_max"], tol=1e-8, warm_start=True, out=out, epochs=[0, 1, 2])
+    resumed = _run(folder, metrics=["lambda_max"], tol=1e-8, warm_start=True, out=out)
+    pd.testing.assert_frame_equal(resumed, whole)
