@@ -37,6 +37,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from analysis._eigen import jackknife
 from analysis._functional import ParamSpace
 from analysis._hvp import HessianOperator
 from analysis._lanczos import lanczos, warm_start_vector
@@ -84,7 +85,7 @@ def parse_metrics(metrics: Iterable[str]) -> list[str]:
 
 @dataclass(frozen=True)
 class AnalysisSettings:
-    """How :func:`analyze_run` measures every metric; all of it keys the result cache.
+    r"""How :func:`analyze_run` measures every metric; all of it keys the result cache.
 
     Attributes:
         mode: ``"eval"`` (BatchNorm running statistics, dropout off) or ``"train"``.
@@ -95,6 +96,9 @@ class AnalysisSettings:
         rho, m, steps, kind, adaptive: settings of ``m_sharpness`` (see
             :func:`analysis.m_sharpness`; ``m=None`` uses the given batches).
         seed: seed of every random probe.
+        lambda_se_groups: with :math:`G \ge 2`, the ``lambda_*`` rows get a ``stderr``, the
+            delete-a-group jackknife over :math:`G` groups of the batches (see
+            :func:`analysis.hessian_eigenvalues`; :math:`G` more solves, warm-started).
         warm_start: start each checkpoint's top-eigenvalue Lanczos (the ``lambda_*``
             metrics) from the Ritz vectors of the checkpoint before it, mixed with the
             cold start vector (:func:`warm_start_vector`): consecutive epochs change
@@ -113,6 +117,7 @@ class AnalysisSettings:
     kind: str = "worst"
     adaptive: bool = False
     seed: int = 0
+    lambda_se_groups: int = 0
     warm_start: bool = False
 
     def __post_init__(self) -> None:
@@ -125,10 +130,15 @@ class AnalysisSettings:
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         if self.trace_matvecs < 3 or self.steps < 1 or (self.m is not None and self.m < 1):
             raise ValueError("trace_matvecs must be >= 3, steps >= 1 and m >= 1 (or None)")
+        if self.lambda_se_groups == 1 or self.lambda_se_groups < 0:
+            raise ValueError(f"lambda_se_groups must be 0 or >= 2, got {self.lambda_se_groups}")
 
     def key(self) -> dict:
-        """The settings as JSON-ready values (part of the cache key)."""
-        return {**asdict(self), "dtype": str(self.dtype)}
+        """The settings as JSON-ready values (part of the cache key). Options added later
+        are left out at their defaults, so caches written before them stay valid."""
+        later = {"lambda_se_groups": 0, "warm_start": False}
+        kept = {k: v for k, v in asdict(self).items() if later.get(k, object()) != v}
+        return {**kept, "dtype": str(self.dtype)}
 
 
 @dataclass(frozen=True)
@@ -440,11 +450,15 @@ def _compute(key: str, model: nn.Module, job: _Job, ops: dict, warm=None, fhash=
     if key == "loss":
         return _loss_accuracy(model, job)
     if key in ("lambda", "lambda_min", "trace"):
-        if "H" not in ops:
-            ops["H"] = HessianOperator(
-                model, job.loss_fn, job.data, mode=s.mode, dtype=s.dtype, device=job.device,
+
+        def operator(data) -> HessianOperator:
+            return HessianOperator(
+                model, job.loss_fn, data, mode=s.mode, dtype=s.dtype, device=job.device,
                 cache="auto", forward_fn=job.call.forward_fn, output_fn=job.call.output_fn,
             )  # fmt: skip
+
+        if "H" not in ops:
+            ops["H"] = operator(job.data)
         H = ops["H"]
         if key == "trace":
             t = hutchpp(H, s.trace_matvecs, seed=s.seed)
@@ -456,11 +470,17 @@ def _compute(key: str, model: nn.Module, job: _Job, ops: dict, warm=None, fhash=
         old = warm.start() if warm is not None and s.warm_start else None
         fits = old is not None and old.shape[-1] == H.n_params
         v0 = warm_start_vector(old, s.seed) if fits else None
-        r = lanczos(H, len(names), tol=s.tol, seed=s.seed, v0=v0)
+        k = len(names)
+        r = lanczos(H, k, tol=s.tol, seed=s.seed, v0=v0)
         if warm is not None and s.warm_start:
             warm.keep(fhash, r.vectors)
+        if s.lambda_se_groups:
+            part = lambda b, start: lanczos(operator(b), k, tol=s.tol, seed=s.seed, v0=start)  # noqa: E731
+            r = jackknife(r, part, list(job.data), s.lambda_se_groups, s.seed)
+        se = r.stderr.tolist() if r.stderr is not None else [math.nan] * len(r.values)
         extra = dict(matvecs=r.n_matvecs, warm=str(v0 is not None))
-        return [_row(n, v, **extra) for n, v in zip(names, r.values.tolist(), strict=False)]
+        values = zip(names, r.values.tolist(), se, strict=False)
+        return [_row(n, v, e, **extra) for n, v, e in values]
     if key == "sam_sharpness":
         rho, m, steps, kind, adaptive = s.sam_rho, None, 1, "worst", False
     else:

@@ -22,6 +22,8 @@ class EigenResult:
         residuals: ``(k,)`` residual norms :math:`\\|Hv - \\lambda v\\|`.
         n_matvecs: matrix-vector products used.
         converged: every requested pair met the tolerance.
+        stderr: ``(k,)`` standard errors of the values over the data (the jackknife of
+            :func:`hessian_eigenvalues` with ``se_groups``); None when not estimated.
     """
 
     values: torch.Tensor
@@ -29,6 +31,7 @@ class EigenResult:
     residuals: torch.Tensor
     n_matvecs: int
     converged: bool
+    stderr: torch.Tensor | None = None
 
 
 def as_matvec(op: Any, n: int | None = None) -> tuple[Matvec, int, torch.dtype, torch.device]:

@@ -42,6 +42,9 @@ For a run directory of `saf train` the model and data come from its run.json; fo
 other folder of .pt/.pth/.safetensors state dicts give --model and --data.
 Results are cached next to --out by checkpoint content and settings: a rerun (also after
 a crash) computes only what is missing.
+Error bars: the stderr column (trace: over probes; sharpness: over m-batches; lambda rows
+with --lambda-se G: jackknife over the data). Those over the data fall as 1/sqrt(N): four
+times --n-samples halve them.
 exit codes: 0 done, 2 bad input, 3 done but some checkpoint was skipped (named on stderr).
 """
 
@@ -78,6 +81,9 @@ def add_parser(subparsers) -> None:
     a("--steps", type=positive_int, default=1, help="m_sharpness ascent steps (default: 1)")
     a("--kind", choices=("worst", "average"), default="worst", help="m_sharpness kind")
     a("--adaptive", action=argparse.BooleanOptionalAction, default=False, help="ASAM scaling")
+    a("--lambda-se", dest="lambda_se_groups", type=int, default=0, metavar="G",
+      help="standard error of the lambda_* rows: jackknife over G groups of batches (G more "
+      "solves; it falls as 1/sqrt(--n-samples))")  # fmt: skip
     a("--warm-start", action=argparse.BooleanOptionalAction, default=False,
       help="start each checkpoint's Lanczos from the previous one's vectors (fewer products, "
       "same tolerance; the matvecs column counts them)")  # fmt: skip

@@ -269,3 +269,23 @@ def test_warm_start_resumes_bit_for_bit(tmp_path):
     _run(folder, metrics=["lambda_max"], tol=1e-8, warm_start=True, out=out, epochs=[0, 1, 2])
     resumed = _run(folder, metrics=["lambda_max"], tol=1e-8, warm_start=True, out=out)
     pd.testing.assert_frame_equal(resumed, whole)
+
+
+def test_lambda_rows_carry_the_jackknife_stderr(tmp_path):
+    folder = _folder(tmp_path, n=1)
+    df = _run(folder, metrics=["lambda_2"], tol=1e-10, lambda_se_groups=3, out=False)
+    model, data = mlp(seed=0).eval(), batches()
+    loo = torch.stack(
+        [
+            torch.linalg.eigvalsh(dense_hessian(model, CE, data[:g] + data[g + 1 :])).flip(0)[:2]
+            for g in range(3)
+        ]
+    )
+    se = (2 / 3 * ((loo - loo.mean(0)) ** 2).sum(0)).sqrt()
+    got = df.set_index("metric").stderr
+    assert got["lambda_max"] == pytest.approx(float(se[0]), rel=1e-6)
+    assert got["lambda_2"] == pytest.approx(float(se[1]), rel=1e-6)
+    # the default key is unchanged by the options added later (old caches stay valid)
+    assert "lambda_se_groups" not in AnalysisSettings().key()
+    with pytest.raises(ValueError, match="lambda_se_groups"):
+        AnalysisSettings(lambda_se_groups=1)

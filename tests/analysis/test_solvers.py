@@ -187,3 +187,26 @@ def test_warm_start_vector_from_a_nearby_operator_saves_products():
         assert r.converged
         assert torch.allclose(r.values, exact, rtol=1e-8, atol=0)
     assert warm.n_matvecs < cold.n_matvecs
+
+
+def test_lambda_stderr_is_the_delete_a_group_jackknife_of_the_closed_form():
+    """Linear model + MSE: H = 2 X^T X / N on every subset, so each leave-a-group-out
+    top-2 is a dense eigvalsh; the jackknife of those is the oracle."""
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(60, 6, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2, 6)
+    y = torch.randn(60, 1, generator=g, dtype=torch.float64)
+    data = [(X[i : i + 10], y[i : i + 10]) for i in range(0, 60, 10)]
+    model = nn.Linear(6, 1, bias=False).double()
+    r = hessian_eigenvalues(model, nn.MSELoss(), data, k=2, tol=1e-10, se_groups=3)
+
+    def top2(rows):
+        A = torch.cat([X[i * 10 : i * 10 + 10] for i in rows])
+        return torch.linalg.eigvalsh(2 * A.T @ A / len(A)).flip(0)[:2]
+
+    assert torch.allclose(r.values, top2(range(6)), rtol=1e-9)
+    loo = torch.stack([top2([i for i in range(6) if i % 3 != k]) for k in range(3)])
+    se = (2 / 3 * ((loo - loo.mean(0)) ** 2).sum(0)).sqrt()
+    assert r.converged and torch.allclose(r.stderr, se, rtol=1e-6)
+    assert hessian_eigenvalues(model, nn.MSELoss(), data, tol=1e-10).stderr is None
+    with pytest.raises(ValueError, match="batches"):
+        hessian_eigenvalues(model, nn.MSELoss(), data[:2], se_groups=3)
