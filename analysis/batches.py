@@ -182,8 +182,9 @@ def concat(parts: list) -> Any:
     raise ValueError(f"cannot join batches of {type(first).__name__}; use tensors")
 
 
-def take(obj: Any, rows: slice) -> Any:
-    """The samples ``rows`` of batched inputs or targets (tensors, tuples, mappings)."""
+def take(obj: Any, rows: slice | torch.Tensor) -> Any:
+    """The samples ``rows`` (a slice or an index tensor) of batched inputs or targets
+    (tensors, tuples, mappings)."""
     if isinstance(obj, torch.Tensor):
         return obj[rows]
     if isinstance(obj, Mapping):

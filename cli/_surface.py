@@ -38,6 +38,7 @@ from cli._common import (
     import_object,
     loss_spec,
     nonneg_int,
+    positive_float,
     positive_int,
     regex,
     resolve_loss,
@@ -151,6 +152,9 @@ def add_parser(subparsers) -> None:
     a("--split", choices=("train", "test"), default="train", help="data split (train)")
     a("--n-samples", type=positive_int, default=None, help="class-balanced subset size")
     a("--batch-size", type=positive_int, default=512, help="evaluation batch size (512)")
+    a("--target-se", type=positive_float, default=None, metavar="SE",
+      help="evaluate each point on growing class-balanced subsets until the standard error "
+      "of its loss is at most SE (a smaller --batch-size gives finer steps)")  # fmt: skip
     a("--data-dir", type=existing_dir, default=None, help="CIFAR folder (default: run's)")
     a("--seed", type=nonneg_int, default=0, help="seed of the random directions (0)")
     a("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or auto (cpu)")
@@ -296,7 +300,8 @@ def run(args) -> int:
         rdata = r.data
         dirs, origin = _directions(args, r, others, loss_fn, out)
         kw = {"origin": origin, "path": out / f"{_stem(args, r)}.npz", "metadata": _meta(args, r),
-              "device": args.device, "progress": args.progress}  # fmt: skip
+              "device": args.device, "progress": args.progress,
+              "target_se": args.target_se}  # fmt: skip
         if args.dim == 1:
             s = L.surface_1d(r.model, loss_fn, rdata, dirs[0], args.grid, **kw)
         else:
@@ -346,6 +351,7 @@ def _summary(s) -> dict:
         "centre_loss_se": _finite(s.loss_se[centre]),  # None: the loss has no per-sample form
         "max_loss_se": _finite(np.nanmax(s.loss_se)) if np.isfinite(s.loss_se).any() else None,
         "max_loss": float(np.nanmax(s.loss)),
+        "mean_samples": _finite(np.nanmean(s.samples)),
     }
 
 

@@ -38,6 +38,7 @@ from analysis.fold import prefold_batchnorm
 from analysis.io import atomic_write_json, atomic_write_with
 
 FORMAT = "saf-surface/1"
+FIELDS = ("loss", "accuracy", "loss_se", "samples")  # the values stored per grid point
 
 
 @dataclass
@@ -53,6 +54,8 @@ class Surface:
         metadata: settings and provenance (JSON-serialisable).
         loss_se: same shape, the standard error of each point's mean loss over the
             samples (module docstring); NaN where the loss has no per-sample form.
+        samples: same shape, the samples each point was evaluated on (fewer than all
+            with ``target_se``); NaN where unknown.
     """
 
     coords: list[np.ndarray]
@@ -61,6 +64,7 @@ class Surface:
     done: np.ndarray | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     loss_se: np.ndarray | None = None
+    samples: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.coords = [np.asarray(c, dtype=float) for c in self.coords]
@@ -68,6 +72,8 @@ class Surface:
             self.done = np.ones(self.loss.shape, dtype=bool)
         if self.loss_se is None:
             self.loss_se = np.full(np.shape(self.loss), np.nan)
+        if self.samples is None:
+            self.samples = np.full(np.shape(self.loss), np.nan)
 
     @property
     def dim(self) -> int:
@@ -84,7 +90,8 @@ class Surface:
         path = Path(path)
         meta = {**self.metadata, "format": FORMAT, "complete": self.complete}
         arrays = {f"coords{i}": c for i, c in enumerate(self.coords)}
-        arrays.update(loss=self.loss, accuracy=self.accuracy, done=self.done, loss_se=self.loss_se)
+        arrays.update(loss=self.loss, accuracy=self.accuracy, done=self.done)
+        arrays.update(loss_se=self.loss_se, samples=self.samples)
         arrays["metadata"] = np.array(json.dumps(meta, sort_keys=True))
         atomic_write_with(path, lambda f: np.savez(f, **arrays))
         atomic_write_json(path.with_suffix(".json"), _json_view(self, meta))
@@ -98,8 +105,10 @@ class Surface:
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path}: not a surface file (format {meta.get('format')!r})")
             coords = [z[f"coords{i}"] for i in range(sum(k.startswith("coords") for k in z))]
-            se = z.get("loss_se")  # None in files from before loss_se
-            return cls(coords, z["loss"], z["accuracy"], z["done"].astype(bool), meta, se)
+            done = z["done"].astype(bool)
+            # loss_se and samples are None in files written before them
+            return cls(coords, z["loss"], z["accuracy"], done, meta, z.get("loss_se"),
+                       z.get("samples"))  # fmt: skip
 
 
 def _json_view(s: Surface, meta: dict) -> dict:
@@ -111,6 +120,7 @@ def _json_view(s: Surface, meta: dict) -> dict:
         "loss": tolist(s.loss),
         "accuracy": tolist(s.accuracy),
         "loss_se": tolist(s.loss_se),
+        "samples": tolist(s.samples),
     }
 
 
@@ -124,11 +134,20 @@ def make_point_evaluator(
     fast: bool = True,
     forward_fn: Callable | None = None,
     output_fn: Callable | None = None,
-) -> Callable[[Sequence[float]], tuple[float, float, float]]:
-    r"""``f(coeffs) -> (loss, accuracy, loss_se)`` at :math:`o + \sum_j c_j d_j` over ``data``.
+    target_se: float | None = None,
+) -> Callable[[Sequence[float]], tuple[float, float, float, int]]:
+    r"""``f(coeffs) -> (loss, accuracy, loss_se, samples)`` at :math:`o + \sum_j c_j d_j`.
 
     ``loss_se`` is the standard error of the mean loss over the samples (module
-    docstring), NaN where the loss has no per-sample form.
+    docstring), NaN where the loss has no per-sample form; ``samples`` is how many
+    samples of ``data`` the point used: all of them, unless ``target_se`` is given.
+
+    With ``target_se``, the samples are put in class-interleaved order (every prefix is
+    class-balanced to one sample per class, when the targets are class labels) and re-cut
+    into batches of the first batch's size; a point is evaluated on the first 2, 4, 8, ...
+    batches until its ``loss_se`` is at most ``target_se`` (or the data run out), and its
+    loss is the mean over those samples, an estimate of the full-data loss with that
+    standard error. Flat, low-loss regions then cost a fraction of a full pass.
 
     Args:
         model: any module; never modified (tensors are swapped in by functional_call).
@@ -143,9 +162,17 @@ def make_point_evaluator(
             ``torch.inference_mode`` (with ``forward_fn`` the model runs as it is).
         forward_fn, output_fn: hooks for models outside the batch convention
             (:class:`analysis.batches.Call`).
+        target_se: the standard error each point is evaluated to (``data`` must then be
+            a list of batches).
     """
     if iter(data) is data:
         raise ValueError("data is a one-shot iterator; pass a list of batches or a DataLoader")
+    if target_se is not None:
+        if not (target_se > 0 and math.isfinite(target_se)):
+            raise ValueError(f"target_se must be a finite number > 0, got {target_se}")
+        if not isinstance(data, Sequence) or not data:
+            raise ValueError("target_se needs data as a non-empty list of batches")
+        data = _interleaved(data)
     device, base, dirs = _placed(model, directions, origin, device)
     # Entries that are exactly zero (ignored biases and BatchNorm, by default) move nothing.
     keys = sorted(k for k in set().union(*dirs) if any(k in d and bool(d[k].any()) for d in dirs))
@@ -167,7 +194,7 @@ def make_point_evaluator(
 
     cached = [prep(b) for b in data] if isinstance(data, Sequence) else None
 
-    def point(coeffs: Sequence[float]) -> tuple[float, float, float]:
+    def point(coeffs: Sequence[float]) -> tuple[float, float, float, int]:
         params = {**fixed, **dict(zip(keys, move(coeffs), strict=True))}
         count = [0]
 
@@ -175,19 +202,71 @@ def make_point_evaluator(
             out, y = call(net, batch, params), batch[1]
             la = B.loss_and_accuracy(loss_fn, out, y)
             per = B.sample_losses(loss_fn, out, y, la[0])
+            if per is None and target_se is not None:
+                raise ValueError("target_se needs a loss that is a mean of per-sample losses")
             count[0] += B.batch_size(batch)
             m2 = (per**2).mean() if per is not None else torch.tensor(float("nan"))
             return torch.cat([la, m2.to(la).reshape(1)])
 
+        def stage(batches) -> tuple[int, list[float]]:
+            before = count[0]
+            means = B.batch_mean(moments, batches).tolist()
+            return count[0] - before, means
+
         ctx = torch.inference_mode() if fast else torch.no_grad()
         with B.model_mode(model, "eval"), ctx:
-            batches = cached if cached is not None else (prep(b) for b in data)
-            loss, acc, m2 = B.batch_mean(moments, batches).tolist()
-        n = count[0]
-        se = (max(m2 - loss * loss, 0.0) / (n - 1)) ** 0.5 if n > 1 else float("nan")
-        return loss, acc, se
+            if target_se is None:  # one pass over all of the data
+                batches = cached if cached is not None else (prep(b) for b in data)
+                return (*_summary([stage(batches)]), count[0])
+            stages, start = [], 0
+            for stop in _stage_ends(len(cached)):
+                stages.append(stage(cached[start:stop]))
+                start = stop
+                loss, acc, se = _summary(stages)
+                if se <= target_se:
+                    break
+            return loss, acc, se, count[0]
 
     return point
+
+
+def _summary(stages: list[tuple[int, list[float]]]) -> tuple[float, float, float]:
+    """``(loss, accuracy, loss_se)`` over stages of batches (one stage: its own means)."""
+    n = sum(k for k, _ in stages)
+    if len(stages) == 1:
+        loss, acc, m2 = stages[0][1]
+    else:
+        loss, acc, m2 = (math.fsum(k * v[i] for k, v in stages) / n for i in range(3))
+    se = (max(m2 - loss * loss, 0.0) / (n - 1)) ** 0.5 if n > 1 else math.nan
+    return loss, acc, se
+
+
+def _stage_ends(n_batches: int) -> list[int]:
+    """2, 4, 8, ... batches, then all of them."""
+    ends, k = [], 2
+    while k < n_batches:
+        ends.append(k)
+        k *= 2
+    return [*ends, n_batches]
+
+
+def _interleaved(data: Sequence) -> list:
+    """The samples of ``data`` re-cut into batches of its first batch's size, in
+    class-interleaved order when the targets are class labels (every prefix is then
+    class-balanced to within one sample per class; data order within a class)."""
+    xs, ys = zip(*(B.split(b) for b in data), strict=True)
+    X, Y = B.concat(list(xs)), B.concat(list(ys))
+    size, n = B.batch_size(data[0]), B.batch_size((X, Y))
+    order = torch.arange(n)
+    if isinstance(Y, torch.Tensor) and Y.dim() == 1 and not Y.is_floating_point():
+        labels = Y.cpu()
+        rank = torch.zeros_like(labels)  # the sample's position within its class
+        for c in labels.unique():
+            rows = labels.eq(c)
+            rank[rows] = torch.arange(int(rows.sum()))
+        order = torch.argsort(rank * (int(labels.max()) + 1) + labels - labels.min(), stable=True)
+    cut = [order[i : i + size] for i in range(0, n, size)]
+    return [(B.take(X, rows), B.take(Y, rows)) for rows in cut]
 
 
 def _placed(model, directions, origin, device) -> tuple[torch.device, dict, list[dict]]:
@@ -274,8 +353,9 @@ def fingerprint(coords, directions, origin, extra: Mapping[str, Any] | None = No
 
 
 def _load_partials(path: Path | None, fp: str, shape) -> tuple[np.ndarray, np.ndarray]:
-    """``(values, done)``: loss, accuracy and loss_se stacked, from ``path`` and its partials."""
-    vals = np.full((3, *shape), np.nan)
+    """``(values, done)``: loss, accuracy, loss_se and samples stacked, from ``path`` and its
+    partials."""
+    vals = np.full((len(FIELDS), *shape), np.nan)
     done = np.zeros(shape, dtype=bool)
     if path is None:
         return vals, done
@@ -289,7 +369,7 @@ def _load_partials(path: Path | None, fp: str, shape) -> tuple[np.ndarray, np.nd
         if s.metadata.get("fingerprint") != fp or s.loss.shape != tuple(shape):
             continue
         new = s.done & ~done
-        for v, a in zip(vals, (s.loss, s.accuracy, s.loss_se), strict=True):
+        for v, a in zip(vals, (getattr(s, f) for f in FIELDS), strict=True):
             v[new] = a[new]
         done[new] = True
     return vals, done
@@ -307,8 +387,8 @@ def evaluate_grid(
 ) -> Surface:
     """Evaluate ``point`` on the grid ``coords``, resuming from ``path`` and sharing across ranks.
 
-    ``point(coeffs)`` returns ``(loss, accuracy)`` or ``(loss, accuracy, loss_se)``
-    (:func:`make_point_evaluator`). Points already saved under ``path`` (or its
+    ``point(coeffs)`` returns ``(loss, accuracy)``, optionally followed by ``loss_se`` and
+    ``samples`` (:func:`make_point_evaluator`). Points already saved under ``path`` (or its
     per-rank partial files) with the same fingerprint are not recomputed. Partial
     progress is saved atomically every ``save_every`` points. Under
     ``torch.distributed`` the missing points are dealt round-robin to the ranks and
@@ -324,24 +404,24 @@ def evaluate_grid(
     todo = np.flatnonzero(~done.ravel())
     mine = todo[rank::world]
     part = path if world == 1 else (path and path.with_name(f"{path.name}.rank{rank}.npz"))
-    new = np.zeros((4, done.size))  # this rank's loss, accuracy, loss_se and done
-    flat_vals = vals.reshape(3, -1)
+    new = np.zeros((len(FIELDS) + 1, done.size))  # this rank's new values, then done
+    flat_vals = vals.reshape(len(FIELDS), -1)
     t0 = time.perf_counter()
     bar = tqdm(mine, desc="surface", disable=not progress or rank != 0, leave=False)
     for count, flat in enumerate(bar, 1):
         idx = np.unravel_index(flat, shape)
         out = tuple(point([float(c[i]) for c, i in zip(coords, idx, strict=True)]))
-        out = (*out, math.nan) if len(out) == 2 else out
+        out = (*out, *[math.nan] * (len(FIELDS) - len(out)))
         new[:, flat] = (*out, 1.0)
         flat_vals[:, flat] = out
         done.flat[flat] = True
         if part is not None and count % save_every == 0 and count < len(mine):
-            Surface(coords, *vals[:2], done, meta, vals[2]).save(part)
+            _surface(coords, vals, done, meta).save(part)
     if world > 1:
         vals, done = _gather(vals, done, new, shape)
     meta["seconds"] = round(time.perf_counter() - t0, 3)
     meta["evaluated_points"] = int(len(todo))
-    s = Surface(coords, *vals[:2], done, meta, vals[2])
+    s = _surface(coords, vals, done, meta)
     if path is not None and rank == 0:
         s.save(path)
         for p in path.parent.glob(path.name + ".rank*.npz"):
@@ -351,11 +431,17 @@ def evaluate_grid(
     return s
 
 
+def _surface(coords, vals, done, meta) -> Surface:
+    loss, accuracy, loss_se, samples = vals
+    return Surface(coords, loss, accuracy, done, meta, loss_se, samples)
+
+
 def _gather(vals, done, new, shape):
     """Every rank's new points, summed over ranks (each point is computed by one rank)."""
     t = all_reduce_sum(torch.tensor(new, dtype=torch.float64), True).numpy()
-    mask = t[3].reshape(shape) > 0.5
-    return np.where(mask, t[:3].reshape(3, *shape), vals), done | mask
+    k = len(FIELDS)
+    mask = t[k].reshape(shape) > 0.5
+    return np.where(mask, t[:k].reshape(k, *shape), vals), done | mask
 
 
 def _grid_meta(directions, origin, extra) -> dict[str, Any]:
@@ -382,6 +468,7 @@ def surface(
     distributed: bool | None = None,
     forward_fn: Callable | None = None,
     output_fn: Callable | None = None,
+    target_se: float | None = None,
 ) -> Surface:
     r"""Loss and accuracy on the grid :math:`o + \sum_j c_j d_j`, one axis per direction.
 
@@ -405,6 +492,9 @@ def surface(
             when initialized).
         forward_fn, output_fn: hooks for models outside the batch convention
             (:class:`analysis.batches.Call`).
+        target_se: evaluate each point on class-balanced prefixes of the data, growing,
+            until its standard error is at most this (see :func:`make_point_evaluator`);
+            ``Surface.samples`` records how many each point used.
 
     Returns:
         A :class:`Surface` with ``loss[i, j]`` at ``(coords[0][i], coords[1][j])``.
@@ -421,10 +511,11 @@ def surface(
     if save_every < 1:
         raise ValueError(f"save_every must be >= 1, got {save_every}")
     point = make_point_evaluator(
-        model, loss_fn, data, directions, origin, device, fast, forward_fn, output_fn
+        model, loss_fn, data, directions, origin, device, fast, forward_fn, output_fn, target_se
     )
-    meta = _grid_meta(directions, origin, metadata)
-    fp = fingerprint(coords, directions, origin, metadata)
+    extra = {**(metadata or {}), **({"target_se": target_se} if target_se is not None else {})}
+    meta = _grid_meta(directions, origin, extra)
+    fp = fingerprint(coords, directions, origin, extra)
     return evaluate_grid(point, coords, path, meta, fp, save_every, progress, distributed)
 
 

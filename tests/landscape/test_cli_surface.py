@@ -146,3 +146,19 @@ def test_hessian_directions_1d(tmp_path, runs, capsys):
     last = torch.load(runs[0] / "checkpoints" / "epoch_0003.pt", weights_only=True)
     np.testing.assert_allclose(s.loss[1], _loss(last), rtol=1e-5)
     assert s.metadata["direction_norms"] == pytest.approx([1.0])  # unit eigenvector
+
+
+def test_target_se_from_the_command_line(tmp_path, runs, capsys):
+    out = tmp_path / "o"
+    cmd = ["surface", str(runs[0]), "--dim", "1", "--grid", "-1:1:5", "--n-samples", "400",
+           "--batch-size", "25", "--target-se", "0.05", "--no-progress", "--no-plots",
+           "--out", str(out)]  # fmt: skip
+    assert main(cmd) == 0
+    summary = json.loads(capsys.readouterr().out)["sgd-s0_e3_random_1d"]
+    s = L.Surface.load(out / "sgd-s0_e3_random_1d.npz")
+    assert ((s.loss_se <= 0.05) | (s.samples == 400)).all()
+    assert summary["mean_samples"] == pytest.approx(float(s.samples.mean()))
+    assert summary["centre_loss_se"] == pytest.approx(float(s.loss_se[2]))
+    assert s.metadata["target_se"] == 0.05
+    assert main([*cmd[:-2], "--target-se", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert not (tmp_path / "bad").exists()

@@ -428,3 +428,44 @@ def test_fast_path_relu_in_place_only_when_nothing_else_reads_the_input():
     assert n == 1 and "relu_(" not in folded.code
     x = torch.randn(3, 2, 5, 5)
     torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+def _sorted_classes(n=600, bs=25):
+    """Three classes, sorted by class: a prefix of the given order holds one class only."""
+    g = torch.Generator().manual_seed(4)
+    y = torch.arange(3).repeat_interleave(n // 3)
+    x = torch.randn(n, 5, generator=g, dtype=torch.float64) + y[:, None].double()
+    return [(x[i : i + bs], y[i : i + bs]) for i in range(0, n, bs)]
+
+
+def test_target_se_meets_the_target_at_every_point_on_balanced_prefixes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    data, target = _sorted_classes(), 0.02
+    d = L.random_direction(model, seed=2)
+    grid = np.linspace(-1, 1, 9)
+    full = L.surface_1d(model, F.cross_entropy, data, d, grid, progress=False)
+    cheap = L.surface_1d(model, F.cross_entropy, data, d, grid, progress=False, target_se=target)
+    n = sum(len(y) for _, y in data)
+    assert ((cheap.loss_se <= target) | (cheap.samples == n)).all()
+    assert (cheap.samples < n).any() and (full.samples == n).all()
+    # each estimate lies within a few of its standard errors of the full-data loss: a
+    # prefix of the sorted data (one class) would be far off
+    assert (np.abs(cheap.loss - full.loss) <= 4 * cheap.loss_se + 1e-12).all()
+    # a target no subset meets: every point uses all the data, and equals the plain surface
+    exact = L.surface_1d(model, F.cross_entropy, data, d, grid, progress=False, target_se=1e-9)
+    np.testing.assert_allclose(exact.loss, full.loss, rtol=1e-12)
+    assert (exact.samples == n).all()
+
+
+def test_target_se_refuses_what_it_cannot_do():
+    model, data = (
+        LinReg(3),
+        [(torch.randn(6, 3, dtype=torch.float64), torch.randn(6, dtype=torch.float64))],
+    )
+    d = {"w": torch.ones(3, dtype=torch.float64)}
+    rmse = lambda out, y: (out - y).pow(2).mean().sqrt()  # noqa: E731
+    with pytest.raises(ValueError, match="per-sample"):
+        L.surface_1d(model, rmse, data, d, [0.0], progress=False, target_se=0.1)
+    with pytest.raises(ValueError, match="target_se"):
+        L.surface_1d(model, F.mse_loss, data, d, [0.0], progress=False, target_se=-1.0)
