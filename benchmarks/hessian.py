@@ -1,7 +1,9 @@
-"""Top Hessian eigenvalues side by side: this package's Lanczos, PyHessian, scipy eigsh.
+"""Top Hessian eigenvalues side by side: ours, PyHessian, hessian-eigenthings, curvlinops.
 
 Same model (a 57k-parameter CNN with BatchNorm, briefly trained on the real *digits*
-data, eval mode), same data (1,797 samples in batches of 128), same starting-vector seed,
+data, eval mode), same data (1,792 of the 1,797 samples, in 14 batches of 128: equal batches,
+so that every package's operator is the same data-set Hessian, since hessian-eigenthings
+averages the batch Hessians unweighted), same starting-vector seed,
 one process, interleaved repeats. Reports wall time, CPU time, Hessian-vector products and
 the relative error against a tight ``eigsh`` reference (tol 1e-10 on this operator).
 
@@ -9,8 +11,12 @@ Tasks (targets from issue 3):
   * lambda_max within 1e-4 relative: >= 3x less wall time than PyHessian (tol 1e-4);
   * the top 5, each within 1e-3: >= 4x less wall time than PyHessian (tol 1e-3).
 
-PyHessian is an optional benchmark extra (``pip install --no-deps pyhessian``); its rows
-are skipped with a message when it is missing.
+PyHessian, hessian-eigenthings 1.0 and curvlinops 3 (with scipy ``eigsh``) are optional
+benchmark extras (``pip install --no-deps pyhessian hessian-eigenthings==1.0.0a5
+curvlinops-for-pytorch einops einconv opt-einsum linear_operator backpack-for-pytorch``);
+the rows of a missing one are skipped with a message. Each peer runs at its best setting,
+found by an untimed search first: hessian-eigenthings' Lanczos runs a fixed ``max_iter``
+(the smallest that meets the target is used), ``eigsh`` the largest ``tol`` that does.
 
 Usage::
 
@@ -31,6 +37,7 @@ from torch import nn
 from analysis import HessianOperator, atomic_write_json, lanczos, power_iteration
 
 CE = nn.CrossEntropyLoss()
+PEERS = ("PyHessian", "hessian-eigenthings", "curvlinops")
 
 
 def cnn() -> nn.Module:
@@ -107,6 +114,53 @@ def pyhessian_power(model, data, k, tol):
     return sorted(vals, reverse=True), calls[0]
 
 
+def eigenthings_lanczos(model, data, k, tol, max_iter):
+    """hessian-eigenthings 1.0 Lanczos: a fixed number of steps (``max_iter``), no early stop."""
+    import hessian_eigenthings as he
+
+    op = he.HessianOperator(model, data, lambda m, b: CE(m(b[0]), b[1]))
+    calls = [0]
+    inner = op.matvec
+
+    def counted(v):
+        calls[0] += 1
+        return inner(v)
+
+    op.matvec = counted
+    r = he.lanczos(op, k=k, max_iter=max_iter, tol=tol, which="LA", seed=0)
+    return sorted(r.eigenvalues.tolist(), reverse=True), calls[0]
+
+
+def curvlinops_eigsh(model, data, k, tol, eigsh_tol):
+    """curvlinops 3 ``HessianLinearOperator`` (as scipy) and ``scipy.sparse.linalg.eigsh``."""
+    from curvlinops import HessianLinearOperator
+    from scipy.sparse.linalg import LinearOperator, eigsh
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    H = HessianLinearOperator(model, CE, params, data, check_deterministic=False).to_scipy()
+    calls = [0]
+    inner = H.matvec
+
+    def counted(v):
+        calls[0] += 1
+        return inner(v)
+
+    n = sum(p.numel() for p in params)
+    v0 = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64).numpy()
+    op = LinearOperator(H.shape, matvec=counted, dtype=H.dtype)
+    vals = eigsh(op, k=k, which="LA", tol=eigsh_tol, v0=v0, return_eigenvectors=False)
+    return sorted(vals.tolist(), reverse=True), calls[0]
+
+
+def best_setting(fn, model, data, k, target, ref, settings):
+    """The cheapest of ``settings`` (in order) whose error meets ``target``, or the last."""
+    for s in settings:
+        vals, _ = fn(model, data, k, target, s)
+        if max(abs(v - r) / abs(r) for v, r in zip(vals, ref[:k], strict=True)) <= target:
+            return s
+    return settings[-1]
+
+
 def timed(fn, *args):
     t0, c0 = time.perf_counter(), time.process_time()
     vals, n = fn(*args)
@@ -119,6 +173,8 @@ def summarize(results: dict, targets: dict) -> list[dict]:
     ``x_pyh_nominal``: wall-time ratio to PyHessian at its nominal tolerance (= the
     target). ``x_pyh_at_target``: ratio to the fastest PyHessian row whose error met the
     target (None when none did); ``x_pyh_cpu``: the same on CPU time (contention-proof).
+    ``x_peer``: ratio to the fastest row of any other package (PyHessian,
+    hessian-eigenthings, curvlinops) whose error met the target, on wall time.
     """
     med = {
         key: (
@@ -135,12 +191,15 @@ def summarize(results: dict, targets: dict) -> list[dict]:
         nominal = med.get((task, "PyHessian power iteration"))
         ok = [v for v in pyh if v[3] <= targets[task]]
         best = min(ok, key=lambda v: v[0]) if ok else None
+        peer = [v for (t, n), v in med.items() if t == task and n.startswith(PEERS)
+                and v[3] <= targets[task]]  # fmt: skip
         rows.append({
             "task": task, "method": name, "wall_s": wall, "cpu_s": cpu, "hvps": hvps,
             "rel_err": err, "meets_target": err <= targets[task],
             "x_pyh_nominal": nominal[0] / wall if nominal else None,
             "x_pyh_at_target": best[0] / wall if best else None,
             "x_pyh_cpu": best[1] / cpu if best else None,
+            "x_peer": min(v[0] for v in peer) / wall if peer else None,
         })  # fmt: skip
     return rows
 
@@ -149,13 +208,15 @@ def table(rows: list[dict]) -> str:
     """The rows as a markdown table."""
     f = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     out = ["| task | method | wall s | CPU s | HVPs | rel. err | meets target | "
-           "x PyHessian (nominal tol) | x PyHessian at target: wall / CPU |",
-           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+           "x PyHessian (nominal tol) | x PyHessian at target: wall / CPU | "
+           "x fastest peer at target |",
+           "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         out.append(
             f"| {r['task']} | {r['method']} | {r['wall_s']:.2f} | {r['cpu_s']:.2f} | "
             f"{r['hvps']} | {r['rel_err']:.1e} | {'yes' if r['meets_target'] else 'no'} | "
-            f"{f(r['x_pyh_nominal'])} | {f(r['x_pyh_at_target'])} / {f(r['x_pyh_cpu'])} |"
+            f"{f(r['x_pyh_nominal'])} | {f(r['x_pyh_at_target'])} / {f(r['x_pyh_cpu'])} | "
+            f"{f(r['x_peer'])} |"
         )
     return "\n".join(out)
 
@@ -164,14 +225,14 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats (median kept)")
     p.add_argument("--threads", type=int, default=1, help="torch threads for every contender")
-    p.add_argument("--quick", action="store_true", help="400 samples, 1 repeat (a smoke run)")
+    p.add_argument("--quick", action="store_true", help="384 samples, 1 repeat (a smoke run)")
     p.add_argument("--out", default=None, help="write the rows as JSON here")
     p.add_argument("--with-power", action="store_true", help="also this package's power iteration")
     p.add_argument("--tasks", default="lambda_max,top5", help="comma list of tasks to run")
     p.add_argument("--with-slow", action="store_true", help="also PyHessian top-5 at tol / 10")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    model, data = setup(400 if args.quick else None)
+    model, data = setup(384 if args.quick else 1792)
     repeats = 1 if args.quick else args.repeats
     n = sum(q.numel() for q in model.parameters())
     print(f"model: {n} parameters; data: {sum(len(y) for _, y in data)} samples in "
@@ -194,16 +255,40 @@ def main(argv=None) -> int:
     }
     if args.with_power:
         contenders["analysis.power_iteration (cached)"] = ours_power
+    peers = []
+    for name, module in (
+        ("hessian-eigenthings", "hessian_eigenthings"),
+        ("curvlinops", "curvlinops"),
+    ):
+        try:
+            __import__(module)
+            peers.append(name)
+        except ImportError:
+            print(f"{name} not installed (an optional extra): its rows skipped", file=sys.stderr)
     if have_pyh:
         contenders["PyHessian power iteration"] = pyhessian_power
         # PyHessian's tol bounds the change between iterations, not the error: also tol / 10
         contenders["PyHessian power iteration (tol / 10)"] = lambda m, d, k, t: pyhessian_power(
             m, d, k, t / 10
         )
+    per_task = {}
+    for task, k, tol in tasks:  # each peer at its best setting for this task (untimed search)
+        extra = {}
+        if "hessian-eigenthings" in peers:
+            it = best_setting(eigenthings_lanczos, model, data, k, tol, ref, range(k + 1, 61))
+            extra[f"hessian-eigenthings lanczos (max_iter={it})"] = lambda m, d, kk, t, it=it: (
+                eigenthings_lanczos(m, d, kk, t, it)
+            )
+        if "curvlinops" in peers:
+            et = best_setting(curvlinops_eigsh, model, data, k, tol, ref, [1e-2, 1e-3, 1e-4, 1e-6])
+            extra[f"curvlinops + eigsh (tol={et:g})"] = lambda m, d, kk, t, et=et: curvlinops_eigsh(
+                m, d, kk, t, et
+            )
+        per_task[task] = {**contenders, **extra}
     results: dict = {}
     for rep in range(repeats):
         for task, k, tol in tasks:
-            for name, fn in contenders.items():
+            for name, fn in per_task[task].items():
                 if task == "top5" and "tol / 10" in name and not args.with_slow:
                     continue
                 vals, nmv, wall, cpu = timed(fn, model, data, k, tol)

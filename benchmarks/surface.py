@@ -9,6 +9,9 @@ Rows (each the median of ``--reps`` interleaved repetitions):
 * ``landscape (plain)``: ``landscape.surface_2d(..., fast=False)``.
 * ``landscape``: ``landscape.surface_2d`` as shipped (BatchNorm folded into the convolutions,
   channels-last inputs, inference mode).
+* ``landscape (target_se)``: the same with ``target_se`` (``--target-se``, default 0.05) on the
+  same samples cut into batches of 32: each point stops at the first 2, 4, ... batches whose
+  loss has that standard error; the mean share of the samples used is printed.
 
 Ratios are printed as ``loss-landscapes / landscape`` and ``limit / landscape`` (> 1 means
 this package is faster). Run: ``python benchmarks/surface.py [--steps 7] [--reps 3]``.
@@ -71,11 +74,15 @@ def run_loss_landscapes(model, x, y, steps: int) -> float | None:
     return time.perf_counter() - t
 
 
-def run_landscape(model, x, y, steps: int, fast: bool) -> float:
+def run_landscape(model, x, y, steps: int, fast: bool, target_se=None, share=None) -> float:
     dirs = (L.random_direction(model, seed=1), L.random_direction(model, seed=2))
     grid = np.linspace(-1, 1, steps)
+    data = [(x, y)] if target_se is None else list(zip(x.split(32), y.split(32), strict=True))
     t = time.perf_counter()
-    L.surface_2d(model, F.cross_entropy, [(x, y)], dirs, grid, grid, fast=fast, progress=False)
+    s = L.surface_2d(model, F.cross_entropy, data, dirs, grid, grid, fast=fast, progress=False,
+                     target_se=target_se)  # fmt: skip
+    if share is not None:
+        share.append(float(s.samples.mean() / len(y)))
     return time.perf_counter() - t
 
 
@@ -88,6 +95,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=7, help="grid side: steps x steps points (7)")
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--target-se", type=float, default=0.05, help="target_se row (0.05)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.threads:
@@ -96,6 +104,7 @@ def main(argv=None) -> int:
     n = args.steps**2
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rows: dict[str, list[float]] = {}
+    share: list[float] = []
     for rep in range(args.reps):
         print(f"rep {rep + 1}/{args.reps}", file=sys.stderr)
         times = {
@@ -103,6 +112,9 @@ def main(argv=None) -> int:
             "loss-landscapes": run_loss_landscapes(model, x, y, args.steps),
             "landscape (plain)": run_landscape(model, x, y, args.steps, fast=False),
             "landscape": run_landscape(model, x, y, args.steps, fast=True),
+            "landscape (target_se)": run_landscape(
+                model, x, y, args.steps, True, args.target_se, share
+            ),
         }
         for k, v in times.items():
             if v is not None:
@@ -118,6 +130,7 @@ def main(argv=None) -> int:
         print(f"{k:<20} {v:9.2f} {1000 * v / n:9.1f} {v / ours:18.2f}x")
     if "loss-landscapes" not in med:
         print("loss-landscapes: not installed (pip install loss-landscapes); row skipped")
+    print(f"target_se {args.target_se}: mean share of the samples used {share[0]:.2f}")
     print(f"model state unchanged by landscape: {unchanged}")
     if args.json:
         atomic_write_json(args.json, {"args": vars(args) | {"json": str(args.json)},
