@@ -115,3 +115,16 @@ def test_export_reference_is_smaller_and_complete(study, tmp_path):
         assert Image.open(p).size == Image.open(src).size
         assert p.stat().st_size < src.stat().st_size
     assert (tmp_path / "table3.md").read_text() == (study / "tables" / "table3.md").read_text()
+
+
+def test_a_batchnorm_cnn_gets_every_figure_too(tmp_path):
+    """The matched-loss figure (and the rest) for another architecture, not only the MLP."""
+    out = tmp_path / "cnn"
+    assert main(["figures", "--out", str(out), *TINY, "--model", "resnet_small"]) == 0
+    for name in FIGURES:
+        for ext in (".png", ".pdf"):
+            assert (out / "figures" / f"{name}{ext}").stat().st_size > 0, name
+    settings = json.loads((out / "settings.json").read_text())
+    assert settings["model"] == "resnet_small"
+    matched = pd.read_csv(out / "tables" / "matched_loss.csv")
+    assert set(matched.method) == {"sgd", "sam", "saf", "mesa"}
