@@ -21,7 +21,7 @@ found by an untimed search first: hessian-eigenthings' Lanczos runs a fixed ``ma
 Usage::
 
     python benchmarks/hessian.py [--repeats 2] [--threads 1] [--quick] [--out results.json]
-                                 [--with-power] [--with-slow]
+                                 [--with-power] [--with-slow] [--hvp-forms]
 """
 
 from __future__ import annotations
@@ -161,6 +161,40 @@ def best_setting(fn, model, data, k, target, ref, settings):
     return settings[-1]
 
 
+def hvp_forms(model, data, repeats: int = 5) -> dict:
+    """Seconds per HVP (median) of the three ways to form one on this model and data.
+
+    ``reverse``: double backward per batch (``HessianOperator``, no cache); ``reverse,
+    cached``: the second backward only, through kept first-order graphs (``cache=True``);
+    ``forward-over-reverse``: ``torch.func.jvp`` of ``torch.func.grad`` per batch.
+    """
+    H = HessianOperator(model, CE, data)
+    Hc = HessianOperator(model, CE, data, cache=True)
+    space, theta = H.space, H.space.theta.detach()
+    n = sum(len(y) for _, y in data)
+
+    def forward(v):
+        total = torch.zeros_like(theta)
+        for b in data:
+            batch = space.batch(b)
+            grad = torch.func.grad(lambda t, batch=batch: space.loss(t, CE, batch))
+            total += torch.func.jvp(grad, (theta,), (v,))[1] * len(b[1])
+        return total / n
+
+    forms = {"reverse": H.matvec, "reverse, cached": Hc.matvec, "forward-over-reverse": forward}
+    v = torch.randn(theta.numel(), generator=torch.Generator().manual_seed(0))
+    ref = H.matvec(v)
+    for f in forms.values():  # warm-up (builds the cache); all three agree
+        assert torch.allclose(f(v), ref, rtol=1e-3, atol=1e-3 * float(ref.abs().max()))
+    times: dict = {k: [] for k in forms}
+    for _ in range(repeats):
+        for k, f in forms.items():
+            t = time.perf_counter()
+            f(v)
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(t) for k, t in times.items()}
+
+
 def timed(fn, *args):
     t0, c0 = time.perf_counter(), time.process_time()
     vals, n = fn(*args)
@@ -230,6 +264,7 @@ def main(argv=None) -> int:
     p.add_argument("--with-power", action="store_true", help="also this package's power iteration")
     p.add_argument("--tasks", default="lambda_max,top5", help="comma list of tasks to run")
     p.add_argument("--with-slow", action="store_true", help="also PyHessian top-5 at tol / 10")
+    p.add_argument("--hvp-forms", action="store_true", help="only time the three HVP forms")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, data = setup(384 if args.quick else 1792)
@@ -237,6 +272,11 @@ def main(argv=None) -> int:
     n = sum(q.numel() for q in model.parameters())
     print(f"model: {n} parameters; data: {sum(len(y) for _, y in data)} samples in "
           f"{len(data)} batches; torch threads: {args.threads}", file=sys.stderr)  # fmt: skip
+    if args.hvp_forms:
+        med = hvp_forms(model, data)
+        for k, t in med.items():
+            print(f"{k:22s} {t:.3f} s per HVP  {t / med['reverse']:.2f}x reverse")
+        return 0
     ref = scipy_eigsh(model, data, 5, 1e-10)[0]
     print(f"reference (eigsh tol 1e-10): {[f'{v:.6g}' for v in ref]}", file=sys.stderr)
     try:
