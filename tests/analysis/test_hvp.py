@@ -187,3 +187,14 @@ def test_train_mode_with_dropout_warns_that_the_operator_is_random():
         warnings.simplefilter("error")  # eval mode, or no dropout: no warning
         HessianOperator(model, CE, batches())
         HessianOperator(mlp(), CE, batches(), mode="train")
+
+
+def test_cache_estimate_counts_what_the_graph_adds_not_the_weights():
+    """A wide layer on two samples: 16 MB of weights, a few KB of activations. The weights
+    (and the data) are held anyway, so only the activations count against the budget."""
+    model = nn.Sequential(nn.Linear(2000, 2000), nn.Tanh(), nn.Linear(2000, 3))
+    data = [(torch.randn(2, 2000), torch.tensor([0, 2]))]
+    H = HessianOperator(model, CE, data, cache=True)
+    H.matvec(torch.randn(H.n_params))
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    assert H.cached and 0 < H.cache_bytes < weights / 100
