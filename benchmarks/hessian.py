@@ -95,19 +95,24 @@ def scipy_eigsh(model, data, k, tol, cache=True):
     return sorted(vals.tolist(), reverse=True), H.n_matvecs
 
 
+def counting(obj, method: str) -> list[int]:
+    """Wrap ``obj.method`` so that each call is counted in the returned one-item list."""
+    calls, inner = [0], getattr(obj, method)
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return inner(*args, **kwargs)
+
+    setattr(obj, method, counted)
+    return calls
+
+
 def pyhessian_power(model, data, k, tol):
     from pyhessian import hessian
 
     torch.manual_seed(0)  # PyHessian draws its start vectors from the global generator
     h = hessian(model, CE, dataloader=data, cuda=False)
-    calls = [0]
-    inner = h.dataloader_hv_product
-
-    def counted(v):
-        calls[0] += 1
-        return inner(v)
-
-    h.dataloader_hv_product = counted
+    calls = counting(h, "dataloader_hv_product")
     vals, _ = h.eigenvalues(maxIter=100, tol=tol, top_n=k)
     for p in model.parameters():  # PyHessian leaves .grad with a graph attached
         p.grad = None
@@ -119,14 +124,7 @@ def eigenthings_lanczos(model, data, k, tol, max_iter):
     import hessian_eigenthings as he
 
     op = he.HessianOperator(model, data, lambda m, b: CE(m(b[0]), b[1]))
-    calls = [0]
-    inner = op.matvec
-
-    def counted(v):
-        calls[0] += 1
-        return inner(v)
-
-    op.matvec = counted
+    calls = counting(op, "matvec")
     r = he.lanczos(op, k=k, max_iter=max_iter, tol=tol, which="LA", seed=0)
     return sorted(r.eigenvalues.tolist(), reverse=True), calls[0]
 
@@ -138,16 +136,10 @@ def curvlinops_eigsh(model, data, k, tol, eigsh_tol):
 
     params = [p for p in model.parameters() if p.requires_grad]
     H = HessianLinearOperator(model, CE, params, data, check_deterministic=False).to_scipy()
-    calls = [0]
-    inner = H.matvec
-
-    def counted(v):
-        calls[0] += 1
-        return inner(v)
-
+    calls = counting(H, "matvec")
     n = sum(p.numel() for p in params)
     v0 = torch.randn(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64).numpy()
-    op = LinearOperator(H.shape, matvec=counted, dtype=H.dtype)
+    op = LinearOperator(H.shape, matvec=H.matvec, dtype=H.dtype)
     vals = eigsh(op, k=k, which="LA", tol=eigsh_tol, v0=v0, return_eigenvectors=False)
     return sorted(vals.tolist(), reverse=True), calls[0]
 
