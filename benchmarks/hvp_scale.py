@@ -10,12 +10,13 @@ in its own process, so its peak resident memory is its own:
   through it). The first product, which builds the graph, is timed apart as ``build``.
 
 Time is the median of ``--reps`` after one warm-up; memory is the process's peak RSS above
-its RSS before the first operation (model and data loaded). Ratios are to ``step``.
+its RSS before the first operation (model and data loaded), or on CUDA (``--device cuda``)
+the allocator's peak above what model and data hold. Ratios are to ``step``.
 
 Usage::
 
     python benchmarks/hvp_scale.py [--model resnet18] [--batch 128] [--size 32] [--reps 3]
-                                   [--threads 2] [--out results.json]
+                                   [--threads 2] [--device cpu] [--out results.json]
 """
 
 from __future__ import annotations
@@ -52,11 +53,21 @@ def child(args) -> dict:
     """Run one row in this process; return its times and memory."""
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = build_model(args.model, 10, (3, args.size, args.size))
+    dev = torch.device(args.device)
+    model = build_model(args.model, 10, (3, args.size, args.size)).to(dev)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
-    y = torch.randint(0, 10, (args.batch,), generator=g)
-    base = _rss_mb()
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=g).to(dev)
+    y = torch.randint(0, 10, (args.batch,), generator=g).to(dev)
+    cuda = dev.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    base = torch.cuda.memory_allocated(dev) / 2**20 if cuda else _rss_mb()
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize(dev)
+
     times, build = [], None
     if args.row == "step":
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -69,10 +80,11 @@ def child(args) -> dict:
     else:
         model.eval()
         H = HessianOperator(model, F.cross_entropy, [(x, y)], cache=args.row == "hvp cached")
-        v = torch.randn(H.n_params, generator=g)
+        v = torch.randn(H.n_params, generator=g).to(dev)
         if args.row == "hvp cached":
             t = time.perf_counter()
             H.matvec(v)  # builds the graph
+            sync()
             build = time.perf_counter() - t
 
         def op():
@@ -80,11 +92,14 @@ def child(args) -> dict:
 
     op()  # warm-up
     for _ in range(args.reps):
+        sync()
         t = time.perf_counter()
         op()
+        sync()
         times.append(time.perf_counter() - t)
+    peak = torch.cuda.max_memory_allocated(dev) / 2**20 if cuda else _peak_mb()
     return {"row": args.row, "seconds": statistics.median(times), "build_s": build,
-            "peak_mb": _peak_mb() - base}  # fmt: skip
+            "peak_mb": peak - base}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", default="cpu", help="cpu or cuda (memory: allocator peak)")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # the child's row
     args = p.parse_args(argv)
@@ -106,8 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows[row] = json.loads(out.strip().splitlines()[-1])
     step = rows["step"]
-    print(f"{args.model}, {args.batch} x 3x{args.size}x{args.size}, {args.threads} threads, "
-          f"median of {args.reps}")  # fmt: skip
+    print(f"{args.model}, {args.batch} x 3x{args.size}x{args.size}, {args.device}, "
+          f"{args.threads} threads, median of {args.reps}")  # fmt: skip
     print(f"{'row':<12} {'seconds':>8} {'x step':>7} {'peak MB':>8} {'x step':>7}")
     for r in rows.values():
         built = f"   (building the graph: {r['build_s']:.2f} s)" if r["build_s"] else ""

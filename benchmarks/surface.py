@@ -96,11 +96,21 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=3, help="interleaved repetitions (3)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--target-se", type=float, default=0.05, help="target_se row (0.05)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (loss-landscapes: CPU only)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     model, x, y = build(args)
+    model, x, y = model.to(args.device), x.to(args.device), y.to(args.device)
+    cuda = torch.device(args.device).type == "cuda"
+
+    def synced(fn, *a):  # a CUDA row's time includes its queued kernels
+        out = fn(*a)
+        if cuda:
+            torch.cuda.synchronize()
+        return out
+
     n = args.steps**2
     before = {k: v.clone() for k, v in model.state_dict().items()}
     rows: dict[str, list[float]] = {}
@@ -108,12 +118,12 @@ def main(argv=None) -> int:
     for rep in range(args.reps):
         print(f"rep {rep + 1}/{args.reps}", file=sys.stderr)
         times = {
-            "limit": run_limit(model, x, y, n),
-            "loss-landscapes": run_loss_landscapes(model, x, y, args.steps),
-            "landscape (plain)": run_landscape(model, x, y, args.steps, fast=False),
-            "landscape": run_landscape(model, x, y, args.steps, fast=True),
-            "landscape (target_se)": run_landscape(
-                model, x, y, args.steps, True, args.target_se, share
+            "limit": synced(run_limit, model, x, y, n),
+            "loss-landscapes": None if cuda else run_loss_landscapes(model, x, y, args.steps),
+            "landscape (plain)": synced(run_landscape, model, x, y, args.steps, False),
+            "landscape": synced(run_landscape, model, x, y, args.steps, True),
+            "landscape (target_se)": synced(
+                run_landscape, model, x, y, args.steps, True, args.target_se, share
             ),
         }
         for k, v in times.items():
