@@ -227,6 +227,10 @@ def analyze_run(
     data = reiterable(data)
     job = _Job(names, model_factory, data, loss_fn, device, s, Call(forward_fn, output_fn), key)
     _check_fit(job)
+    n_batches = sum(1 for _ in data) if s.lambda_se_groups else 0
+    if s.lambda_se_groups > n_batches and any(_LAMBDA.match(n) or n == "lambda_max" for n in names):
+        raise ValueError(f"lambda_se_groups={s.lambda_se_groups} needs at least that many "
+                         f"batches, got {n_batches}; pass smaller batches")  # fmt: skip
     key = {  # what the cached numbers depend on
         **s.key(),
         "n_lambda": sum(n.startswith("lambda_") and n != "lambda_min" for n in _expand(names)),

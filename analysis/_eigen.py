@@ -45,7 +45,8 @@ def hessian_eigenvalues(
     It estimates how much :math:`\lambda` would move on another sample of the same
     size (the spread between mini-batch estimates that PyHessian's users meet). It
     falls as :math:`1/\sqrt N`: four times the samples halve it. Use batches of
-    equal size, so that the groups are too.
+    equal size, so that the groups are too, and :math:`G \ge 8`: the error bar has
+    :math:`G - 1` degrees of freedom, so with few groups it is itself noisy.
 
     Args:
         model, loss_fn, data, params: as in :class:`HessianOperator`.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import sys
 from pathlib import Path
 
@@ -83,7 +84,7 @@ def add_parser(subparsers) -> None:
     a("--adaptive", action=argparse.BooleanOptionalAction, default=False, help="ASAM scaling")
     a("--lambda-se", dest="lambda_se_groups", type=int, default=0, metavar="G",
       help="standard error of the lambda_* rows: jackknife over G groups of batches (G more "
-      "solves; it falls as 1/sqrt(--n-samples))")  # fmt: skip
+      "solves, G >= 8 for a steady error bar; it falls as 1/sqrt(--n-samples))")  # fmt: skip
     a("--warm-start", action=argparse.BooleanOptionalAction, default=False,
       help="start each checkpoint's Lanczos from the previous one's vectors (fewer products, "
       "same tolerance; the matvecs column counts them)")  # fmt: skip
@@ -131,7 +132,11 @@ def settings(args) -> AnalysisSettings:
     """The measurement settings from the parsed arguments (one field per option)."""
     fields = {f.name for f in dataclasses.fields(AnalysisSettings)} - {"dtype", "sam_rho"}
     kw = {k: getattr(args, k) for k in fields}
-    return AnalysisSettings(dtype=getattr(torch, args.dtype) if args.dtype else None, **kw)
+    try:
+        return AnalysisSettings(dtype=getattr(torch, args.dtype) if args.dtype else None, **kw)
+    except ValueError as e:  # name the option, not the field
+        flags = {"lambda_se_groups": "--lambda-se"}
+        raise UsageError(re.sub(r"\b[a-z_]+\b", lambda m: flags.get(m[0], m[0]), str(e))) from None
 
 
 def run(args) -> int:
@@ -140,6 +145,9 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     metrics = parse_metrics(args.metrics.split(","))
     factory, data, notes = _sources(args)
+    if args.lambda_se_groups and len(data := list(data)) < args.lambda_se_groups:
+        raise UsageError(f"--lambda-se {args.lambda_se_groups} needs at least that many batches, "
+                         f"got {len(data)}; use a smaller --batch-size")  # fmt: skip
     for note in notes:
         print(f"saf analyze: skipped: {note}", file=sys.stderr)
     out = args.out or str(args.dir / "analysis.csv")

@@ -154,7 +154,8 @@ def add_parser(subparsers) -> None:
     a("--batch-size", type=positive_int, default=512, help="evaluation batch size (512)")
     a("--target-se", type=positive_float, default=None, metavar="SE",
       help="evaluate each point on growing class-balanced subsets until the standard error "
-      "of its loss is at most SE (a smaller --batch-size gives finer steps)")  # fmt: skip
+      "of its loss is at most SE (steps of 2, 4, 8, ... batches: for a named data set a "
+      "smaller --batch-size gives finer ones; --data keeps its own batches)")  # fmt: skip
     a("--data-dir", type=existing_dir, default=None, help="CIFAR folder (default: run's)")
     a("--seed", type=nonneg_int, default=0, help="seed of the random directions (0)")
     a("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or auto (cpu)")

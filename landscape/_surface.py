@@ -147,7 +147,9 @@ def make_point_evaluator(
     into batches of the first batch's size; a point is evaluated on the first 2, 4, 8, ...
     batches until its ``loss_se`` is at most ``target_se`` (or the data run out), and its
     loss is the mean over those samples, an estimate of the full-data loss with that
-    standard error. Flat, low-loss regions then cost a fraction of a full pass.
+    standard error. Flat, low-loss regions then cost a fraction of a full pass. Every point
+    starts from the same samples, so the errors of nearby points move together: the
+    surface's shape is steadier than its level.
 
     Args:
         model: any module; never modified (tensors are swapped in by functional_call).

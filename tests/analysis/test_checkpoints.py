@@ -289,3 +289,6 @@ def test_lambda_rows_carry_the_jackknife_stderr(tmp_path):
     assert "lambda_se_groups" not in AnalysisSettings().key()
     with pytest.raises(ValueError, match="lambda_se_groups"):
         AnalysisSettings(lambda_se_groups=1)
+    with pytest.raises(ValueError, match="at least that many batches"):  # before any work
+        _run(folder, metrics=["lambda_max"], lambda_se_groups=4, out=tmp_path / "none.csv")
+    assert not (tmp_path / "none.csv").exists()

@@ -141,6 +141,20 @@ def test_foreign_folder_with_a_skip_exits_3(tmp_path, capsys, monkeypatch):
             ["--model", "clitestmod:make_net", "--data", "digits", "--metrics", "foo"],
             "unknown metric",
         ),
+        (["--model", "clitestmod:make_net", "--data", "digits", "--lambda-se", "1"], "--lambda-se"),
+        (
+            [
+                "--model",
+                "clitestmod:make_net",
+                "--data",
+                "digits",
+                "--n-samples",
+                "64",
+                "--lambda-se",
+                "8",
+            ],
+            "--lambda-se 8 needs at least that many batches",
+        ),  # fmt: skip
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, monkeypatch, extra, match):
