@@ -86,8 +86,10 @@ def lanczos(
     For a unit :math:`y` with Rayleigh quotient :math:`\theta`, some eigenvalue
     :math:`\lambda` of :math:`A` has :math:`|\lambda - \theta| \le \|Ay - \theta y\|`
     (Parlett 1998, Thm. 4.5.1), so each accepted value lies within that tolerance of an
-    eigenvalue. :math:`\|T\|` is the largest :math:`|\theta|` seen, a lower bound of
-    :math:`\|A\|`: below :math:`10^{-3}\|T\|` the tolerance turns absolute, since a
+    eigenvalue. Within a cluster narrower than about twice the tolerance, which member it
+    is near is not resolved (the ``k``-th value may sit near the ``k+1``-th eigenvalue).
+    :math:`\|T\|` is the largest :math:`|\theta|` seen, a lower bound of :math:`\|A\|`:
+    below :math:`10^{-3}\|T\|` the tolerance turns absolute, since a
     relative error is out of reach for an eigenvalue near zero. (The sharper
     :math:`r_i^2/\mathrm{gap}` bound needs the gap to the rest of the true spectrum; the gap
     to the other Ritz values is too large while close eigenvalues are unresolved.)

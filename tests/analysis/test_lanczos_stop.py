@@ -113,3 +113,21 @@ def test_well_separated_top_eigenvalue_stays_cheap():
     for seed in range(5):
         r = lanczos(A, k=1, tol=1e-4, seed=seed)
         assert r.converged and abs(r.values[0] - 10) <= 1e-3 and r.n_matvecs <= 12
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_every_converged_value_is_within_its_residual_of_an_eigenvalue(seed):
+    """The documented guarantee, on perturbed near-triple clusters (where which member of a
+    cluster narrower than the tolerance is found is not resolved): |theta - lambda| <= r."""
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(200, 200, generator=g, dtype=torch.float64))
+    d = torch.tensor([1, 1 - 1e-4, 1 - 2e-4, 0.95, 0.95] + torch.linspace(0, 0.8, 195).tolist())
+    E = torch.randn(200, 200, generator=g, dtype=torch.float64) * 1e-4
+    A = Q @ torch.diag(d.double()) @ Q.T + (E + E.T) / 2
+    ev = torch.linalg.eigvalsh(A)
+    for k in (1, 2, 3):
+        r = lanczos(A, k=k, tol=1e-4, seed=seed)
+        assert r.converged
+        for theta, res in zip(r.values, r.residuals, strict=True):
+            assert float((ev - theta).abs().min()) <= float(res) * (1 + 1e-9) + 1e-14
+            assert float(res) <= 1e-4 * abs(float(theta))
