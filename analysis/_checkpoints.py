@@ -248,7 +248,7 @@ def analyze_run(
         rows, skipped = [], list(odd)
         for name, why in odd:
             print(f"skipped {name}: {why}", file=log or sys.stderr)
-        warm = _Warm(cache_dir / f"warm-{skey}.pt" if cache_dir and s.warm_start else None)
+        warm = _Warm(cache_dir / f"warm-{skey}.pt" if cache_dir else None) if s.warm_start else None
         for epoch, f in tqdm(files, desc="analyze", unit="ckpt", disable=not progress):
             got, reason = _one_checkpoint(f, job, cache_dir, skey, warm)
             if reason:
@@ -471,12 +471,12 @@ def _compute(key: str, model: nn.Module, job: _Job, ops: dict, warm=None, fhash=
             r = lanczos(H, 1, which="smallest", tol=s.tol, seed=s.seed)
             return [_row("lambda_min", r.values[0], matvecs=r.n_matvecs, warm="False")]
         names = dict(_groups(job.names))["lambda"]
-        old = warm.start() if warm is not None and s.warm_start else None
+        old = warm.start() if warm is not None else None
         fits = old is not None and old.shape[-1] == H.n_params
         v0 = warm_start_vector(old, s.seed) if fits else None
         k = len(names)
         r = lanczos(H, k, tol=s.tol, seed=s.seed, v0=v0)
-        if warm is not None and s.warm_start:
+        if warm is not None:
             warm.keep(fhash, r.vectors)
         if s.lambda_se_groups:
             part = lambda b, start: lanczos(operator(b), k, tol=s.tol, seed=s.seed, v0=start)  # noqa: E731
