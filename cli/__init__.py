@@ -5,8 +5,9 @@ own module (``cli._train``, ...) exposing ``add_parser(subparsers)`` and ``run(a
 Only the command line names code to import (``--model``, ``--data``: trusted input);
 a file on disk never does.
 
-Exit codes: 0 done, 2 bad input or diverged (one line on stderr, no traceback, nothing
-written), 3 done but something was skipped (each skip named on stderr), 130 interrupted.
+Exit codes: 0 done, 2 bad input (one line on stderr, no traceback, nothing written) or
+training diverged (one line; the last good checkpoint is kept), 3 done but something was
+skipped (each skip named on stderr), 130 interrupted.
 """
 
 from __future__ import annotations

@@ -15,14 +15,14 @@ from cli._common import (
     EXIT_OK,
     EXIT_SKIPPED,
     UsageError,
+    add_checkpoint_options,
     data_for,
     device,
     existing_dir,
     import_object,
-    loss_spec,
     positive_float,
     positive_int,
-    regex,
+    reported,
     resolve_loss,
     threads,
 )
@@ -88,21 +88,7 @@ def add_parser(subparsers) -> None:
     a("--warm-start", action=argparse.BooleanOptionalAction, default=False,
       help="start each checkpoint's Lanczos from the previous one's vectors (fewer products, "
       "same tolerance; the matvecs column counts them)")  # fmt: skip
-    a(
-        "--loss",
-        type=loss_spec,
-        default="ce",
-        metavar="ce|mse|bce|nll|MODULE:FUNCTION",
-        help="loss(output, targets), a batch mean (default: ce); checked against the data first",
-    )
-    a("--key", default=None, help="where each file keeps its state dict (e.g. ema, state_dict)")
-    a(
-        "--epoch-regex",
-        type=regex,
-        default=None,
-        metavar="REGEX",
-        help="the epoch in a file name: the first group (default: epoch=N, epoch_N, epN, N)",
-    )
+    add_checkpoint_options(p)
     a("--seed", type=int, default=0, help="seed of every random probe (default: 0)")
     a("--threads", type=threads, default=None, help="torch CPU threads")
     a("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bar")
@@ -153,10 +139,8 @@ def run(args) -> int:
     out = args.out or str(args.dir / "analysis.csv")
     if not str(out).strip() or Path(out).is_dir():
         raise UsageError(f"--out {out!r} must be a CSV file path, not a folder")
-    try:
-        factory()
-    except Exception as e:
-        raise UsageError(f"--model: building the model failed: {type(e).__name__}: {e}") from None
+    factory = reported(factory, "--model", torch.nn.Module)
+    factory()  # a model that cannot be built is one line, before any work
     df = analyze_run(
         args.dir, metrics, model_factory=factory, data=data, loss_fn=resolve_loss(args.loss),
         settings=settings(args), every=args.every, out=out, device=args.device,

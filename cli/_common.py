@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import math
 import os
@@ -190,6 +191,50 @@ def regex(text: str) -> str:
     if groups < 1:
         raise argparse.ArgumentTypeError(f"the regex needs a group for the epoch, got {text!r}")
     return text
+
+
+def reported(fn, what: str, returns: type | None = None):
+    """``fn`` (the caller's own code, named by ``what``) with any failure, or a result that is
+    not a ``returns``, turned into one line (:class:`UsageError`, exit 2), not a traceback."""
+    if fn is None:
+        return None
+    name = getattr(fn, "__name__", repr(fn))
+
+    @functools.wraps(fn)  # the trainer reads the factory's signature
+    def call(*args, **kwargs):
+        try:
+            out = fn(*args, **kwargs)
+        except Exception as e:
+            why = (str(e).strip().splitlines() or [""])[0][:200]
+            raise UsageError(f"{what}: {name} failed: {type(e).__name__}: {why}") from None
+        if returns is not None and not isinstance(out, returns):
+            label = "torch.nn.Module" if returns is torch.nn.Module else returns.__qualname__
+            raise UsageError(f"{what}: {name} returned a {type(out).__name__}, not a {label}")
+        return out
+
+    return call
+
+
+def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
+    """``--loss``, ``--key`` and ``--epoch-regex``: how any checkpoint folder is read and scored
+    (``saf analyze`` and ``saf surface``)."""
+    p.add_argument(
+        "--loss",
+        type=loss_spec,
+        default="ce",
+        metavar="ce|mse|bce|nll|MODULE:FUNCTION",
+        help="loss(output, targets), a batch mean (default: ce); checked against the data first",
+    )
+    p.add_argument(
+        "--key", default=None, help="where each file keeps its state dict (e.g. ema, state_dict)"
+    )
+    p.add_argument(
+        "--epoch-regex",
+        type=regex,
+        default=None,
+        metavar="REGEX",
+        help="the epoch in a file name: the first group (default: epoch=N, epoch_N, epN, N)",
+    )
 
 
 def data_for(args, run_data: dict | None = None):

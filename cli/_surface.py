@@ -31,16 +31,16 @@ from analysis.distributed import init_from_env
 from cli._common import (
     EXIT_OK,
     UsageError,
+    add_checkpoint_options,
     data_for,
     device,
     existing_dir,
     existing_path,
     import_object,
-    loss_spec,
     nonneg_int,
     positive_float,
     positive_int,
-    regex,
+    reported,
     resolve_loss,
     writable_dir,
 )
@@ -134,21 +134,7 @@ def add_parser(subparsers) -> None:
         help="data set name, or a callable returning "
         "(inputs, targets) batches (default: the run's data set)",
     )
-    a(
-        "--loss",
-        type=loss_spec,
-        default="ce",
-        metavar="ce|mse|bce|nll|MODULE:FUNCTION",
-        help="loss(output, targets), a batch mean (default: ce); checked against the data first",
-    )
-    a("--key", default=None, help="where each file keeps its state dict (e.g. ema, state_dict)")
-    a(
-        "--epoch-regex",
-        type=regex,
-        default=None,
-        metavar="REGEX",
-        help="the epoch in a file name: the first group (default: epoch=N, epoch_N, epN, N)",
-    )
+    add_checkpoint_options(p)
     a("--split", choices=("train", "test"), default="train", help="data split (train)")
     a("--n-samples", type=positive_int, default=None, help="class-balanced subset size")
     a("--batch-size", type=positive_int, default=512, help="evaluation batch size (512)")
@@ -185,7 +171,8 @@ class _Source:
         found = find_checkpoints(self.dir, regex=args.epoch_regex)
         self.history = [(e, p) for e, p in found if e is not None] or found
         self.ckpt, self.epoch = _pick(target, epoch, self.history, is_main)
-        factory = import_object(args.model, "--model") if args.model else None
+        factory = (reported(import_object(args.model, "--model"), "--model", torch.nn.Module)
+                   if args.model else None)  # fmt: skip
         self.model = factory() if factory else model_from_run(self.info)
         self.model = load_checkpoint(self.model, self.ckpt, args.key)
         self.key = args.key

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+import torch
+
 from cli._common import (
     UsageError,
     device,
@@ -14,6 +16,7 @@ from cli._common import (
     nonneg_int,
     positive_float,
     positive_int,
+    reported,
     threads,
     unit_float,
 )
@@ -197,6 +200,7 @@ def run(args) -> int:
                 fields[what] = run[what]["name"]
     factory = import_object(fields["model"], "--model") if is_spec(fields["model"]) else None
     data_fn = import_object(fields["data"], "--data") if is_spec(fields["data"]) else None
+    factory, data_fn = reported(factory, "--model", torch.nn.Module), reported(data_fn, "--data")
     run_dir = train(TrainConfig(**fields), resume=args.resume is not None, epochs=epochs,
                     model_factory=factory, dataset_fn=data_fn)  # fmt: skip
     print(run_dir)

@@ -102,8 +102,14 @@ class MapDataset:
             raise ValueError("the data set is empty")
         self.dataset = dataset
         targets = getattr(dataset, "targets", None)
-        labels = targets if targets is not None else [dataset[i][1] for i in range(len(dataset))]
-        self.y = torch.as_tensor(labels).long().reshape(-1)
+        try:
+            items = range(len(dataset))
+            labels = targets if targets is not None else [dataset[i][1] for i in items]
+            self.y = torch.as_tensor(labels).long().reshape(-1)
+            x0 = torch.as_tensor(dataset[0][0])
+        except (IndexError, KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"the data set's items must be (x, y) pairs of a tensor and an "
+                             f"integer class ({type(e).__name__}: {e})") from None  # fmt: skip
         if len(self.y) != len(dataset) or (self.y < 0).any():
             raise ValueError("the data set's labels must be one integer >= 0 per item")
         classes = getattr(dataset, "classes", None)
@@ -111,7 +117,7 @@ class MapDataset:
             num_classes or getattr(dataset, "num_classes", 0) or (classes and len(classes))
             or int(self.y.max()) + 1
         )  # fmt: skip
-        self.in_shape = tuple(torch.as_tensor(dataset[0][0]).shape)
+        self.in_shape = tuple(x0.shape)
         self.augment = False
 
     def __len__(self) -> int:
