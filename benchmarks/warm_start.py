@@ -8,10 +8,17 @@ the previous one's Ritz vector). Reports the products of each, their ratio, the 
 ratio and the largest relative difference between the two tables (both meet the same
 residual bound, so it stays within about the tolerance).
 
+``--starts`` asks instead how good a start vector can be: per checkpoint, the overlap
+:math:`|u_{t-1}^\top u_t|` of consecutive top eigenvectors (from 40 Lanczos steps), the
+share of :math:`u_t` in the span of the previous top 8, and the products each start
+needs at ``--tol``: cold, :func:`analysis.warm_start_vector` (the default warm start),
+the previous eigenvector alone, its linear extrapolation :math:`2u_{t-1} - u_{t-2}`, and
+the sum of the previous top 4 weighted by :math:`(\theta_i/\theta_1)^4`.
+
 Usage::
 
     python benchmarks/warm_start.py [--epochs 20] [--run RUN_DIR] [--threads 1]
-                                    [--tol 1e-4] [--out results.json]
+                                    [--tol 1e-4] [--starts] [--out results.json]
 """
 
 from __future__ import annotations
@@ -22,11 +29,65 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 
-from analysis import AnalysisSettings, analyze_run, atomic_write_json
+from analysis import (
+    AnalysisSettings,
+    HessianOperator,
+    analyze_run,
+    atomic_write_json,
+    find_checkpoints,
+    lanczos,
+    load_checkpoint,
+    loss_function,
+    warm_start_vector,
+)
 from saf import data_batches, model_from_run
+
+STARTS = ("cold", "warm_start_vector", "previous", "extrapolated", "top4_weighted")
+
+
+def compare_starts(run: Path, data, tol: float) -> dict:
+    """Products per start vector on every checkpoint of ``run`` (see the module docstring)."""
+    ce = loss_function("ce")
+    counts = {name: 0 for name in STARTS}
+    overlaps, spans, old, misses = [], [], [], 0  # old: the previous checkpoints' (values, vectors)
+    for _, path in find_checkpoints(run):
+        H = HessianOperator(load_checkpoint(model_from_run(run), path), ce, data, cache="auto")
+        ref = lanczos(H, 8, tol=1e-8, max_iter=40)
+        if old:
+            (t1, Y1), (_, Y2) = old[-1], old[-2] if len(old) > 1 else old[-1]
+            u = ref.vectors[0].double()
+            overlaps.append(float((Y1[0].double() @ u).abs()))
+            spans.append(float((torch.linalg.qr(Y1.double().T)[0].T @ u).norm()))
+            sign = torch.sign(Y1[0] @ Y2[0])
+            w = (t1[:4] / t1[0]) ** 4
+            starts = {
+                "cold": None,
+                "warm_start_vector": warm_start_vector(Y1[:1]),
+                "previous": Y1[0],
+                "extrapolated": 2 * Y1[0] - sign * Y2[0],
+                "top4_weighted": (w[:, None].to(Y1) * Y1[:4]).sum(0),
+            }
+            for name, v0 in starts.items():
+                r = lanczos(H, 1, tol=tol, v0=v0)
+                err = abs(float(r.values[0] - ref.values[0])) / float(ref.values[0])
+                misses += not r.converged or err > 2 * tol
+                counts[name] += r.n_matvecs
+        old.append((ref.values, ref.vectors))
+    print(f"{len(overlaps)} checkpoint pairs, lambda_max to tol {tol}: products per start")
+    for name in STARTS:
+        print(f"  {name:18s} {counts[name]:5d}  ({counts[name] / counts['cold']:.2f} of cold)")
+    late = overlaps[len(overlaps) // 2 :]
+    print(
+        f"  overlap with the previous top eigenvector: median {median(overlaps):.4f} "
+        f"(second half {median(late):.4f}); share in the previous top-8 span: median "
+        f"{median(spans):.4f}; starts off by more than 2 tol: {misses}"
+    )
+    return {"checkpoint_pairs": len(overlaps), "tol": tol, "hvps": counts,
+            "overlaps": overlaps, "top8_span": spans, "misses": misses}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,6 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--tol", type=float, default=1e-4)
     p.add_argument("--samples", type=int, default=512)
+    p.add_argument("--starts", action="store_true", help="compare start vectors instead")
     p.add_argument("--out", type=Path, default=None, help="write the numbers as JSON")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -47,6 +109,11 @@ def main(argv: list[str] | None = None) -> int:
                    "--no-progress", "--threads", str(args.threads)]  # fmt: skip
             subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
         data = data_batches("digits", "train", 128, args.samples)
+        if args.starts:
+            res = compare_starts(run, data, args.tol)
+            if args.out:
+                atomic_write_json(args.out, res)
+            return 0
         rows = {}
         for name, warm in (("cold", False), ("warm", True)):
             t0 = time.perf_counter()
