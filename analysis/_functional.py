@@ -13,7 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from analysis.batches import Call, split, to
+from analysis.batches import Call, model_mode, split, to
+from analysis.fold import fold_batchnorm
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 ParamSpec = None | Iterable[str] | Iterable[torch.Tensor] | Callable[[str, torch.Tensor], bool]
@@ -82,6 +83,10 @@ class ParamSpace:
         dtype: floating dtype for parameters, buffers and inputs (None: keep).
         device: where to compute (None: the model's device).
         call: how the model is called (:class:`analysis.batches.Call`; the convention).
+        fold: call an eval-mode copy of the graph with each conv→BatchNorm pair folded
+            (:func:`analysis.fold.fold_batchnorm`; the same function of the same tensors,
+            so exact up to float rounding). Only for eval-mode evaluation, and not with a
+            ``forward_fn`` hook (that model runs as it is). ``folded`` counts the pairs.
     """
 
     def __init__(
@@ -91,8 +96,13 @@ class ParamSpace:
         dtype=None,
         device=None,
         call: Call | None = None,
+        fold: bool = False,
     ):
         self.model, self.call = model, call or Call()
+        self.net, self.folded = model, 0
+        if fold and self.call.forward_fn is None:
+            with model_mode(model, "eval"):  # trace the eval-mode branches of forward
+                self.net, self.folded = fold_batchnorm(model)
         self.names = select_params(model, params)
         first = next(iter(model.parameters()))
         self.device = torch.device(device) if device is not None else first.device
@@ -119,7 +129,7 @@ class ParamSpace:
     def output(self, flat: torch.Tensor, batch: Any) -> torch.Tensor:
         """The output tensor the loss reads, with the selected parameters set to ``flat``
         (the :mod:`analysis.batches` convention, or the space's :class:`Call` hooks)."""
-        return self.call(self.model, batch, {**self.fixed, **self.unflatten(flat)})
+        return self.call(self.net, batch, {**self.fixed, **self.unflatten(flat)})
 
     def loss(self, flat: torch.Tensor, loss_fn: LossFn, batch: Any) -> torch.Tensor:
         """``loss_fn(output, targets)`` at parameters ``flat`` on one batch."""

@@ -5,7 +5,7 @@
 #   3. resnet18 on synthetic CIFAR-shaped tensors (3x32x32, 10 classes: no CIFAR files are
 #      on any machine), batch 128: SGD, SAF, MESA and SAM images/s and ratios to SGD,
 #      measured side by side, against the paper's 3,289 / 3,213 / 2,780 / 1,657 images/s;
-#   4. the same resnet18 batch: one HVP (plain and through the kept graph) against one
+#   4. the same resnet18 batch: one HVP (plain, through the kept graph, unfolded) against one
 #      training step, time and allocator peak (hvp_scale.py);
 #   5. a 2D surface of resnet_small on 256 CIFAR-shaped images (surface.py).
 # On the device machine (python3 with CUDA torch; wheels/ may hold plotly and mnist1d

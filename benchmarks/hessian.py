@@ -154,10 +154,12 @@ def best_setting(fn, model, data, k, target, ref, settings):
 
 
 def hvp_forms(model, data, repeats: int = 5) -> dict:
-    """Seconds per HVP (median) of the three ways to form one on this model and data.
+    """Seconds per HVP (median) of the ways to form one on this model and data.
 
     ``reverse``: double backward per batch (``HessianOperator``, no cache); ``reverse,
     cached``: the second backward only, through kept first-order graphs (``cache=True``);
+    both with BatchNorm folded into the convolutions (the default) and, as ``unfolded``,
+    with ``fold=False``;
     ``forward-over-reverse``: ``torch.func.jvp`` of ``torch.func.grad`` per batch;
     ``block of 8, cached``: 8 products in one backward through the kept graph
     (``is_grads_batched=True``), time per product.
@@ -185,8 +187,11 @@ def hvp_forms(model, data, repeats: int = 5) -> dict:
     def block(V):
         return torch.autograd.grad(graph, t, V, retain_graph=True, is_grads_batched=True)[0]
 
+    Hu = HessianOperator(model, CE, data, fold=False)
+    Huc = HessianOperator(model, CE, data, cache=True, fold=False)
     forms = {"reverse": H.matvec, "reverse, cached": Hc.matvec, "forward-over-reverse": forward,
-             "block of 8, cached": lambda v: block(v.expand(8, -1).contiguous())[0]}  # fmt: skip
+             "block of 8, cached": lambda v: block(v.expand(8, -1).contiguous())[0],
+             "reverse, unfolded": Hu.matvec, "reverse, cached, unfolded": Huc.matvec}  # fmt: skip
     v = torch.randn(theta.numel(), generator=torch.Generator().manual_seed(0))
     ref = H.matvec(v)
     for f in forms.values():  # warm-up (builds the cache); all agree
@@ -269,7 +274,7 @@ def main(argv=None) -> int:
     p.add_argument("--with-power", action="store_true", help="also this package's power iteration")
     p.add_argument("--tasks", default="lambda_max,top5", help="comma list of tasks to run")
     p.add_argument("--with-slow", action="store_true", help="also PyHessian top-5 at tol / 10")
-    p.add_argument("--hvp-forms", action="store_true", help="only time the three HVP forms")
+    p.add_argument("--hvp-forms", action="store_true", help="only time the ways to form an HVP")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     model, data = setup(384 if args.quick else 1792)

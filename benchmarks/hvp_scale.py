@@ -7,7 +7,9 @@ in its own process, so its peak resident memory is its own:
 * ``step``: one SGD training step (forward, backward, update);
 * ``hvp``: ``HessianOperator(..., cache=False).matvec`` (double backward each product);
 * ``hvp cached``: ``cache=True`` (the first-order graph kept; a product is one backward
-  through it). The first product, which builds the graph, is timed apart as ``build``.
+  through it). The first product, which builds the graph, is timed apart as ``build``;
+* ``hvp cached, unfolded``: the same with ``fold=False`` (BatchNorm run as it is, not
+  folded into the convolutions).
 
 Time is the median of ``--reps`` after one warm-up; memory is the process's peak RSS above
 its RSS before the first operation (model and data loaded), or on CUDA (``--device cuda``)
@@ -79,9 +81,10 @@ def child(args) -> dict:
             opt.step()
     else:
         model.eval()
-        H = HessianOperator(model, F.cross_entropy, [(x, y)], cache=args.row == "hvp cached")
+        cached, fold = args.row.startswith("hvp cached"), not args.row.endswith("unfolded")
+        H = HessianOperator(model, F.cross_entropy, [(x, y)], cache=cached, fold=fold)
         v = torch.randn(H.n_params, generator=g).to(dev)
-        if args.row == "hvp cached":
+        if cached:
             t = time.perf_counter()
             H.matvec(v)  # builds the graph
             sync()
@@ -117,17 +120,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(child(args)))
         return 0
     rows = {}
-    for row in ("step", "hvp", "hvp cached"):
+    for row in ("step", "hvp", "hvp cached", "hvp cached, unfolded"):
         cmd = [sys.executable, __file__, "--row", row, *(argv or sys.argv[1:])]
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
         rows[row] = json.loads(out.strip().splitlines()[-1])
     step = rows["step"]
     print(f"{args.model}, {args.batch} x 3x{args.size}x{args.size}, {args.device}, "
           f"{args.threads} threads, median of {args.reps}")  # fmt: skip
-    print(f"{'row':<12} {'seconds':>8} {'x step':>7} {'peak MB':>8} {'x step':>7}")
+    print(f"{'row':<21} {'seconds':>8} {'x step':>7} {'peak MB':>8} {'x step':>7}")
     for r in rows.values():
         built = f"   (building the graph: {r['build_s']:.2f} s)" if r["build_s"] else ""
-        print(f"{r['row']:<12} {r['seconds']:8.2f} {r['seconds'] / step['seconds']:7.2f} "
+        print(f"{r['row']:<21} {r['seconds']:8.2f} {r['seconds'] / step['seconds']:7.2f} "
               f"{r['peak_mb']:8.0f} {r['peak_mb'] / step['peak_mb']:7.2f}{built}")  # fmt: skip
     if args.out:
         atomic_write_json(args.out, rows)

@@ -198,3 +198,60 @@ def test_cache_estimate_counts_what_the_graph_adds_not_the_weights():
     H.matvec(torch.randn(H.n_params))
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     assert H.cached and 0 < H.cache_bytes < weights / 100
+
+
+class _ConvBN(nn.Module):
+    """conv→BN→ReLU twice, a training-only branch, global pooling, linear (float64)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+            nn.Conv2d(3, 2, 3, bias=False), nn.BatchNorm2d(2), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(2, 3)
+
+    def forward(self, x):
+        x = self.body(x)
+        if self.training:  # traced as eval: the operator's mode
+            x = x * 2
+        return self.head(x.mean((2, 3)))
+
+
+def _conv_bn_model():
+    torch.manual_seed(0)
+    model = _ConvBN().double()
+    with torch.no_grad():  # running statistics and affine parameters away from 0 / 1
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5), m.bias.uniform_(-0.5, 0.5)
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(10, 1, 5, 5, generator=g, dtype=torch.float64)
+    return model, [(X[:6], torch.arange(6) % 3), (X[6:], torch.arange(4) % 3)]
+
+
+def test_batchnorm_folded_products_equal_the_dense_oracle():
+    model, data = _conv_bn_model()
+    model.train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    H = HessianOperator(model, CE, data)
+    assert H.folded == 2
+    dense = dense_hessian(model, CE, data)
+    torch.testing.assert_close(H.to_dense(), dense, rtol=1e-10, atol=1e-12)
+    cached = HessianOperator(model, CE, data, cache=True)
+    v = torch.randn(H.n_params, dtype=torch.float64)
+    torch.testing.assert_close(cached.matvec(v), dense @ v, rtol=1e-10, atol=1e-12)
+    assert model.training and all(m.training for m in model.modules())
+    assert all(torch.equal(before[k], t) for k, t in model.state_dict().items())
+
+
+def test_no_fold_in_train_mode_with_a_hook_or_when_asked():
+    model, data = _conv_bn_model()
+    assert HessianOperator(model, CE, data, fold=False).folded == 0
+    assert HessianOperator(model, CE, data, mode="train").folded == 0
+    hooked = HessianOperator(model, CE, data, forward_fn=lambda m, b: m(b[0]))
+    assert hooked.folded == 0
+    v = torch.randn(hooked.n_params, dtype=torch.float64)
+    folded = HessianOperator(model, CE, data).matvec(v)
+    torch.testing.assert_close(hooked.matvec(v), folded, rtol=1e-10, atol=1e-12)
