@@ -102,9 +102,11 @@ class HessianOperator:
         fold: in eval mode, fold each BatchNorm into the convolution before it
             (:func:`analysis.fold.fold_batchnorm`): the loss is the same function of the
             same parameters, so the Hessian is exact up to float rounding (float64 agrees
-            to 1e-15), and a product takes 0.87× the time on the digits CNN, 0.81× on
-            resnet18 (``benchmarks/hessian.py --hvp-forms``). Models that ``torch.fx``
-            cannot trace, train mode and a ``forward_fn`` hook run the model as it is.
+            to 1e-15). A product through the kept graph takes 0.82× the time on the
+            digits CNN and on resnet18, whose kept graph also needs 0.61× the memory
+            (``benchmarks/hessian.py --hvp-forms``, ``benchmarks/hvp_scale.py``). Models
+            that ``torch.fx`` cannot trace, train mode and a ``forward_fn`` hook run the
+            model as it is.
         forward_fn, output_fn: hooks for models outside the batch convention
             (:class:`analysis.batches.Call`).
 
