@@ -53,7 +53,7 @@ def compare_starts(run: Path, data, tol: float) -> dict:
     """Products per start vector on every checkpoint of ``run`` (see the module docstring)."""
     ce = loss_function("ce")
     counts = {name: 0 for name in STARTS}
-    overlaps, spans, old, misses = [], [], [], 0  # old: the previous checkpoints' (values, vectors)
+    overlaps, spans, old, misses = [], [], [], 0  # old: the last two (values, vectors)
     for _, path in find_checkpoints(run):
         H = HessianOperator(load_checkpoint(model_from_run(run), path), ce, data, cache="auto")
         ref = lanczos(H, 8, tol=1e-8, max_iter=40)
@@ -76,7 +76,7 @@ def compare_starts(run: Path, data, tol: float) -> dict:
                 err = abs(float(r.values[0] - ref.values[0])) / float(ref.values[0])
                 misses += not r.converged or err > 2 * tol
                 counts[name] += r.n_matvecs
-        old.append((ref.values, ref.vectors))
+        old = [*old[-1:], (ref.values, ref.vectors)]
     print(f"{len(overlaps)} checkpoint pairs, lambda_max to tol {tol}: products per start")
     for name in STARTS:
         print(f"  {name:18s} {counts[name]:5d}  ({counts[name] / counts['cold']:.2f} of cold)")
