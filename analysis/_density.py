@@ -15,6 +15,7 @@ from analysis._functional import LossFn, ParamSpec
 from analysis._hvp import HessianOperator
 from analysis._lanczos import _tridiag_eig, lanczos_tridiag
 from analysis._linop import as_matvec, random_vector
+from analysis.rng import generator
 
 
 @dataclass
@@ -71,9 +72,9 @@ def slq(
     m = min(n_iter, n)
     nodes = torch.zeros(n_probes, m, dtype=torch.float64)
     weights = torch.zeros(n_probes, m, dtype=torch.float64)
-    count = 0
+    count, gen = 0, generator(seed, "density")
     for i in tqdm(range(n_probes), desc="slq", disable=not progress, leave=False):
-        v = random_vector(n, seed + i, dtype, device, "rademacher")
+        v = random_vector(n, gen, dtype, device, "rademacher")
         alpha, beta, _, steps = lanczos_tridiag(matvec, v, m)
         theta, S = _tridiag_eig(alpha, beta)
         nodes[i, :steps], weights[i, :steps] = theta, S[0] ** 2

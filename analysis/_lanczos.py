@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis._linop import EigenResult, as_matvec, random_vector
+from analysis.rng import generator
 
 
 def lanczos_tridiag(matvec, v0: torch.Tensor, steps: int, stop=None, locked=None):
@@ -113,7 +114,8 @@ def lanczos(
             (default ``max(20 * k, 100)``).
         n: vector length, for a plain callable ``op``.
         v0: start vector of the first run (default: standard normal from ``seed``).
-        seed: seed of the start vector; restart ``i`` draws from ``seed + i``.
+        seed: seed of the start vector; run ``i`` draws from the stream
+            ``(seed, "lanczos", i)`` (:func:`analysis.rng.generator`).
         progress: show a tqdm bar on stderr.
 
     Returns:
@@ -147,8 +149,8 @@ def lanczos(
         bar.update(1)
         return sign * matvec(v).to(dtype)
 
-    def fresh(i):
-        return random_vector(n, seed + i, dtype, device)
+    def fresh(i):  # run i's start vector: its own stream
+        return random_vector(n, generator(seed, "lanczos", i), dtype, device)
 
     start = v0.to(device, dtype) if v0 is not None else fresh(0)
     values, vectors, residuals, used, ok = _search(mv, k, tol, max_iter, start, fresh)
@@ -160,9 +162,9 @@ def warm_start_vector(vectors: torch.Tensor, seed: int = 0, mix: float = 0.1) ->
     r"""A Lanczos start vector from the Ritz vectors of a nearby operator (a previous epoch).
 
     :math:`v_0 = u + \text{mix}\,\|u\|\, z/\|z\|` with :math:`u = \sum_i y_i` (the rows
-    of ``vectors``) and :math:`z` the cold start vector of ``seed``
-    (:func:`analysis._linop.random_vector`). The random part keeps every direction in
-    the Krylov space, so an eigenvector that has no part in the old ones is still found
+    of ``vectors``) and :math:`z` the cold start vector of ``seed`` (its stream
+    ``(seed, "lanczos", 0)``, :func:`analysis.rng.generator`). The random part keeps every
+    direction in the Krylov space, so an eigenvector that has no part in the old ones is still found
     (as from a cold start); the old part makes the wanted ones converge in fewer steps
     when the operator changed little. The stopping bound of :func:`lanczos` is
     unchanged, so the result is as accurate as a cold start's.
@@ -174,7 +176,7 @@ def warm_start_vector(vectors: torch.Tensor, seed: int = 0, mix: float = 0.1) ->
     """
     V = vectors.reshape(-1, vectors.shape[-1]).to(torch.float64)
     u = (V / V.norm(dim=1, keepdim=True).clamp_min(1e-300)).sum(0)
-    z = random_vector(u.numel(), seed, torch.float64, u.device)
+    z = random_vector(u.numel(), generator(seed, "lanczos", 0), torch.float64, u.device)
     v = u + mix * u.norm() * z / z.norm()
     return v.to(vectors.dtype)
 

@@ -58,9 +58,11 @@ def as_matvec(op: Any, n: int | None = None) -> tuple[Matvec, int, torch.dtype, 
     raise ValueError(f"cannot multiply with a {type(op).__name__}; pass a matrix or a callable")
 
 
-def random_vector(n: int, seed: int, dtype, device, kind: str = "normal") -> torch.Tensor:
-    """A reproducible random vector (normal or Rademacher), drawn on the CPU."""
-    gen = torch.Generator().manual_seed(int(seed))
+def random_vector(
+    n: int, gen: torch.Generator, dtype, device, kind: str = "normal"
+) -> torch.Tensor:
+    """The next random vector (normal or Rademacher) of ``gen`` (a CPU generator from
+    :func:`analysis.rng.generator`), drawn on the CPU, then moved to ``device``."""
     if kind == "rademacher":
         v = torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1
     else:

@@ -8,6 +8,7 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis._linop import EigenResult, as_matvec, random_vector
+from analysis.rng import generator
 
 
 def power_iteration(
@@ -34,7 +35,7 @@ def power_iteration(
         tol: relative change of the Rayleigh quotient at which to stop.
         max_iter: maximum products per eigenpair.
         n: vector length for a plain callable.
-        seed: seed of the start vectors (pair ``i`` uses ``seed + i``).
+        seed: seed of the start vectors (pair ``i``: the stream ``(seed, "power", i)``).
         progress: show a tqdm bar on stderr.
 
     Returns:
@@ -53,7 +54,8 @@ def power_iteration(
     found: list[torch.Tensor] = []
     values, residuals, count, converged = [], [], 0, True
     for i in tqdm(range(k), desc="power iteration", disable=not progress, leave=False):
-        v, theta, done = _deflate(random_vector(n, seed + i, dtype, device), found), None, False
+        start = random_vector(n, generator(seed, "power", i), dtype, device)
+        v, theta, done = _deflate(start, found), None, False
         for _ in range(max_iter):
             v = v / v.norm()
             w = _deflate(matvec(v).to(dtype), found)

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from analysis._functional import LossFn, ParamSpace, ParamSpec
 from analysis.batches import Call, batch_size, concat, model_mode, split, take
 from analysis.distributed import gather_floats, rank_world
+from analysis.rng import generator
 
 
 @dataclass
@@ -97,7 +98,8 @@ def m_sharpness(
         step_size: :math:`\alpha` (default :math:`\rho` for one step, :math:`2\rho/\text{steps}`
             otherwise).
         n_draws: noise draws per batch (average case).
-        seed: seed of the noise draws (draw ``j`` of batch ``i`` uses a fixed stream).
+        seed: seed of the noise draws (batch ``i`` has its own stream,
+            :func:`analysis.rng.generator`).
         distributed: shard batches over ``torch.distributed`` ranks; every rank
             gets the full result.
         progress: show a tqdm bar on stderr.
@@ -123,7 +125,7 @@ def m_sharpness(
             if kind == "worst":
                 vals.append(_worst(space, loss_fn, b, T, rho, alpha, steps, norm))
             else:
-                vals.append(_average(space, loss_fn, b, T, rho, n_draws, norm, seed + 7919 * i))
+                vals.append(_average(space, loss_fn, b, T, rho, n_draws, norm, seed, i))
     vals = gather_floats(vals, distributed)
     if not vals:
         raise ValueError("data has no batch of m samples; pass more data or a smaller m")
@@ -150,9 +152,9 @@ def _worst(space, loss_fn, b, T, rho, alpha, steps, norm) -> float:
     return best
 
 
-def _average(space, loss_fn, b, T, rho, n_draws, norm, seed) -> float:
+def _average(space, loss_fn, b, T, rho, n_draws, norm, seed, i) -> float:
     theta = space.theta
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed, "m_sharpness", i)  # batch i's own stream
     with torch.no_grad():
         loss0 = float(space.loss(theta, loss_fn, b))
         total = 0.0

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from analysis._functional import LossFn, ParamSpec
 from analysis._hvp import HessianOperator
 from analysis._linop import as_matvec, random_vector
+from analysis.rng import generator
 
 
 @dataclass
@@ -47,9 +48,9 @@ def hutchinson(
     """
     matvec, n, dtype, device = as_matvec(op, n)
     _positive(n_samples, "n_samples")
-    vals = []
-    for i in tqdm(range(n_samples), desc="hutchinson", disable=not progress, leave=False):
-        z = random_vector(n, seed + i, dtype, device, "rademacher")
+    vals, gen = [], generator(seed, "trace")
+    for _ in tqdm(range(n_samples), desc="hutchinson", disable=not progress, leave=False):
+        z = random_vector(n, gen, dtype, device, "rademacher")
         vals.append(float(z @ matvec(z).to(dtype)))
     return TraceResult(_mean(vals), _stderr(vals), n_samples)
 
@@ -80,12 +81,13 @@ def hutchpp(
         bar.update(1)
         return matvec(v).to(dtype)
 
-    S = [random_vector(n, seed + i, dtype, device, "rademacher") for i in range(s)]
+    gen = generator(seed, "trace")
+    S = [random_vector(n, gen, dtype, device, "rademacher") for _ in range(s)]
     Q, _ = torch.linalg.qr(torch.stack([mv(v) for v in S], dim=1))
     exact = sum(float(q @ mv(q)) for q in Q.T)
     vals = []
-    for i in range(s):
-        g = random_vector(n, seed + s + i, dtype, device, "rademacher")
+    for _ in range(s):
+        g = random_vector(n, gen, dtype, device, "rademacher")
         g = g - Q @ (Q.T @ g)
         vals.append(float(g @ mv(g)))
     bar.close()

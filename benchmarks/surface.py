@@ -75,7 +75,7 @@ def run_loss_landscapes(model, x, y, steps: int) -> float | None:
 
 
 def run_landscape(model, x, y, steps: int, fast: bool, target_se=None, share=None) -> float:
-    dirs = (L.random_direction(model, seed=1), L.random_direction(model, seed=2))
+    dirs = (L.random_direction(model, index=0), L.random_direction(model, index=1))
     grid = np.linspace(-1, 1, steps)
     data = [(x, y)] if target_se is None else list(zip(x.split(32), y.split(32), strict=True))
     t = time.perf_counter()

@@ -227,8 +227,8 @@ def _directions(args, run: _Source, others: list[_Source], loss_fn, out: Path):
     ``run.pca``."""
     n, ignore = args.dim, None if args.ignore == "none" else args.ignore
     if args.directions == "random":
-        seeds = [args.seed + i for i in range(n)]
-        return [L.random_direction(run.model, args.norm, ignore, s) for s in seeds], None
+        return [L.random_direction(run.model, args.norm, ignore, args.seed, index=i)
+                for i in range(n)], None  # fmt: skip
     if args.directions == "interpolate":
         states = [run.state, *(o.state for o in others)]
         if len(states) == 1:

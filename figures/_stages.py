@@ -250,7 +250,7 @@ def surfaces_all(s: Settings, out: Path, runs: dict, device: str, progress: bool
         else:
             say(f"2D surface of {run_name(method, 0)} ({s.surface_points}x{s.surface_points})")
             model = _final_model(runs[method, 0], device)
-            dirs = (random_direction(model, seed=1), random_direction(model, seed=2))
+            dirs = (random_direction(model, index=0), random_direction(model, index=1))
             surf = surface_2d(model, LOSS, data, dirs, xs, xs, path=path, progress=progress)
         grids[method] = Grid(surf.coords[0], surf.coords[1], np.asarray(surf.loss).T)
     return grids

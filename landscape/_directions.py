@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from analysis import HessianOperator, lanczos
+from analysis.rng import generator
 
 Direction = dict[str, torch.Tensor]
 
@@ -120,11 +121,13 @@ def random_direction(
     ignore: str | None = "biasbn",
     seed: int = 0,
     include_buffers: bool = False,
+    index: int = 0,
 ) -> Direction:
     r"""A Gaussian direction, filter-normalized (Li et al. 2018, Sec. 4).
 
-    :math:`d \sim \mathcal N(0, I)` drawn on the CPU from ``seed`` (so the
-    same seed gives the same direction on every device), then
+    :math:`d \sim \mathcal N(0, I)` drawn on the CPU from the stream ``(seed, index)``
+    (:func:`analysis.rng.generator`: the same on every device, and independent of every
+    other seed's and index's), then
     :func:`filter_normalize` d to the model's weights: with the defaults
     :math:`\lVert d_i\rVert = \lVert w_i\rVert` for every output filter (row
     of a linear layer), and biases / BatchNorm parameters are zero.
@@ -134,6 +137,7 @@ def random_direction(
         norm: ``"filter"``, ``"layer"``, ``"model"`` or ``"none"``.
         ignore: ``"biasbn"`` (zero 1-D tensors) or ``None`` (set them to ``w``).
         seed: seed of the Gaussian draw.
+        index: which direction of that seed (a 2D surface uses 0 and 1).
         include_buffers: also perturb floating-point buffers (BN running stats),
             which follow the same rule as 1-D parameters. Default: untouched.
 
@@ -150,7 +154,7 @@ def random_direction(
     """
     _check(norm, ignore)
     weights = model_weights(model, include_buffers)
-    gen = torch.Generator().manual_seed(int(seed))
+    gen = generator(seed, "direction", index)
     raw = {
         k: torch.randn(w.shape, generator=gen, dtype=torch.float64).to(w.device, w.dtype)
         for k, w in weights.items()

@@ -20,6 +20,7 @@ from analysis import (
     slq,
     warm_start_vector,
 )
+from analysis.rng import generator
 from tests.analysis._models import batches, dense_hessian, mlp
 
 CE = nn.CrossEntropyLoss()
@@ -142,11 +143,9 @@ def test_slq_moments_exact_and_converge(problem):
     n = H.shape[0]
     d = hessian_density(model, CE, data, n_iter=10, n_probes=3, seed=1)
     torch.testing.assert_close(d.weights.sum(1), torch.ones(3, dtype=torch.float64))
+    gen = generator(1, "density")  # the probes, in order
     for i in range(3):  # Gauss quadrature with 10 nodes is exact for degree <= 19
-        z = (
-            torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(1 + i)).double() * 2
-            - 1
-        )
+        z = torch.randint(0, 2, (n,), generator=gen).double() * 2 - 1
         for p in (1, 2, 5):
             quad = float((d.weights[i] * d.nodes[i] ** p).sum())
             exact = float(z @ torch.linalg.matrix_power(H, p) @ z) / n
