@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 from analysis.batches import batch_mean, loss_and_accuracy, model_mode
 from analysis.distributed import all_reduce_sum, init_from_env, local_device
 from analysis.io import exclusive
+from analysis.rng import generator
 from saf import _setup, runs
 from saf.config import TrainConfig, TrainingDiverged, describe_run, is_spec
 from saf.methods import Stepper
@@ -156,7 +157,7 @@ def _train(config, resume, epochs, model_factory, dataset_fn) -> Path:
         )
     train_ds, test_ds = _setup.datasets(cfg, device, dataset_fn)
     sampler_gen = torch.Generator().manual_seed(cfg.seed)  # the data order: same for all methods
-    augment_gen = torch.Generator().manual_seed(cfg.seed + 1)
+    augment_gen = generator(cfg.seed, "augment")  # not seed + 1: that is the next seed's order
     steps = steps_per_epoch(len(train_ds), cfg.batch_size, world)
     hp = cfg.resolved(steps, device)
     torch.manual_seed(cfg.seed)
