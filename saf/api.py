@@ -22,6 +22,7 @@ Reference: Du et al., "Sharpness-Aware Training for Free", NeurIPS 2022.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -36,7 +37,8 @@ from saf.trajectory import OutputStore, trajectory_loss
 
 
 class WithIndex(torch.utils.data.Dataset):
-    """A map-style data set whose items carry their index: ``(x, y) -> (x, y, i)``.
+    """A map-style data set whose items carry their index: ``(x, y) -> (x, y, i)``, and a
+    mapping (a Hugging Face example) ``{...} -> {..., "index": i}``.
 
     SAF stores each sample's logits under its index, so shuffling, prefetching workers
     and a ``DistributedSampler`` cannot misalign them.
@@ -44,6 +46,8 @@ class WithIndex(torch.utils.data.Dataset):
     >>> ds = WithIndex([(10.0, 0), (20.0, 1)])
     >>> ds[1], len(ds)
     ((20.0, 1, 1), 2)
+    >>> WithIndex([{"input_ids": [5, 6], "labels": 1}])[0]
+    {'input_ids': [5, 6], 'labels': 1, 'index': 0}
     """
 
     def __init__(self, dataset: Any):
@@ -52,8 +56,12 @@ class WithIndex(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, i: int) -> tuple:
+    def __getitem__(self, i: int) -> tuple | dict:
         item = self.dataset[i]
+        if isinstance(item, Mapping):
+            if "index" in item:
+                raise ValueError("WithIndex: the item already has an 'index' key; rename it")
+            return {**item, "index": i}
         return (*item, i) if isinstance(item, tuple) else (item, i)
 
 
