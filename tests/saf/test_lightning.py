@@ -1,0 +1,190 @@
+"""SAF, MESA and SAM in Lightning (:mod:`saf.lightning`), each against an oracle.
+
+Oracles: a plain Lightning module without the term (lambda = 0 is SGD bit for bit); an
+uninterrupted run (a resumed run's SAF term, MESA teacher and weights); a plain PyTorch
+SAM loop (Lightning's automatic and manual optimization take the same steps).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+import saf
+
+pl = pytest.importorskip("lightning.pytorch", reason="Lightning is an optional extra")
+from saf.lightning import SAFCallback  # noqa: E402  (after the importorskip)
+
+N, C = 48, 3
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, C))
+
+
+def _loader() -> DataLoader:
+    g = torch.Generator().manual_seed(1)
+    data = TensorDataset(torch.randn(N, 8, generator=g), torch.randint(0, C, (N,), generator=g))
+    return DataLoader(saf.WithIndex(data), batch_size=12)  # fixed order: resumes line up
+
+
+class Net(pl.LightningModule):
+    def __init__(self, method: str = "sgd", lam: float = 0.3, manual: str | None = None):
+        super().__init__()
+        self.net, self.method, self.manual, self.terms = _mlp(), method, manual, []
+        self.automatic_optimization = manual is None
+        if method == "saf":
+            self.extra = saf.SAFLoss(N, C, lam=lam, lag=1, start_epoch=1)
+        elif method == "mesa":
+            self.extra = saf.MESALoss(self.net, decay=0.5, lam=lam, start_epoch=1)
+
+    def loss(self, batch):
+        x, y, idx = batch
+        target = self.extra.target(x, self.current_epoch) if self.method == "mesa" else None
+        logits = self.net(x)
+        term = torch.zeros(())
+        if self.method == "saf":
+            term = self.extra(logits, idx, self.current_epoch)
+        elif self.method == "mesa":
+            term = self.extra(logits, target)
+        self.terms.append((self.current_epoch, float(term.detach())))
+        return F.cross_entropy(logits, batch[1]) + term
+
+    def training_step(self, batch, batch_idx):
+        if self.manual is None:
+            return self.loss(batch)
+        opt = self.optimizers()
+        if self.manual == "direct":  # the recipe that leaves global_step at 0
+            self.manual_backward(self.loss(batch))
+            opt.first_step(zero_grad=True)
+            self.manual_backward(self.loss(batch))
+            opt.second_step(zero_grad=True)
+            return None
+
+        def closure():
+            loss = self.loss(batch)
+            self.manual_backward(loss)
+            return loss
+
+        opt.step(closure)  # SAM: two passes, and global_step advances
+
+    def configure_optimizers(self):
+        if self.method == "sam":
+            return saf.SAM(self.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+        return torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9)
+
+
+def _fit(model, root, epochs, callbacks=(), ckpt_path=None, **kwargs) -> pl.Trainer:
+    trainer = pl.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[*callbacks, pl.callbacks.ModelCheckpoint(dirpath=root, save_last=True)],
+        default_root_dir=root,
+        **kwargs,
+    )
+    trainer.fit(model, _loader(), ckpt_path=ckpt_path)
+    return trainer
+
+
+def _weights(model: nn.Module) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _equal(a, b) -> bool:
+    return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+
+
+@pytest.mark.parametrize("method", ["saf", "mesa"])
+def test_lambda_0_is_plain_sgd_bit_for_bit(tmp_path, method):
+    sgd, term = Net(), Net(method, lam=0.0)
+    _fit(sgd, tmp_path / "sgd", 3)
+    _fit(term, tmp_path / method, 3, [SAFCallback(term.extra, student=term.net)])
+    assert _equal(_weights(sgd), _weights(term))
+
+
+@pytest.mark.parametrize("method", ["saf", "mesa"])
+def test_a_resumed_run_has_the_uninterrupted_runs_term(tmp_path, method):
+    """The regression: after a resume the SAF term was 0.0 (the store was not saved)."""
+    whole = Net(method)
+    _fit(whole, tmp_path / "whole", 4, [SAFCallback(whole.extra, student=whole.net)])
+    first = Net(method)
+    _fit(first, tmp_path / "cut", 2, [SAFCallback(first.extra, student=first.net)])
+    again = Net(method)  # a fresh process: new module, new store or teacher
+    cb = SAFCallback(again.extra, student=again.net)
+    _fit(again, tmp_path / "cut2", 4, [cb], ckpt_path=tmp_path / "cut" / "last.ckpt")
+    late = [t for e, t in whole.terms if e >= 2]
+    assert [t for e, t in again.terms] == late and min(late) > 0
+    assert _equal(_weights(whole), _weights(again))
+
+
+def test_a_checkpoint_without_the_store_is_refused(tmp_path):
+    first = Net("saf")
+    _fit(first, tmp_path / "cut", 2)  # no callback: the store is not in the checkpoint
+    again = Net("saf")
+    with pytest.raises(ValueError, match="no saf state"):
+        _fit(again, tmp_path / "b", 4, [SAFCallback(again.extra)], tmp_path / "cut" / "last.ckpt")
+
+
+def test_the_teacher_moves_once_per_optimizer_step_under_accumulation(tmp_path):
+    """4 batches per epoch, 2 per step: 2 updates per epoch, after the step, not 4."""
+    model = Net("mesa")
+    calls, update = [], model.extra.update
+    model.extra.update = lambda m: calls.append(_weights(m)) or update(m)
+    cb = SAFCallback(model.extra, model.net)
+    trainer = _fit(model, tmp_path, 2, [cb], accumulate_grad_batches=2)
+    assert len(calls) == trainer.global_step == 4
+    assert _equal(calls[-1], _weights(model.net))  # the weights after the last step
+
+
+def _plain_sam(epochs: int) -> list[torch.Tensor]:
+    model = _mlp()
+    opt = saf.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    for _ in range(epochs):
+        for x, y, _ in _loader():
+
+            def closure(x=x, y=y):
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+    return _weights(model)
+
+
+@pytest.mark.parametrize("manual", [None, "closure"])
+def test_sam_steps_as_a_plain_loop_and_checkpoints(tmp_path, manual):
+    """Automatic optimization and the manual closure recipe: the plain loop's weights,
+    ``global_step`` counts the steps, so checkpoints are written."""
+    model = Net("sam", manual=manual)
+    trainer = _fit(model, tmp_path, 2, [SAFCallback()])
+    assert _equal(_weights(model), _plain_sam(2))
+    assert trainer.global_step == 2 * 4 and (tmp_path / "last.ckpt").is_file()
+
+
+def test_sam_stepped_without_global_step_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="global_step did not advance"):
+        _fit(Net("sam", manual="direct"), tmp_path, 1, [SAFCallback()])
+
+
+@pytest.mark.parametrize(
+    "method, kwargs, match",
+    [
+        ("sam", {"accumulate_grad_batches": 2}, "accumulate_grad_batches=2"),
+        ("saf", {}, "SAF with SAM"),
+    ],
+)
+def test_silently_wrong_sam_is_refused_at_fit_start(tmp_path, method, kwargs, match):
+    model = Net(method)
+    if method == "saf":
+        model.configure_optimizers = lambda: saf.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    loss = model.extra if method == "saf" else None
+    with pytest.raises(ValueError, match=match):
+        _fit(model, tmp_path, 1, [SAFCallback(loss)], **kwargs)
+    assert model.terms == []  # refused before any step
