@@ -2,9 +2,12 @@
 
 Table contract (one row per checkpoint x metric; column and metric names are stable):
 
-* ``checkpoint`` (file name), ``epoch`` (last integer in the file stem, or NaN),
-  ``metric``, ``value``, ``stderr`` (NaN when n/a), ``status`` (``"ok"``, or why there is
-  no value: the skip reason of an unreadable/mismatched checkpoint, ``"nonfinite weights"``,
+* ``checkpoint`` (file or model folder name), ``epoch`` (from the name or the file's
+  own ``epoch`` field: :func:`analysis.io.checkpoint_epoch`; NaN when neither says),
+  ``step`` (the training step the name states: ``step_N``, ``step=N``, a Trainer folder
+  ``checkpoint-N``; :func:`analysis.io.checkpoint_step`; NaN otherwise), ``metric``,
+  ``value``, ``stderr`` (NaN when n/a), ``status`` (``"ok"``, or why there is no value:
+  the skip reason of an unreadable/mismatched checkpoint, ``"nonfinite weights"``,
   ``"n/a: ..."``),
 * ``rho``, ``m``, ``kind``, ``steps``, ``adaptive``: the sharpness settings on the
   ``sam_sharpness``/``m_sharpness`` rows (NaN/empty elsewhere). ``m`` is NaN when the
@@ -43,21 +46,31 @@ from analysis._hvp import HessianOperator
 from analysis._lanczos import lanczos, warm_start_vector
 from analysis._sharpness import m_sharpness
 from analysis._trace import hutchpp
-from analysis.batches import Call, batch_mean, loss_and_accuracy, model_mode, reiterable
+from analysis.batches import (
+    Call,
+    batch_mean,
+    batch_size,
+    loss_and_accuracy,
+    model_mode,
+    reiterable,
+)
 from analysis.io import (
     CheckpointError,
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
+    checkpoint_files,
+    checkpoint_step,
     exclusive,
     find_checkpoints,
     load_checkpoint,
     safe_torch_load,
+    uncompiled,
 )
 from analysis.losses import check_loss, loss_function
 
 BASIC = ("loss", "accuracy", "lambda_max", "lambda_min", "trace", "sam_sharpness", "m_sharpness")
-COLUMNS = ("checkpoint", "epoch", "metric", "value", "stderr", "status",
+COLUMNS = ("checkpoint", "epoch", "step", "metric", "value", "stderr", "status",
            "rho", "m", "kind", "steps", "adaptive", "matvecs", "warm")  # fmt: skip
 _LAMBDA = re.compile(r"lambda_(\d+)$")
 
@@ -153,6 +166,7 @@ class _Job:
     s: AnalysisSettings
     call: Call
     key: str | None
+    prefix: str | None = None
 
 
 def analyze_run(
@@ -173,6 +187,7 @@ def analyze_run(
     output_fn: Callable | None = None,
     key: str | None = None,
     epoch_regex: str | None = None,
+    strip_prefix: str | None = None,
 ) -> pd.DataFrame:
     """Measure every checkpoint of a folder; return (and write) a tidy table.
 
@@ -181,11 +196,15 @@ def analyze_run(
     :mod:`analysis.batches` convention); nothing here knows the trainer.
 
     Args:
-        path: a folder of checkpoint files (see :func:`analysis.io.find_checkpoints`), or a
-            run directory (then ``path/checkpoints/`` is read).
+        path: a folder of checkpoint files or model folders (Hugging Face
+            ``save_pretrained``, Trainer ``checkpoint-N/``; see
+            :func:`analysis.io.find_checkpoints`), or a run directory (then
+            ``path/checkpoints/`` is read). Rows come in epoch, then step order.
         metrics: names from the module docstring.
-        model_factory: builds the architecture; each checkpoint is loaded strictly
-            (:func:`analysis.io.load_checkpoint`).
+        model_factory: builds the architecture (a ``torch.compile`` wrapper is measured
+            as the module inside); each checkpoint is loaded strictly
+            (:func:`analysis.io.load_checkpoint`: keys matched under any wrapper's prefix,
+            tied weights the file leaves out taken from their twin).
         data: the batches every metric uses (loss: mean over all samples).
         loss_fn: ``loss_fn(outputs, targets)``, a batch mean, or a name of
             :data:`analysis.losses.LOSSES` (default: cross-entropy). It is checked against
@@ -209,6 +228,8 @@ def analyze_run(
             default: found among :data:`analysis.io.STATE_KEYS`).
         epoch_regex: a regular expression whose first group is the epoch in a file name
             (default: :func:`analysis.io.checkpoint_epoch`).
+        strip_prefix: the prefix to remove from every key (``"net."``; default: the one
+            that makes the keys match the model's, :func:`analysis.io.match_prefix`).
 
     Returns:
         The table (columns ``COLUMNS``); ``df.attrs["skipped"]`` lists
@@ -216,6 +237,11 @@ def analyze_run(
         checkpoint with NaN/Inf weights gives NaN rows (status ``"nonfinite
         weights"``); a corrupt, unsafe or mismatched one is named on ``log``,
         skipped, and the rest analysed.
+
+    Raises:
+        ValueError: before any work, when the loss does not fit the data, or a metric asks
+            for more than the data or the model has (``m`` above the sample count,
+            ``lambda_K`` above the parameter count).
     """
     names = parse_metrics(metrics)
     s = settings or AnalysisSettings()
@@ -225,7 +251,9 @@ def analyze_run(
         files = [(e, f) for e, f in files if e in set(epochs)]
     loss_fn = loss_function(loss_fn) if loss_fn is not None else nn.CrossEntropyLoss()
     data = reiterable(data)
-    job = _Job(names, model_factory, data, loss_fn, device, s, Call(forward_fn, output_fn), key)
+    factory = lambda: uncompiled(model_factory())  # noqa: E731
+    call = Call(forward_fn, output_fn)
+    job = _Job(names, factory, data, loss_fn, device, s, call, key, strip_prefix)
     _check_fit(job)
     n_batches = sum(1 for _ in data) if s.lambda_se_groups else 0
     if s.lambda_se_groups > n_batches and any(_LAMBDA.match(n) or n == "lambda_max" for n in names):
@@ -236,7 +264,7 @@ def analyze_run(
         "n_lambda": sum(n.startswith("lambda_") and n != "lambda_min" for n in _expand(names)),
         "loss": _describe(loss_fn),
         "hooks": [_describe(forward_fn), _describe(output_fn)],
-        "arch": repr(model_factory()),
+        "arch": repr(factory()),
         "data": _data_hash(data),
     }
     skey = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
@@ -254,7 +282,8 @@ def analyze_run(
             if reason:
                 print(f"skipped {f.name}: {reason}", file=log or sys.stderr)
                 skipped.append((f.name, reason))
-            rows += [{"checkpoint": f.name, "epoch": epoch, **r} for r in got]
+            step = checkpoint_step(f)
+            rows += [{"checkpoint": f.name, "epoch": epoch, "step": step, **r} for r in got]
         df = pd.DataFrame(rows, columns=list(COLUMNS))
         df.attrs["skipped"] = skipped
         if out is not False:
@@ -263,12 +292,14 @@ def analyze_run(
 
 
 def _check_fit(job: _Job) -> None:
-    """The loss against the data, on the first batch through a freshly built model."""
+    """The loss against the data, on the first batch through a freshly built model; the
+    metrics' sizes against the data's and the model's."""
     first = next(iter(job.data), None)
     if first is None:
         raise ValueError("data has no batches; pass at least one (inputs, targets) batch")
     model = job.factory()
     space = ParamSpace(model, None, job.s.dtype, "cpu", job.call)
+    _check_sizes(job, space.n)
     with torch.no_grad(), model_mode(model, "eval"):
         b = space.batch(first)
         try:
@@ -277,6 +308,24 @@ def _check_fit(job: _Job) -> None:
             why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             raise ValueError(f"the model does not run on the data's first batch: {why}") from None
         check_loss(job.loss_fn, out, b[1])
+
+
+def _check_sizes(job: _Job, n_params: int) -> None:
+    """``m`` within the samples and ``lambda_K`` within the parameters, else one line."""
+    K = sum(_LAMBDA.match(n) is not None or n == "lambda_max" for n in _expand(job.names))
+    if n_params < K:
+        raise ValueError(
+            f"lambda_{K} asks for {K} eigenvalues of a model with {n_params} parameters; "
+            f"ask for at most lambda_{n_params}"
+        )
+    m = job.s.m
+    if "m_sharpness" in job.names and m is not None:
+        n = sum(batch_size(b) for b in job.data)
+        if m > n:
+            raise ValueError(
+                f"m_sharpness: m={m} (--m) is more than the {n} samples of the data; "
+                f"choose m <= {n} or pass more data"
+            )
 
 
 def _describe(fn: Any) -> str:
@@ -312,10 +361,12 @@ def _data_hash(data: Iterable) -> str:
 
 
 def _file_hash(path: Path) -> str:
+    """Content hash of the file(s) a checkpoint is read from (a model folder's weights)."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for name in checkpoint_files(path):
+        with open(name, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):  # noqa: B023
+                h.update(chunk)
     return h.hexdigest()[:16]
 
 
@@ -380,7 +431,7 @@ def _one_checkpoint(
 ) -> tuple[list[dict], str]:
     try:
         fhash = _file_hash(path)
-    except OSError:  # unreadable: load_checkpoint names why
+    except (OSError, CheckpointError):  # unreadable: load_checkpoint names why
         fhash = ""
     try:
         return _measure(path, fhash, job, cache_dir, skey, warm)
@@ -393,7 +444,7 @@ def _measure(path: Path, fhash: str, job: _Job, cache_dir, skey, warm) -> tuple[
     order = _expand(job.names)
     casts: list = []
     try:
-        model = load_checkpoint(job.factory(), path, job.key, casts).to(job.device)
+        model = load_checkpoint(job.factory(), path, job.key, casts, job.prefix).to(job.device)
     except CheckpointError as e:
         reason = str(e).removeprefix(f"{path}: ")
         return [_row(n, status=reason) for n in order], reason
@@ -507,7 +558,7 @@ def _loss_accuracy(model: nn.Module, job: _Job) -> list[dict]:
         return loss_and_accuracy(job.loss_fn, space.output(space.theta, b), b[1])
 
     with model_mode(model, job.s.mode):
-        loss, acc = batch_mean(one, job.data).tolist()
+        loss, acc = batch_mean(one, job.data, loss_fn=job.loss_fn).tolist()
     if math.isnan(acc):
         return [_row("loss", loss), _row("accuracy", status="n/a: targets are not class labels")]
     return [_row("loss", loss), _row("accuracy", acc)]

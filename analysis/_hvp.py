@@ -162,7 +162,7 @@ class HessianOperator:
         self.folded = self.space.folded
         self.distributed = distributed
         self.batches = shard(reiterable(data), distributed)
-        self.n_samples = count_samples(self.batches, distributed)
+        self.n_samples = count_samples(self.batches, distributed, loss_fn)  # LM: tokens
         if self.n_samples == 0:
             raise ValueError("data has no samples; pass at least one (inputs, targets) batch")
         self.n_params = self.space.n
@@ -209,6 +209,7 @@ class HessianOperator:
                 self.batches,
                 n_samples=self.n_samples,
                 distributed=self.distributed if distributed is None else distributed,
+                loss_fn=self.loss_fn,
             )
 
     __matmul__ = matvec

@@ -4,7 +4,9 @@ Every measure, surface and loop (Hessian products, Lanczos, trace, density, m-sh
 surfaces, interpolation, PCA, ``analyze_run``, the trainer's evaluation) reads data the
 same way:
 
-* **A batch** is ``(inputs, targets)``; its size is counted from the targets.
+* **A batch** is ``(inputs, targets)``; its size is counted from the targets: their
+  rows, or the terms the loss averages over when it says (``loss_fn.count_terms``: the
+  tokens of :class:`analysis.losses.TokenCrossEntropy` that are not ignored).
 * **Inputs** call the model by their type: a Tensor calls ``model(x)``, a tuple or list
   ``model(*x)``, a mapping ``model(**x)`` (a Hugging-Face-style batch of named tensors).
 * **Outputs** are used by their type: a Tensor as it is, a tuple or list by its first
@@ -14,6 +16,8 @@ same way:
 * **The data-set loss** is the size-weighted mean of the batch losses,
 
   .. math:: L = \frac{1}{N}\sum_b n_b\,\ell_b, \qquad N = \sum_b n_b,
+
+  (:math:`n_b` the batch's size, above),
 
   computed by :func:`batch_mean` (over every rank under ``torch.distributed``).
 """
@@ -31,7 +35,7 @@ from torch import nn
 from torch.func import functional_call
 
 from analysis.distributed import all_reduce_sum
-from analysis.losses import LOSS_MODULES, LOSSES
+from analysis.losses import LOSS_MODULES, LOSSES, TokenCrossEntropy
 
 Batch = tuple[Any, Any]
 
@@ -51,13 +55,17 @@ def split(batch: Any) -> Batch:
     return inputs, targets
 
 
-def batch_size(batch: Any) -> int:
-    """Number of samples of a batch, counted from its targets.
+def batch_size(batch: Any, loss_fn: Callable | None = None) -> int:
+    """The weight of a batch in a mean over batches: ``loss_fn.count_terms(targets)`` when
+    the loss has it (the terms its mean runs over), else the rows of the targets.
 
     >>> batch_size((torch.zeros(5, 3), torch.zeros(5)))
     5
     """
     _, targets = split(batch)
+    count_terms = getattr(loss_fn, "count_terms", None)
+    if count_terms is not None:
+        return int(count_terms(targets))
     if isinstance(targets, torch.Tensor):
         return int(targets.shape[0]) if targets.dim() > 0 else 1
     return len(targets)
@@ -231,10 +239,11 @@ def sample_losses(
     Each row is scored as a batch of one (:func:`torch.vmap`; a loop where the loss
     does not vectorise); the named losses (:data:`analysis.losses.LOSSES`) and their
     ``nn`` modules are called once with ``reduction="none"`` instead (the same numbers,
-    about 80 times faster than ``vmap``). ``None`` when the targets are not a tensor with a row per
-    output row, or when the mean of the :math:`\ell_i` is not the batch loss (to
-    :math:`10^{-6}` relative): a loss that is not a mean over samples has no
-    per-sample decomposition. ``batch_loss``: that batch loss when already computed.
+    about 80 times faster than ``vmap``); the token losses give one term per counted token.
+    ``None`` when the targets are not a tensor with a row per output row, or when the mean
+    of the :math:`\ell_i` is not the batch loss (to :math:`10^{-6}` relative): a loss that
+    is not a mean over samples has no per-sample decomposition. ``batch_loss``: that batch
+    loss when already computed.
     """
     if not (isinstance(targets, torch.Tensor) and targets.dim() >= 1):
         return None
@@ -260,7 +269,7 @@ def sample_losses(
 def _unreduced(loss_fn: Callable, output: torch.Tensor, targets: Any) -> torch.Tensor | None:
     """The per-sample losses of a named loss in one call (``reduction="none"``, each
     sample's elements averaged), or None for any other loss."""
-    if any(loss_fn is f for f in LOSSES.values()):
+    if isinstance(loss_fn, TokenCrossEntropy) or any(loss_fn is f for f in LOSSES.values()):
         out = loss_fn(output, targets, reduction="none")
     elif type(loss_fn) in LOSS_MODULES:
         unreduced = copy.copy(loss_fn)
@@ -292,9 +301,12 @@ def reiterable(data: Iterable) -> Iterable:
     return data
 
 
-def count_samples(batches: Iterable, distributed: bool | None = False) -> int:
-    """``N``: the samples of ``batches`` (summed over ranks)."""
-    n = torch.tensor([float(sum(batch_size(b) for b in batches))], dtype=torch.float64)
+def count_samples(
+    batches: Iterable, distributed: bool | None = False, loss_fn: Callable | None = None
+) -> int:
+    """``N``: the samples of ``batches`` (summed over ranks), or the terms of ``loss_fn``
+    (:func:`batch_size`)."""
+    n = torch.tensor([float(sum(batch_size(b, loss_fn) for b in batches))], dtype=torch.float64)
     return int(all_reduce_sum(n, distributed).item())
 
 
@@ -304,6 +316,7 @@ def batch_mean(
     *,
     n_samples: int | None = None,
     distributed: bool | None = False,
+    loss_fn: Callable | None = None,
 ) -> torch.Tensor:
     r"""The size-weighted mean :math:`\frac1N\sum_b n_b\, f(b)` of a per-batch mean ``fn``.
 
@@ -313,6 +326,8 @@ def batch_mean(
         n_samples: ``N`` over all ranks when known (each term is then added with weight
             :math:`n_b/N`); counted from the batches otherwise.
         distributed: sum over ranks (see :mod:`analysis.distributed`).
+        loss_fn: the loss ``fn`` averages, when its batches count terms, not rows
+            (:func:`batch_size`: language models' tokens).
 
     Raises:
         ValueError: no batch at all (on every rank), or no sample.
@@ -323,7 +338,7 @@ def batch_mean(
     """
     total, n = None, 0
     for batch in batches:
-        nb = batch_size(batch)
+        nb = batch_size(batch, loss_fn)
         v = fn(batch)
         w = nb / n_samples if n_samples else float(nb)
         total = torch.add(torch.zeros_like(v) if total is None else total, v, alpha=w)

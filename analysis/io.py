@@ -10,6 +10,11 @@ Three promises live here:
   would run code is refused before anything runs.
 * **A checkpoint fits its model or is refused**, naming why: :func:`load_checkpoint`
   loads strictly and never casts an integer tensor to float or back.
+
+Layouts read: a file (``.pt``, ``.pth``, ``.ckpt``, ``.safetensors``, timm's ``.pth.tar``),
+or a Hugging Face model folder (``save_pretrained`` or a Trainer ``checkpoint-N/``:
+``model.safetensors``, ``pytorch_model.bin`` or a sharded ``*.index.json``; the Trainer's
+``optimizer.pt``, ``scheduler.pt``, ``rng_state.pth`` beside them are not checkpoints).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import re
 import tempfile
 import time
 import zipfile
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -36,7 +42,18 @@ try:
 except ImportError:  # not POSIX: no advisory locks
     fcntl = None
 
-CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors")
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".safetensors", ".pth.tar")
+MODEL_FILES = (
+    "model.safetensors",
+    "pytorch_model.bin",
+    "model.safetensors.index.json",
+    "pytorch_model.bin.index.json",
+)
+"""The weights of a Hugging Face model folder, tried in this order."""
+TRAINER_FILES = re.compile(
+    r"(optimizer|scheduler|scaler|rng_state(_\d+)?|training_args)\.(pt|pth|bin)"
+)
+"""Files a training loop keeps beside its weights; never read as checkpoints."""
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
@@ -161,10 +178,21 @@ _ALLOWED_GLOBALS = {
 }
 
 
+class StoredNamespace:
+    """What an ``argparse.Namespace`` in a checkpoint (timm keeps its training arguments in
+    one) is read as: its attributes as data, no method of ``argparse`` and no import."""
+
+
+_STUBS = {("argparse", "Namespace"): StoredNamespace}
+_STUBS_READABLE = hasattr(torch.serialization, "safe_globals") and tuple(
+    int(x) for x in re.findall(r"\d+", torch.__version__)[:2]
+) >= (2, 6)  # torch 2.6 maps a stored class name to a stand-in
+
+
 def _allowed(module: str, name: str) -> bool:
     """Globals a checkpoint of tensors, numbers, strings and containers may name; nothing
     that builds an object of a size chosen in the file (``bytearray(3 * 2**30)``)."""
-    if (module, name) in _ALLOWED_GLOBALS:
+    if (module, name) in _ALLOWED_GLOBALS or (_STUBS_READABLE and (module, name) in _STUBS):
         return True
     attr = getattr(torch, name, None) if module == "torch" else None
     storage = isinstance(attr, type) and issubclass(
@@ -218,11 +246,12 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"{path}: empty file")
     refused = _refused_global(path)
     if refused:
+        hint = "; torch >= 2.6 reads it as data" if refused == "argparse.Namespace" else ""
         raise CheckpointError(
-            f"{path}: refused: the file asks to build {refused} (not a plain weights file)"
+            f"{path}: refused: the file asks to build {refused} (not a plain weights file){hint}"
         )
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return _torch_load(path, map_location)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
@@ -230,12 +259,18 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"{path}: {msg}") from None
 
 
+def _torch_load(path: Path, map_location: Any, mmap: bool = False) -> Any:
+    """``torch.load(weights_only=True)``, with the stand-ins of ``_STUBS`` for the classes
+    they replace."""
+    stubs = [(cls, ".".join(name)) for name, cls in _STUBS.items()] if _STUBS_READABLE else []
+    context = torch.serialization.safe_globals(stubs) if stubs else contextlib.nullcontext()
+    with context:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+
+
 STATE_KEYS = ("state_dict", "model", "model_state_dict", "net", "ema", "module", "model_state")
 """Keys under which checkpoints nest their state dict, tried in this order (Lightning's
 ``.ckpt`` files use ``state_dict``)."""
-PREFIXES = ("module.", "model.", "_orig_mod.")
-"""Key prefixes stripped where that makes the keys match the model: DataParallel/DDP,
-Lightning's ``LightningModule`` attribute, ``torch.compile``."""
 
 
 def load_state_dict(
@@ -243,16 +278,17 @@ def load_state_dict(
     map_location: Any = "cpu",
     key: str | None = None,
     model: nn.Module | None = None,
+    prefix: str | None = None,
 ) -> dict[str, torch.Tensor]:
-    """A model state dict from a ``.pt``, ``.pth``, ``.ckpt`` or ``.safetensors`` file, safely.
+    """A model state dict from a checkpoint file or model folder (module docstring), safely.
 
     The file may hold the state dict itself or nest it under one of :data:`STATE_KEYS`
     (``key`` chooses one, dotted for deeper levels: ``"ema.module"``). With ``model``, the
-    prefixes of :data:`PREFIXES` are stripped where that makes the keys match the model's.
+    keys are matched to the model's (:func:`match_prefix`; ``prefix``: remove exactly it).
 
     Raises:
-        CheckpointError: unsafe, unreadable, no state dict of tensors with string keys, or
-            no such ``key``.
+        CheckpointError: unsafe, unreadable, no state dict of tensors with string keys,
+            no such ``key`` or ``prefix``.
     """
     path = Path(path)
     obj = _read(path, map_location)
@@ -272,7 +308,12 @@ def load_state_dict(
             f"{path}: not a state dict of tensors (key {bad!r}: {type(obj[bad]).__name__}); "
             f"pick the one inside with --key (keys: {list(obj)[:8]})"
         )
-    return match_prefix(dict(obj), model.state_dict().keys()) if model is not None else dict(obj)
+    if model is None and prefix is None:
+        return dict(obj)
+    try:
+        return match_prefix(dict(obj), model.state_dict() if model is not None else (), prefix)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
 
 
 def _tensor(v: Any) -> bool:
@@ -288,7 +329,45 @@ def _is_state(obj: Any) -> bool:
     )
 
 
+def _model_file(folder: Path) -> Path | None:
+    """The first of :data:`MODEL_FILES` in ``folder``, or None (not a model folder)."""
+    return next((folder / n for n in MODEL_FILES if (folder / n).is_file()), None)
+
+
+def checkpoint_files(path: str | os.PathLike) -> list[Path]:
+    """The files a checkpoint is read from: the file itself, or a Hugging Face model
+    folder's weights (every shard its ``*.index.json`` names).
+
+    Raises:
+        CheckpointError: a folder without weights, or an index that names anything but
+            files beside it.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        return [path]
+    first = _model_file(path)
+    if first is None:
+        raise CheckpointError(f"{path}: a folder without {' or '.join(MODEL_FILES[:2])}")
+    return [path / n for n in _shards(first)] if first.name.endswith(".json") else [first]
+
+
+def _shards(index: Path) -> list[str]:
+    """The shard file names a sharded checkpoint's index names (plain names, no paths)."""
+    if index.stat().st_size > 2**26:
+        raise CheckpointError(f"{index}: an index of over 64 MiB is not one of weights")
+    try:
+        names = set(json.loads(index.read_text())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{index}: not a checkpoint index (no weight_map)") from None
+    bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", "..")]
+    if bad or not names:
+        raise CheckpointError(f"{index}: shards must be file names beside it, got {bad[:1]}")
+    return sorted(names)
+
+
 def _read(path: Path, map_location: Any) -> Any:
+    if path.is_dir():
+        return _read_folder(path, map_location)
     if path.suffix != ".safetensors":
         return safe_torch_load(path, map_location)
     try:
@@ -304,33 +383,112 @@ def _read(path: Path, map_location: Any) -> Any:
         raise CheckpointError(f"{path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
 
 
-def match_prefix(state: dict[str, Any], want: Iterable[str]) -> dict[str, Any]:
-    """``state`` with the prefixes of :data:`PREFIXES` stripped where that makes more of its
-    keys match ``want`` (the model's keys); unchanged when nothing matches better.
+def _read_folder(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
+    """The state dict of a model folder: its weights file, or every shard merged."""
+    state: dict[str, torch.Tensor] = {}
+    for f in checkpoint_files(path):
+        if f.is_symlink():
+            raise CheckpointError(f"{f}: a symbolic link (not followed)")
+        part = _read(f, map_location)
+        if not _is_state(part):
+            raise CheckpointError(f"{f}: not a state dict of tensors")
+        state.update(part)
+    return state
 
-    >>> match_prefix({"model.module.w": 1}, ["w"])
-    {'w': 1}
+
+def match_prefix(
+    state: dict[str, Any], want: Iterable[str], prefix: str | None = None
+) -> dict[str, Any]:
+    """``state``'s keys under the dotted prefix whose removal makes most of them match
+    ``want`` (the model's keys), that prefix removed; unchanged when none matches better.
+
+    Any wrapper's prefix is found: DataParallel's ``module.``, ``torch.compile``'s
+    ``_orig_mod.``, a ``LightningModule``'s attribute (``net.``), stacked ones. Keys
+    outside the prefix (a wrapper's other modules) are left out.
+
+    Args:
+        state: a state dict.
+        want: the model's keys.
+        prefix: remove exactly this prefix instead (``"net."``), keeping only its keys.
+
+    Raises:
+        CheckpointError: no key under ``prefix``, or two prefixes match equally well
+            (``student.`` and ``teacher.``): choose one with ``prefix``.
+
+    >>> match_prefix({"model.module.w": 1}, ["w"]), match_prefix({"net.w": 1, "loss.c": 2}, ["w"])
+    ({'w': 1}, {'w': 1})
     """
-    want = set(want)
-    best, score = state, len(want & set(state))
-    frontier = [state]
-    for _ in range(3):  # at most three stacked prefixes (e.g. module._orig_mod.model.)
-        frontier = [
-            {k.removeprefix(p): v for k, v in s.items()}
-            for s in frontier
-            for p in PREFIXES
-            if all(k.startswith(p) for k in s)
-        ]
-        for s in frontier:
-            if len(want & set(s)) > score:
-                best, score = s, len(want & set(s))
-    return best
+    if prefix is None:
+        prefix = _best_prefix(state, set(want))
+    kept = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    if not kept:
+        raise CheckpointError(f"no key starts with {prefix!r} (first key: {next(iter(state))!r})")
+    return kept
+
+
+def _best_prefix(state: Mapping[str, Any], want: set[str]) -> str:
+    """The dotted prefix of ``state``'s keys whose removal matches most keys of ``want``
+    (``""``: none, or removing nothing matches as many)."""
+    score: Counter = Counter()
+    for k in state:
+        cuts = [0] + [i + 1 for i, c in enumerate(k) if c == "."]
+        score.update(k[:i] for i in cuts if k[i:] in want)
+    top = max(score.values(), default=0)
+    best = sorted(p for p, n in score.items() if n == top)
+    if not best or best[0] == "":
+        return ""
+    if len(best) > 1:
+        raise CheckpointError(
+            f"the keys match the model under {best[0]!r} and {best[1]!r}; choose one with "
+            "--strip-prefix"
+        )
+    return best[0]
+
+
+def uncompiled(model: nn.Module) -> nn.Module:
+    """The module ``torch.compile`` wrapped (its ``_orig_mod``), else ``model`` itself.
+
+    Raises:
+        ValueError: a compiled wrapper without the module inside.
+    """
+    if type(model).__name__ != "OptimizedModule":
+        return model
+    inner = getattr(model, "_orig_mod", None)
+    if not isinstance(inner, nn.Module):
+        raise ValueError("the model is a torch.compile wrapper without _orig_mod; return the "
+                         "module itself from the factory, not torch.compile(module)")  # fmt: skip
+    return inner
+
+
+def _with_tied(sd: dict[str, torch.Tensor], ref: Mapping[str, torch.Tensor]) -> dict:
+    """``sd`` plus each key it lacks whose tensor the model ties to (shares with) a key
+    ``sd`` has: the tied copy a file leaves out (GPT-2's ``lm_head.weight``)."""
+    where: dict[tuple, list[str]] = {}
+    for k, t in ref.items():
+        if t.numel():
+            where.setdefault((t.data_ptr(), t.shape, t.stride()), []).append(k)
+    out = dict(sd)
+    for k, t in ref.items():
+        tied = where.get((t.data_ptr(), t.shape, t.stride()), []) if k not in sd else []
+        source = next((j for j in tied if j in sd), None)
+        if source is not None:
+            out[k] = sd[source]
+    return out
 
 
 def load_checkpoint(
-    model: nn.Module, path: str | os.PathLike, key: str | None = None, casts: list | None = None
+    model: nn.Module,
+    path: str | os.PathLike,
+    key: str | None = None,
+    casts: list | None = None,
+    prefix: str | None = None,
 ) -> nn.Module:
     """Load the checkpoint at ``path`` into ``model`` (strictly) and return the model.
+
+    A key the file leaves out is taken from the one the model ties it to (both names hold
+    one tensor, as GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``); any other
+    missing key refuses the file. A ``torch.compile`` wrapper is loaded and returned as the
+    module inside (:func:`uncompiled`). ``key``, ``prefix``: see :func:`load_state_dict`.
 
     Raises:
         CheckpointError: unreadable or unsafe (:func:`load_state_dict`), a tensor whose
@@ -340,8 +498,9 @@ def load_checkpoint(
     A floating-point tensor of another width (float16 into float32, say) is cast, as
     ``nn.Module.load_state_dict`` does; each such ``(key, from, to)`` goes to ``casts``.
     """
-    sd = load_state_dict(path, key=key, model=model)
+    model = uncompiled(model)
     ref = model.state_dict()
+    sd = _with_tied(load_state_dict(path, key=key, model=model, prefix=prefix), ref)
     missing = [k for k in ref if k not in sd]
     unexpected = [k for k in sd if k not in ref]
     if missing or unexpected:
@@ -391,26 +550,55 @@ def checkpoint_epoch(path: str | Path, regex: str | None = None) -> int | None:
     epoch = epoch_from_name(path, regex)
     if epoch is not None or regex is not None or Path(path).suffix == ".safetensors":
         return epoch
+    if Path(path).is_dir():
+        return None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        obj = _torch_load(Path(path), "cpu", mmap=True)
     except Exception:  # unreadable: named when it is analysed
         return None
     field = obj.get("epoch") if isinstance(obj, Mapping) else None
     return field if isinstance(field, int) and not isinstance(field, bool) else None
 
 
+_STEP = re.compile(r"(?:^|[^a-z])(?:step|iter|iteration)[=_\-]?(\d+)", re.IGNORECASE)
+_TRAINER_DIR = re.compile(r"checkpoint-(\d+)")
+
+
+def checkpoint_step(path: str | Path) -> int | None:
+    """The training step a checkpoint's name states, or None: ``step=NN``, ``step_NN``,
+    ``global_stepNN``, ``iter_NN`` anywhere in the name, or a Trainer folder ``checkpoint-NN``
+    (timm's files ``checkpoint-NN.pth.tar`` count epochs, and say so inside).
+
+    >>> checkpoint_step("epoch=0-step=22.ckpt"), checkpoint_step("global_step500.pt")
+    (22, 500)
+    """
+    path = Path(path)
+    m = _STEP.search(path.name.split(".")[0])
+    if m is None and path.is_dir():
+        m = _TRAINER_DIR.fullmatch(path.name)
+    return int(m.group(1)) if m else None
+
+
+def _natural(name: str) -> list:
+    """A sort key that orders the numbers in names by value (``ckpt-9`` before ``ckpt-10``)."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def find_checkpoints(
     path: str | Path, every: int = 1, regex: str | None = None, notes: list | None = None
 ) -> list[tuple[int | None, Path]]:
-    """``(epoch, file)`` of the checkpoint files of a folder (or of ``RUN_DIR/checkpoints``),
-    sorted by epoch (:func:`checkpoint_epoch`; files without one come last, by name).
+    """``(epoch, checkpoint)`` of the checkpoints of a folder (or of ``RUN_DIR/checkpoints``):
+    files with a name of :data:`CHECKPOINT_SUFFIXES` and model folders (module docstring),
+    in order of epoch (:func:`checkpoint_epoch`), then step (:func:`checkpoint_step`), then
+    name, numbers by value. A folder that is itself a model folder comes with them.
 
-    Keeps files whose epoch is a multiple of ``every`` (files without an epoch are
+    Keeps checkpoints whose epoch is a multiple of ``every`` (those without an epoch are
     always kept). A symbolic link (it may point anywhere, ``/dev/zero`` too) and a folder
     with a checkpoint's name are not read: each is named in ``notes``, when given.
+    :data:`TRAINER_FILES` are left out without a note.
 
     Raises:
-        ValueError: ``path`` is not a folder, or holds no checkpoint file.
+        ValueError: ``path`` is not a folder, or holds no checkpoint.
     """
     path = Path(path)
     if every < 1:
@@ -418,18 +606,33 @@ def find_checkpoints(
     if not path.is_dir():
         raise ValueError(f"{path}: not a folder of checkpoints or a run directory")
     folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    files = []
+    found = [(checkpoint_epoch(p, regex), p) for p in _candidates(folder, notes)]
+    if not found:
+        raise ValueError(
+            f"{folder}: no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)}) or model folders"
+        )
+
+    def order(ep: tuple[int | None, Path]) -> tuple:
+        step = checkpoint_step(ep[1])
+        return (ep[0] is None, ep[0] or 0, step is None, step or 0, _natural(ep[1].name))
+
+    found.sort(key=order)
+    return [(e, p) for e, p in found if (e or 0) % every == 0]
+
+
+def _candidates(folder: Path, notes: list | None) -> list[Path]:
+    """The checkpoints of ``folder``, unsorted; odd entries go to ``notes``."""
+    own = [folder] if _model_file(folder) is not None else []
+    found = []
     for p in sorted(folder.iterdir()):
-        if p.suffix not in CHECKPOINT_SUFFIXES:
-            continue
-        if p.is_symlink() or not p.is_file():
+        model_dir = p.is_dir() and _model_file(p) is not None
+        named = p.name.endswith(CHECKPOINT_SUFFIXES) and not TRAINER_FILES.fullmatch(p.name)
+        if own and not model_dir or not (named or model_dir):
+            continue  # a model folder's own files are its weights, not checkpoints
+        if p.is_symlink() or not (p.is_file() or model_dir):
             what = "a symbolic link (not followed)" if p.is_symlink() else "not a regular file"
             if notes is not None:
                 notes.append((p.name, what))
             continue
-        files.append(p)
-    if not files:
-        raise ValueError(f"{folder}: no checkpoint files ({', '.join(CHECKPOINT_SUFFIXES)})")
-    found = [(checkpoint_epoch(p, regex), p) for p in files]
-    found.sort(key=lambda ep: (ep[0] is None, ep[0] or 0, ep[1].name))
-    return [(e, p) for e, p in found if (e or 0) % every == 0]
+        found.append(p)
+    return own + found

@@ -40,7 +40,9 @@ metrics: loss, accuracy, lambda_max, lambda_2..lambda_K (top K in one Lanczos ru
 lambda_min, trace (Hutch++), sam_sharpness (one step, rho 0.05, per batch: SAF Fig. 4b),
 m_sharpness (--rho, --m, --steps, --kind, --adaptive).
 For a run directory of `saf train` the model and data come from its run.json; for any
-other folder of .pt/.pth/.safetensors state dicts give --model and --data.
+other folder of .pt/.pth/.ckpt/.safetensors/.pth.tar files or Hugging Face model folders
+(save_pretrained, Trainer checkpoint-N/) give --model and --data. Rows come in epoch, then
+step order (step_N, checkpoint-N). Language models: --loss lm.
 Results are cached next to --out by checkpoint content and settings: a rerun (also after
 a crash) computes only what is missing.
 Error bars: the stderr column (trace: over probes; sharpness: over m-batches; lambda rows
@@ -132,8 +134,10 @@ def run(args) -> int:
     metrics = parse_metrics(args.metrics.split(","))
     factory, data, notes = _sources(args)
     if args.lambda_se_groups and len(data := list(data)) < args.lambda_se_groups:
+        fix = (f"return more batches from --data {args.data}" if args.data and ":" in args.data
+               else "use a smaller --batch-size")  # fmt: skip
         raise UsageError(f"--lambda-se {args.lambda_se_groups} needs at least that many batches, "
-                         f"got {len(data)}; use a smaller --batch-size")  # fmt: skip
+                         f"got {len(data)}; {fix}")  # fmt: skip
     for note in notes:
         print(f"saf analyze: skipped: {note}", file=sys.stderr)
     out = args.out or str(args.dir / "analysis.csv")
@@ -145,6 +149,7 @@ def run(args) -> int:
         args.dir, metrics, model_factory=factory, data=data, loss_fn=resolve_loss(args.loss),
         settings=settings(args), every=args.every, out=out, device=args.device,
         progress=args.progress, key=args.key, epoch_regex=args.epoch_regex,
+        strip_prefix=args.strip_prefix,
     )  # fmt: skip
     ok = df[df.status == "ok"]
     if len(ok):

@@ -168,7 +168,7 @@ def import_object(spec: str, what: str):
 
 
 def loss_spec(text: str) -> str:
-    """argparse type: a loss name (ce, mse, bce, nll) or ``package.module:function``."""
+    """argparse type: a loss name (:data:`analysis.LOSSES`) or ``package.module:function``."""
     mod, sep, name = text.partition(":")
     if text in LOSSES or (sep and mod and name.isidentifier()):
         return text
@@ -216,17 +216,26 @@ def reported(fn, what: str, returns: type | None = None):
 
 
 def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
-    """``--loss``, ``--key`` and ``--epoch-regex``: how any checkpoint folder is read and scored
-    (``saf analyze`` and ``saf surface``)."""
+    """``--loss``, ``--key``, ``--strip-prefix`` and ``--epoch-regex``: how any checkpoint
+    folder is read and scored (``saf analyze`` and ``saf surface``)."""
     p.add_argument(
         "--loss",
         type=loss_spec,
         default="ce",
-        metavar="ce|mse|bce|nll|MODULE:FUNCTION",
-        help="loss(output, targets), a batch mean (default: ce); checked against the data first",
+        metavar="|".join(LOSSES) + "|MODULE:FUNCTION",
+        help="loss(output, targets), a batch mean (default: ce; lm: next-token cross-entropy "
+        "of (batch, seq, vocab) logits on the input_ids, label -100 ignored, batches weighted "
+        "by tokens); checked against the data first",
     )
     p.add_argument(
         "--key", default=None, help="where each file keeps its state dict (e.g. ema, state_dict)"
+    )
+    p.add_argument(
+        "--strip-prefix",
+        default=None,
+        metavar="PREFIX",
+        help="remove PREFIX (e.g. net.) from every key, keeping only its keys (default: the "
+        "prefix that makes the keys match the model's)",
     )
     p.add_argument(
         "--epoch-regex",

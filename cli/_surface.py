@@ -174,8 +174,8 @@ class _Source:
         factory = (reported(import_object(args.model, "--model"), "--model", torch.nn.Module)
                    if args.model else None)  # fmt: skip
         self.model = factory() if factory else model_from_run(self.info)
-        self.model = load_checkpoint(self.model, self.ckpt, args.key)
-        self.key = args.key
+        self.model = load_checkpoint(self.model, self.ckpt, args.key, prefix=args.strip_prefix)
+        self.key, self.prefix = args.key, args.strip_prefix
         self.state = self.model.state_dict()
         for k, t in self.state.items():  # load_state_dict keeps NaN
             if t.is_floating_point() and not bool(t.isfinite().all()):
@@ -193,7 +193,8 @@ class _Source:
             if len(upto) < k:
                 raise UsageError(f"{self.dir}: needs at least {k} checkpoints, has {len(upto)}")
             upto = [upto[round(i * (len(upto) - 1) / (k - 1))] for i in range(k)]
-        return [load_state_dict(p, key=self.key, model=self.model) for p in upto]
+        return [load_state_dict(p, key=self.key, model=self.model, prefix=self.prefix)
+                for p in upto]  # fmt: skip
 
 
 def _run_of(target: Path) -> Path | None:

@@ -206,13 +206,13 @@ def make_point_evaluator(
             per = B.sample_losses(loss_fn, out, y, la[0])
             if per is None and target_se is not None:
                 raise ValueError("target_se needs a loss that is a mean of per-sample losses")
-            count[0] += B.batch_size(batch)
+            count[0] += B.batch_size(batch, loss_fn)
             m2 = (per**2).mean() if per is not None else torch.tensor(float("nan"))
             return torch.cat([la, m2.to(la).reshape(1)])
 
         def stage(batches) -> tuple[int, list[float]]:
             before = count[0]
-            means = B.batch_mean(moments, batches).tolist()
+            means = B.batch_mean(moments, batches, loss_fn=loss_fn).tolist()
             return count[0] - before, means
 
         ctx = torch.inference_mode() if fast else torch.no_grad()
