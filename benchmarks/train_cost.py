@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -73,6 +74,8 @@ def make_steppers(ds, model_name, device, methods=METHODS, lag=3, seed=0):
     controls share one SGD optimizer (their updates interleave); sam has its own SAM
     optimizer over the same parameters.
     """
+    # the store and the teacher start empty here: the step's cost does not depend on it
+    warnings.filterwarnings("ignore", message="(SAFLoss|MESALoss)", category=UserWarning)
     torch.manual_seed(seed)
     net = build_model(model_name, ds.num_classes, ds.in_shape).to(device).train()
     kw = dict(lr=0.01, momentum=0.9, weight_decay=5e-4, foreach=True)  # as saf.train

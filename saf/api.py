@@ -22,6 +22,7 @@ Reference: Du et al., "Sharpness-Aware Training for Free", NeurIPS 2022.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -74,7 +75,14 @@ class SAFLoss:
     :math:`\tilde E` epochs earlier (0 before ``start_epoch``, and for rows never written),
     then stores this batch's logits for epoch :math:`e`. Call it once per (micro-)batch;
     under ``torch.distributed`` every rank's logits are gathered, so every rank's store
-    holds every sample.
+    holds every sample. Logits without a graph (``torch.no_grad``, evaluation) are neither
+    stored nor penalised: an evaluation pass cannot overwrite training rows.
+
+    The store is training state: save :meth:`state_dict` with your checkpoint and restore
+    it on resume. A resumed run that forgot it finds no past logits, and the loss is
+    silently 0; so is a first active epoch with ``start_epoch < lag``. Either case warns
+    once (``UserWarning``); ``start_epoch < lag`` also warns at construction, since the
+    loss then first pulls toward the logits of epoch 0 (the paper: 5 >= 3).
 
     Args:
         num_samples: the data set's size (indices are ``0 .. num_samples - 1``).
@@ -101,21 +109,33 @@ class SAFLoss:
         distributed: bool | None = None,
     ):
         _check(lam, tau, start_epoch)
+        if start_epoch < lag:
+            warnings.warn(
+                f"SAFLoss(lag={lag}, start_epoch={start_epoch}): epoch {lag} pulls toward "
+                f"epoch 0's logits, those of a barely trained model; use start_epoch >= lag "
+                f"(the paper: 5 >= 3)",
+                stacklevel=2,
+            )
         self.lam, self.tau, self.start_epoch = float(lam), float(tau), int(start_epoch)
         self.store = OutputStore(num_samples, num_classes, lag, dtype, device)
         self.distributed = distributed
+        self._warned = False
 
     def active(self, epoch: int) -> bool:
         """Whether the loss is on at ``epoch`` (logits are stored from epoch 0 either way)."""
         return epoch >= self.start_epoch
 
     def __call__(self, logits: Tensor, idx: Tensor, epoch: int) -> Tensor:
-        """The trajectory loss of this batch (a 0-d tensor); stores its logits."""
+        """The trajectory loss of this batch (a 0-d tensor); stores its logits (training
+        only: logits without a graph give 0 and are not stored)."""
+        loss = torch.zeros((), device=logits.device)
+        if not logits.requires_grad:  # evaluation: the store holds training outputs only
+            return loss
         where = self.store.logits.device
         idx = idx.to(where)
-        loss = torch.zeros((), device=logits.device)
         if self.active(epoch):
             past, mask = self.store.read(idx, epoch)
+            self._warn_if_empty(mask, epoch)
             past, mask = past.to(logits.device), mask.to(logits.device)
             loss = trajectory_loss(logits, past, self.tau, self.lam, mask)
         rows = logits.detach()
@@ -123,6 +143,22 @@ class SAFLoss:
             idx, rows = gather_rows(idx.to(rows.device), rows)
         self.store.write(idx.to(where), rows.to(where), epoch)
         return loss
+
+    def _warn_if_empty(self, mask: Tensor, epoch: int) -> None:
+        if self._warned or bool(mask.any()):
+            return
+        self._warned = True
+        past = epoch - self.store.lag
+        why = (
+            "after a resume, restore it with SAFLoss.load_state_dict(saved SAFLoss.state_dict())"
+            if past >= 0
+            else f"start_epoch={self.start_epoch} < lag={self.store.lag}"
+        )
+        warnings.warn(
+            f"SAFLoss at epoch {epoch}: no logits stored at epoch {past} for this batch, so "
+            f"the trajectory loss is 0 ({why})",
+            stacklevel=3,
+        )
 
     def state_dict(self) -> dict:
         """The store (plain tensors, ``weights_only``-loadable)."""
@@ -165,6 +201,7 @@ class MESALoss:
         _check(lam, tau, start_epoch)
         self.lam, self.tau, self.start_epoch = float(lam), float(tau), int(start_epoch)
         self.ema = EMA(model, decay)
+        self._warned = False
 
     def active(self, epoch: int) -> bool:
         """Whether the loss is on at ``epoch``."""
@@ -173,8 +210,21 @@ class MESALoss:
     @torch.inference_mode()
     def target(self, inputs: Any, epoch: int) -> Tensor | None:
         """The teacher's output on ``inputs`` (eval mode, no graph), or None when the loss is
-        off at ``epoch``. Inputs follow the :mod:`analysis.batches` convention."""
-        return batches.forward(self.ema.module, inputs) if self.active(epoch) else None
+        off at ``epoch``. Inputs follow the :mod:`analysis.batches` convention.
+
+        Warns once when the loss is on after epoch 0 but the teacher was never updated:
+        a resumed run that did not restore :meth:`state_dict` (the teacher would be the
+        student itself, and the loss 0)."""
+        if not self.active(epoch):
+            return None
+        if epoch > 0 and self.ema.num_updates == 0 and not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"MESALoss at epoch {epoch}: the EMA teacher was never updated (after a "
+                "resume, restore it with MESALoss.load_state_dict(saved MESALoss.state_dict()))",
+                stacklevel=3,
+            )
+        return batches.forward(self.ema.module, inputs)
 
     def __call__(self, logits: Tensor, target: Tensor | None) -> Tensor:
         """The trajectory loss toward ``target`` (0 when ``target`` is None)."""

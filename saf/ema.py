@@ -43,6 +43,7 @@ class EMA:
         self.module = copy.deepcopy(_unwrap(model)).eval().requires_grad_(False)
         self._pairs(model)  # check the structures match
         self._cache: tuple | None = None
+        self.num_updates = 0
 
     def _pairs(self, model: nn.Module):
         model = _unwrap(model)
@@ -69,6 +70,7 @@ class EMA:
             torch._foreach_lerp_(ema_t, model_t, 1.0 - self.decay)
         for e, m in ints:
             e.copy_(m)
+        self.num_updates += 1
 
     @torch.no_grad()
     def __call__(self, x: Tensor) -> Tensor:
@@ -76,13 +78,18 @@ class EMA:
         return self.module(x)
 
     def state_dict(self) -> dict:
-        """The teacher's state dict (tensors only) and the decay."""
-        return {"module": self.module.state_dict(), "decay": self.decay}
+        """The teacher's state dict (tensors only), the decay and the number of updates."""
+        return {
+            "module": self.module.state_dict(),
+            "decay": self.decay,
+            "updates": self.num_updates,
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Restore from :meth:`state_dict` (copies in place)."""
         self.module.load_state_dict(state["module"])
         self.decay = float(state["decay"])
+        self.num_updates = int(state.get("updates", 1))  # older states: updated, count unknown
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -22,6 +22,7 @@ pass (``model=``), and a ``GradScaler`` is supported.
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -40,9 +41,26 @@ class SAM(torch.optim.Optimizer):
       :math:`w+\hat\epsilon`; otherwise it runs at :math:`w` first. Either way a step
       costs two passes.
 
-    Mixed precision: pass the ``GradScaler`` to both steps (``first_step(scaler=...)``
-    unscales before :math:`\hat\epsilon` is computed; a step whose gradients are not
-    finite is skipped and the scale lowered at ``scaler.update()``).
+    Mixed precision: pass the ``GradScaler`` to both steps. :math:`\hat\epsilon` depends on
+    the gradient's direction only, so ``first_step`` needs no unscaling; ``second_step``
+    restores :math:`w` and calls ``scaler.step(sam)``, so you may ``scaler.unscale_(sam)``
+    and clip between the second backward and ``second_step``. A step whose first or second
+    gradient is not finite is skipped and the scale lowered at ``scaler.update()``::
+
+        scaler.scale(loss_fn(model(x), y)).backward()
+        sam.first_step(zero_grad=True, scaler=scaler)
+        scaler.scale(loss_fn(model(x), y)).backward()
+        scaler.unscale_(sam)                                 # optional: clipping
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        sam.second_step(zero_grad=True, scaler=scaler)
+        scaler.update()
+
+    Gradient accumulation works when both passes see the same micro-batches: accumulate
+    them all before ``first_step``, then all again before ``second_step``. SAM counts the
+    backward passes into the gradients and refuses (``ValueError``, weights restored, no
+    step) a step whose two gradients came from different numbers of passes, e.g.
+    ``step(closure)`` after an accumulated gradient, where the closure recomputes one
+    micro-batch only.
 
     Args:
         params: parameters or parameter groups.
@@ -88,6 +106,9 @@ class SAM(torch.optim.Optimizer):
         self.model = model
         self._frozen: list = []
         self._skip = False
+        self._pending = False  # between first_step and second_step
+        self._passes: list[int] = []  # backward passes since the last take, per parameter
+        self._hooks = _count_backward_passes(self)
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False, scaler=None) -> None:
@@ -95,8 +116,7 @@ class SAM(torch.optim.Optimizer):
 
         The norm :math:`\|T_w g\|` is taken over all parameter groups together.
         """
-        if scaler is not None:
-            scaler.unscale_(self)
+        self._passes_at_w = self._take_passes()
         groups = []  # (group, params, T_w, T_w g) for groups with gradients
         for group in self.param_groups:
             ps = [p for p in group["params"] if p.grad is not None]
@@ -111,6 +131,7 @@ class SAM(torch.optim.Optimizer):
         norms = [n for *_, scaled in groups for n in torch._foreach_norm(scaled)]
         norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
         self._skip = scaler is not None and norm is not None and not bool(norm.isfinite())
+        self._pending = True
         for group, ps, t, scaled in groups:
             for p in ps:
                 self.state[p]["old_p"] = p.detach().clone()
@@ -124,16 +145,32 @@ class SAM(torch.optim.Optimizer):
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, scaler=None) -> None:
-        r"""Restore :math:`w` exactly, then take the base step with the perturbed gradient."""
+        r"""Restore :math:`w` exactly, then take the base step with the perturbed gradient.
+
+        Raises:
+            ValueError: the gradients at :math:`w` and at :math:`w+\hat\epsilon` came from
+                different numbers of backward passes (weights restored, no step taken).
+        """
         for group in self.param_groups:
             for p in group["params"]:
                 if "old_p" in self.state[p]:
                     p.copy_(self.state[p].pop("old_p"))
         self._unfreeze_batchnorm()
+        at_w, here = getattr(self, "_passes_at_w", 0), self._take_passes()
+        if at_w and here and at_w != here:
+            self._pending = False
+            raise ValueError(
+                f"SAM: the gradient at w came from {at_w} backward passes and the one at "
+                f"w + eps from {here}; with gradient accumulation run the same micro-batches "
+                f"before first_step and before second_step (or accumulate inside the closure)"
+            )
         if scaler is None:
             self.base_optimizer.step()
-        elif not self._skip:
-            scaler.step(self.base_optimizer)
+        else:
+            if self._skip:  # the first gradient was not finite: make the scaler skip this step
+                _poison(self.param_groups)
+            scaler.step(self)  # unscales (unless you did) and calls self.step(): the base step
+        self._pending = False
         self._opt_called = True  # tells an LR scheduler on SAM that a step was taken
         if zero_grad:
             self.zero_grad()
@@ -145,6 +182,8 @@ class SAM(torch.optim.Optimizer):
         :math:`w` were already computed before the call). The gradients are cleared after.
         """
         if closure is None:
+            if self._pending:  # second_step's scaler.step(sam): the base step itself
+                return self.base_optimizer.step()
             raise ValueError("SAM.step needs a closure (or call first_step/second_step)")
         closure = torch.enable_grad()(closure)
         have = any(
@@ -157,6 +196,12 @@ class SAM(torch.optim.Optimizer):
         second = closure()
         self.second_step(zero_grad=True)  # cleared: the next call sees whether you computed them
         return second if loss is None else loss
+
+    def _take_passes(self) -> int:
+        """Backward passes into the gradients since the last call (the most any parameter saw)."""
+        n = max(self._passes, default=0)
+        self._passes, self._grads = [0] * len(self._passes), [None] * len(self._grads)
+        return n
 
     def _freeze_batchnorm(self) -> None:
         if self.model is not None and not self._frozen:
@@ -177,6 +222,39 @@ class SAM(torch.optim.Optimizer):
         """Load into the base optimizer and share its (new) param groups again."""
         self.base_optimizer.load_state_dict(state_dict)
         self.param_groups = self.base_optimizer.param_groups
+
+
+def _count_backward_passes(sam: SAM) -> list:
+    """Post-accumulate-grad hooks that count the backward passes accumulated into each
+    parameter's current ``.grad`` (a new gradient tensor, after any ``zero_grad`` that sets
+    them to None, starts again at 1). ``sam`` is held weakly: a discarded optimizer leaves
+    no-op hooks, not a live reference."""
+    ref = weakref.ref(sam)
+    params = [p for g in sam.param_groups for p in g["params"] if p.requires_grad]
+    sam._passes, sam._grads = [0] * len(params), [None] * len(params)
+
+    def hook(i):
+        def count(p):
+            s = ref()
+            if s is None:
+                return
+            last = s._grads[i]
+            if last is not None and last() is p.grad:
+                s._passes[i] += 1
+            else:
+                s._passes[i], s._grads[i] = 1, weakref.ref(p.grad)
+
+        return count
+
+    return [p.register_post_accumulate_grad_hook(hook(i)) for i, p in enumerate(params)]
+
+
+def _poison(groups: list) -> None:
+    """An inf in one gradient, so that ``GradScaler.step`` skips the step and lowers the
+    scale as for any overflow."""
+    p = next((p for g in groups for p in g["params"] if p.grad is not None), None)
+    if p is not None:
+        p.grad.view(-1)[:1].fill_(float("inf"))
 
 
 def _batchnorms(model: nn.Module) -> list[nn.Module]:

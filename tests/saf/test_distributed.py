@@ -29,7 +29,7 @@ def _gather_worker(rank, world, port, out):
     traj = SAFLoss(n, c, lag=2, start_epoch=0, dtype=torch.float32)  # distributed: auto
     for epoch in range(2):  # same permutation on every rank, each takes batch[rank::world]
         for idx in epoch_batches(n, 8, torch.Generator().manual_seed(epoch), rank, world):
-            own = (idx * 10 + epoch).float()[:, None].expand(-1, c)  # "logits" of sample idx
+            own = (idx * 10 + epoch).float()[:, None].expand(-1, c).requires_grad_()  # "logits"
             traj(own, idx, epoch)
     torch.save(traj.state_dict(), os.path.join(out, f"rank{rank}.pt"))
     torch.distributed.destroy_process_group()
