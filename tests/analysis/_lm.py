@@ -7,13 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-transformers = pytest.importorskip("transformers")
-
 VOCAB, SEQ = 50, 8
 
 
 def gpt2(seed: int = 0) -> torch.nn.Module:
     """A one-layer GPT-2 whose ``lm_head.weight`` is tied to ``transformer.wte.weight``."""
+    transformers = pytest.importorskip("transformers", reason="the GPT-2 tests build one")
     torch.manual_seed(seed)
     cfg = transformers.GPT2Config(
         n_layer=1, n_embd=16, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
@@ -24,6 +23,7 @@ def gpt2(seed: int = 0) -> torch.nn.Module:
 
 def bert(seed: int = 0) -> torch.nn.Module:
     """A one-layer BertForMaskedLM whose decoder is tied to the word embeddings."""
+    transformers = pytest.importorskip("transformers", reason="the BERT test builds one")
     torch.manual_seed(seed)
     cfg = transformers.BertConfig(
         vocab_size=30, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
