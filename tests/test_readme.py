@@ -28,8 +28,26 @@ def test_own_loop_examples_run_and_train():
     assert float(ns["loss"]) > 0
 
 
+def test_lightning_and_hugging_face_examples_run_and_train(tmp_path, monkeypatch):
+    """The Lightning and ``SAFTrainer`` recipes, after the own loop's block (their data)."""
+    import pytest
+
+    pytest.importorskip("lightning", reason="Lightning is an optional extra")
+    pytest.importorskip("transformers", reason="transformers is an optional extra")
+    monkeypatch.chdir(tmp_path)  # both write checkpoints under the working directory
+    (loop,) = _python_blocks(_section("Use SAF in your own loop"))
+    lightning, hugging_face = _python_blocks(_section("Lightning and the Hugging Face Trainer"))
+    ns: dict = {}
+    for code in (loop, lightning, hugging_face):
+        exec(compile(code, "README.md", "exec"), ns)  # noqa: S102  (our own README)
+    for store in (ns["net"].saf.store, ns["trainer"].trajectory.store):
+        assert (store.epoch_of == 2).all()  # every sample stored in the last epoch, 0..2
+    assert list(tmp_path.glob("checkpoints/*.ckpt")) and list(tmp_path.glob("out/checkpoint-*"))
+    assert all((d / "saf_state.pt").is_file() for d in tmp_path.glob("out/checkpoint-*"))
+
+
 def test_the_readme_stays_short():
-    assert len((ROOT / "README.md").read_text().splitlines()) <= 200
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 240
 
 
 def test_own_model_examples_run_as_written(tmp_path, monkeypatch):
