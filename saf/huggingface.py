@@ -183,15 +183,15 @@ class _TrainerSAM(SAM):
     """SAM whose closure-free ``step()`` after :meth:`perturb` is the second step: the
     Trainer calls ``optimizer.step()`` after its clipping."""
 
-    _pending = False
+    _perturbed = False
 
     def perturb(self) -> None:
         self.first_step(zero_grad=True)
-        self._pending = True
+        self._perturbed = True
 
     def step(self, closure=None):  # type: ignore[override]
-        if closure is None and self._pending:
-            self._pending = False
+        if closure is None and self._perturbed:  # the Trainer's step: back to w, base step
+            self._perturbed = False
             return self.second_step()
         return super().step(closure)
 
