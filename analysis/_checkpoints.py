@@ -232,7 +232,10 @@ def analyze_run(
             that makes the keys match the model's, :func:`analysis.io.match_prefix`).
 
     Returns:
-        The table (columns ``COLUMNS``); ``df.attrs["skipped"]`` lists
+        The table (columns ``COLUMNS``: ``epoch`` and ``step`` say which index a
+        checkpoint's name or file gives, NaN where it gives none; the module docstring);
+        with a token loss (``"lm"``), ``loss`` and ``accuracy`` are means over the counted
+        tokens. ``df.attrs["skipped"]`` lists
         ``(file name, reason)`` of the checkpoints that could not be used. A
         checkpoint with NaN/Inf weights gives NaN rows (status ``"nonfinite
         weights"``); a corrupt, unsafe or mismatched one is named on ``log``,

@@ -226,9 +226,12 @@ def accuracy(output: torch.Tensor, targets: Any) -> torch.Tensor:
 
 def loss_and_accuracy(loss_fn: Callable, output: torch.Tensor, targets: Any) -> torch.Tensor:
     """``[loss, accuracy]`` of one batch, a float64 tensor (accuracy NaN unless the targets
-    are class labels of the output: :func:`accuracy`)."""
+    are class labels of the output: :func:`accuracy`; a token loss's own accuracy, over the
+    tokens it counts: :meth:`analysis.losses.TokenCrossEntropy.accuracy`)."""
     loss = loss_fn(output, targets).detach().to(torch.float64).reshape(())
-    return torch.stack([loss, accuracy(output, targets)])
+    token = isinstance(loss_fn, TokenCrossEntropy)
+    acc = loss_fn.accuracy(output, targets) if token else accuracy(output, targets)
+    return torch.stack([loss, acc.to(loss)])
 
 
 def sample_losses(

@@ -64,6 +64,13 @@ class TokenCrossEntropy:
         labels = targets[:, 1:] if self.shift else targets
         return int((labels != self.ignore_index).sum())
 
+    def accuracy(self, output: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Share of counted tokens whose label is the argmax of its logits (0 when none)."""
+        z, y = self.pairs(output.detach(), targets)
+        keep = y != self.ignore_index
+        hits = (z[keep].argmax(-1) == y[keep]).sum().to(torch.float64)
+        return hits / max(int(keep.sum()), 1)
+
     def __call__(
         self, output: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
     ) -> torch.Tensor:

@@ -70,13 +70,18 @@ def test_mean_over_batches_is_the_mean_over_all_tokens(name, shift):
     assert abs(float(rows) - float(want)) > 1e-3  # the data tells the two weightings apart
 
 
-def test_analyze_run_loss_row_is_the_token_mean(tmp_path):
+def test_analyze_run_loss_and_accuracy_rows_are_token_means(tmp_path):
     torch.save(tiny_lm().state_dict(), tmp_path / "step_3.pt")
-    df = analyze_run(tmp_path, ["loss"], model_factory=tiny_lm, data=ragged_batches(),
-                     loss_fn="lm", out=False, progress=False)  # fmt: skip
+    df = analyze_run(tmp_path, ["loss", "accuracy"], model_factory=tiny_lm,
+                     data=ragged_batches(), loss_fn="lm", out=False, progress=False)  # fmt: skip
+    model = tiny_lm()
     with torch.no_grad():
-        want = float(_all_at_once(tiny_lm(), ragged_batches()))
-    assert df.value.item() == pytest.approx(want, rel=1e-12) and df.step.item() == 3
+        want = float(_all_at_once(model, ragged_batches()))
+        z = torch.cat([model(x)[:, :-1].reshape(-1, V) for x, _ in ragged_batches()])
+    y = torch.cat([y[:, 1:].reshape(-1) for _, y in ragged_batches()])
+    hits = (z.argmax(1) == y)[y != -100].double().mean()
+    assert df.value.tolist() == pytest.approx([want, float(hits)], rel=1e-12)
+    assert df.step.tolist() == [3, 3]
 
 
 def test_lambda_max_of_the_lm_loss_matches_eigsh_on_the_dense_hessian():
