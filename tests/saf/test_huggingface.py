@@ -233,6 +233,21 @@ def test_sam_takes_the_plain_loops_steps(tmp_path):
     assert not all(torch.allclose(x, y, atol=1e-4) for x, y in zip(ours, sgd, strict=True))
 
 
+def test_a_resumed_sam_run_is_the_uninterrupted_one(tmp_path):
+    """SAM's base optimizer state (AdamW's moments) survives a Trainer checkpoint."""
+
+    def trainer(out, epochs, **kwargs):
+        args = _args(tmp_path / out, epochs, **kwargs)
+        return SAFTrainer(_model(), args, train_dataset=_examples(), rho=0.05)
+
+    whole = trainer("whole", 4)
+    whole.train()
+    trainer("cut", 2, save_strategy="epoch").train()
+    again = trainer("again", 4)
+    again.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-8"))
+    assert _equal(_weights(whole.model), _weights(again.model))
+
+
 @pytest.mark.parametrize(
     "kwargs, args, match",
     [

@@ -100,6 +100,16 @@ def _equal(a, b) -> bool:
     return all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
 
 
+def test_import_saf_imports_no_framework():
+    """Lightning and transformers stay optional: ``import saf`` loads neither."""
+    import subprocess
+    import sys
+
+    code = "import sys, saf; print([m for m in ('lightning', 'transformers') if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("method", ["saf", "mesa"])
 def test_lambda_0_is_plain_sgd_bit_for_bit(tmp_path, method):
     sgd, term = Net(), Net(method, lam=0.0)
