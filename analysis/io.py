@@ -246,7 +246,8 @@ def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
         raise CheckpointError(f"{path}: empty file")
     refused = _refused_global(path)
     if refused:
-        hint = "; torch >= 2.6 reads it as data" if refused == "argparse.Namespace" else ""
+        hint = ("; upgrade to torch >= 2.6, which reads it as data" if refused in
+                {".".join(name) for name in _STUBS} else "")  # fmt: skip
         raise CheckpointError(
             f"{path}: refused: the file asks to build {refused} (not a plain weights file){hint}"
         )
@@ -627,7 +628,7 @@ def _candidates(folder: Path, notes: list | None) -> list[Path]:
     for p in sorted(folder.iterdir()):
         model_dir = p.is_dir() and _model_file(p) is not None
         named = p.name.endswith(CHECKPOINT_SUFFIXES) and not TRAINER_FILES.fullmatch(p.name)
-        if own and not model_dir or not (named or model_dir):
+        if (own and not model_dir) or not (named or model_dir):
             continue  # a model folder's own files are its weights, not checkpoints
         if p.is_symlink() or not (p.is_file() or model_dir):
             what = "a symbolic link (not followed)" if p.is_symlink() else "not a regular file"

@@ -101,6 +101,13 @@ def test_timm_pth_tar_with_an_argparse_namespace_is_read_as_data(tmp_path, mod, 
     assert _surface(folder, tmp_path / "s", mod, "tiny", "tiny_batches") == 0
 
 
+def test_a_torch_without_stand_ins_says_what_to_do(tmp_path, monkeypatch):
+    folder = _lm.timm_files(tmp_path / "timm", tiny, epochs=(1,))
+    monkeypatch.setattr("analysis.io._STUBS_READABLE", False)  # torch < 2.6
+    with pytest.raises(CheckpointError, match=r"argparse.Namespace .*; upgrade to torch >= 2.6"):
+        safe_torch_load(folder / "checkpoint-1.pth.tar")
+
+
 def test_a_namespace_stub_builds_nothing_else(tmp_path):
     """Only the class name is mapped: another global in the same file is still refused."""
     path = tmp_path / "bad.pth.tar"
