@@ -83,6 +83,11 @@ def test_trainer_checkpoint_folders_ignore_the_optimizer_files(tmp_path, mod, ca
     assert _surface(folder, tmp_path / "s", mod, "gpt2", "token_batches", "--loss", "lm") == 0
     # one Trainer folder given itself is one checkpoint; its optimizer.pt is not another
     assert [p.name for _, p in find_checkpoints(folder / "checkpoint-5")] == ["checkpoint-5"]
+    # the Trainer's final save_pretrained beside its checkpoint-N/ folders comes last
+    _lm.gpt2(seed=7).save_pretrained(folder)
+    (folder / "training_args.bin").write_bytes(b"not read")
+    found = [p.name for _, p in find_checkpoints(folder)]
+    assert found == ["checkpoint-5", "checkpoint-20", "checkpoint-100", "out"]
 
 
 def test_timm_pth_tar_with_an_argparse_namespace_is_read_as_data(tmp_path, mod, capsys):
