@@ -10,7 +10,8 @@ r"""SAF, MESA and SAM in the Hugging Face ``Trainer``: :class:`SAFTrainer`, no h
   loadable) and restored by ``train(resume_from_checkpoint=...)``; a checkpoint without
   it is refused. MESA's teacher moves after every optimizer step, not per accumulation
   micro-batch. With gradient accumulation the term is scaled as the Trainer scales the
-  model's loss, so each micro-batch weighs the same.
+  model's loss, so each micro-batch weighs the same. Training logs carry the term's mean
+  as ``trajectory_loss``.
 * **SAM** (``rho=0.05``; ASAM with ``adaptive=True, eta=0.01, rho=0.5``): the Trainer's
   own optimizer (``optim``, learning rate, weight decay groups, scheduler) becomes the
   base of a :class:`saf.SAM`; each step is two forward-backward passes (the second at
@@ -71,6 +72,7 @@ class SAFTrainer(transformers.Trainer):
         if rho is not None:
             _check_sam(self, trajectory)
         self.trajectory, self.sam = trajectory, None
+        self._term_sum, self._term_count = None, 0  # for the logs, without a device sync
         self._sam_kwargs = dict(rho=rho, adaptive=adaptive, eta=eta)
         if isinstance(trajectory, MESALoss):
             trajectory.ema.module.to(self.args.device)
@@ -95,8 +97,19 @@ class SAFTrainer(transformers.Trainer):
         loss, outputs = super().compute_loss(model, inputs, return_outputs=True, **kwargs)
         if training:
             term = self._term(outputs["logits"], idx, target)
+            total = self._term_sum if self._term_sum is not None else 0
+            self._term_sum, self._term_count = total + term.detach(), self._term_count + 1
             loss = loss + term / self._accumulation_divisor(kwargs.get("num_items_in_batch"))
         return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
+        """The Trainer's log; a training log gets ``trajectory_loss``, the term's mean since
+        the last one (a term stuck at 0 is visible)."""
+        if self._term_count and "loss" in logs:
+            mean = float(self._term_sum) / self._term_count
+            logs = {**logs, "trajectory_loss": round(mean, 6)}
+            self._term_sum, self._term_count = None, 0
+        super().log(logs, *args, **kwargs)
 
     def prediction_step(self, model: nn.Module, inputs: dict, *args: Any, **kwargs: Any):
         """The Trainer's, without the ``"index"`` column (no store is read or written)."""

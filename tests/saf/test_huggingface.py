@@ -46,11 +46,12 @@ def _examples() -> list[dict]:
 
 
 def _args(out, epochs: int = 3, **kwargs):
-    kwargs = {"per_device_train_batch_size": 4, "save_strategy": "no", **kwargs}
+    kwargs = {"per_device_train_batch_size": 4, "save_strategy": "no", "logging_strategy": "no",
+              **kwargs}  # fmt: skip
     return transformers.TrainingArguments(
         output_dir=str(out), num_train_epochs=epochs, use_cpu=True, report_to=[],
-        logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        lr_scheduler_type="constant", learning_rate=1e-2, seed=0, **kwargs,
+        disable_tqdm=True, dataloader_num_workers=0, lr_scheduler_type="constant",
+        learning_rate=1e-2, seed=0, **kwargs,
     )  # fmt: skip
 
 
@@ -144,8 +145,10 @@ def test_a_resumed_run_has_the_uninterrupted_runs_term(tmp_path, method):
     trainer("cut", 2, save_strategy="epoch").train()
     checkpoint = tmp_path / "cut" / "checkpoint-8"
     assert (checkpoint / STATE_FILE).is_file()
-    again = trainer("again", 4)
+    again = trainer("again", 4, logging_strategy="epoch")
     again.train(resume_from_checkpoint=str(checkpoint))
+    logged = [log["trajectory_loss"] for log in again.state.log_history if "loss" in log]
+    assert len(logged) == 2 and min(logged) > 0  # the logs show the term, per epoch
     late = whole.trajectory.terms[-len(again.trajectory.terms) :]
     assert len(again.trajectory.terms) == 8
     assert again.trajectory.terms == late and min(t[1] if method == "saf" else t for t in late) > 0
