@@ -135,38 +135,6 @@ def test_bert_masked_lm_without_its_tied_decoder_loads(tmp_path):
         load_checkpoint(_lm.bert(), tmp_path / "bert.pt")
 
 
-class Lit(nn.Module):
-    """What a LightningModule's state dict looks like: the network under ``self.net``,
-    a loss with a buffer beside it."""
-
-    def __init__(self):
-        super().__init__()
-        self.net, self.criterion = tiny(), nn.CrossEntropyLoss(weight=torch.ones(3))
-
-
-def _lightning_ckpt(path, epoch, step, state):
-    blob = {"epoch": epoch, "global_step": step, "pytorch-lightning_version": "2.6.0",
-            "state_dict": state, "loops": {"fit_loop": {"epoch_progress": {"current": 1}}},
-            "callbacks": {}, "optimizer_states": [], "lr_schedulers": []}  # fmt: skip
-    torch.save(blob, path)
-
-
-def test_lightning_module_attribute_prefix_is_found(tmp_path, mod):
-    for epoch, step in ((1, 20), (0, 10)):
-        torch.manual_seed(epoch)
-        _lightning_ckpt(tmp_path / f"epoch={epoch}-step={step}.ckpt", epoch, step,
-                        Lit().state_dict())  # fmt: skip
-    out = tmp_path / "t.csv"
-    assert _analyze(tmp_path, out, mod, "tiny", "tiny_batches", "--metrics", "loss") == 0
-    df = pd.read_csv(out)
-    assert df.epoch.tolist() == [0, 1] and df.step.tolist() == [10, 20]
-    torch.manual_seed(1)
-    lit = Lit()
-    loaded = load_checkpoint(tiny(), tmp_path / "epoch=1-step=20.ckpt")
-    for k, v in lit.net.state_dict().items():
-        assert torch.equal(loaded.state_dict()[k], v)
-
-
 def test_two_matching_prefixes_ask_for_strip_prefix(tmp_path, mod, capsys):
     torch.manual_seed(0)
     student, teacher = tiny(), tiny()
@@ -210,3 +178,36 @@ def test_shard_index_naming_a_path_outside_the_folder_is_refused(tmp_path):
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="shards must be file names beside it"):
         load_checkpoint(tiny(), folder)
+
+
+def test_a_real_lightning_run_loads_under_its_net_attribute(tmp_path):
+    """The files a Lightning Trainer writes (hyper-parameters, loops, optimizer and
+    scheduler states beside ``net.``/``criterion.`` keys) load as data."""
+    pl = pytest.importorskip("lightning.pytorch", reason="writes a real Lightning run")
+
+    class Module(pl.LightningModule):
+        def __init__(self, lr=0.1):
+            super().__init__()
+            self.save_hyperparameters()
+            self.net, self.criterion = tiny(), nn.CrossEntropyLoss(weight=torch.ones(3))
+
+        def training_step(self, batch, _):
+            return self.criterion(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            opt = torch.optim.SGD(self.parameters(), lr=self.hparams.lr, momentum=0.9)
+            return [opt], [torch.optim.lr_scheduler.StepLR(opt, 1)]
+
+    keep = pl.callbacks.ModelCheckpoint(tmp_path / "ckpts", save_top_k=-1, save_last=True)
+    trainer = pl.Trainer(max_epochs=2, default_root_dir=tmp_path, logger=False, callbacks=[keep],
+                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    module = Module()
+    samples = list(zip(*tiny_batches()[0], strict=True))
+    trainer.fit(module, torch.utils.data.DataLoader(samples, batch_size=5))
+    df = analyze_run(tmp_path / "ckpts", ["loss"], model_factory=tiny, data=tiny_batches(),
+                     out=False, progress=False)  # fmt: skip
+    assert df.checkpoint.tolist() == ["epoch=0-step=2.ckpt", "epoch=1-step=4.ckpt", "last.ckpt"]
+    assert df.step.tolist()[:2] == [2, 4] and (df.status == "ok").all()
+    with torch.no_grad():
+        want = nn.functional.cross_entropy(module.net(tiny_batches()[0][0]), tiny_batches()[0][1])
+    assert df.value.iloc[-1] == pytest.approx(float(want), rel=1e-6)
