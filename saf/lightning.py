@@ -17,7 +17,16 @@ does what the loop around them must do, where Lightning owns that loop:
 
 Under automatic optimization Lightning calls ``SAM.step(closure)``, which runs
 ``training_step`` twice (at :math:`w` and :math:`w+\hat\epsilon`); what the module logs
-comes from both passes, and the step's returned loss is the perturbed one.
+comes from both passes, and the step's returned loss is the perturbed one. Under manual
+optimization::
+
+    def training_step(self, batch, batch_idx):
+        def closure():
+            loss = F.cross_entropy(self.net(batch[0]), batch[1])
+            self.manual_backward(loss)
+            return loss
+
+        return self.optimizers().step(closure)  # two passes; global_step advances
 
 Example (SAF; MESA is ``saf.MESALoss(self.net, decay)`` with ``SAFCallback(self.mesa,
 student=self.net)``)::
