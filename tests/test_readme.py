@@ -42,7 +42,7 @@ def test_lightning_and_hugging_face_examples_run_and_train(tmp_path, monkeypatch
         exec(compile(code, "README.md", "exec"), ns)  # noqa: S102  (our own README)
     for store in (ns["net"].saf.store, ns["trainer"].trajectory.store):
         assert (store.epoch_of == 2).all()  # every sample stored in the last epoch, 0..2
-    assert list(tmp_path.glob("checkpoints/*.ckpt")) and list(tmp_path.glob("out/checkpoint-*"))
+    assert list(tmp_path.rglob("checkpoints/*.ckpt")) and list(tmp_path.glob("out/checkpoint-*"))
     assert all((d / "saf_state.pt").is_file() for d in tmp_path.glob("out/checkpoint-*"))
 
 
