@@ -236,6 +236,24 @@ def test_sam_takes_the_plain_loops_steps(tmp_path):
     assert not all(torch.allclose(x, y, atol=1e-4) for x, y in zip(ours, sgd, strict=True))
 
 
+def test_a_missing_index_and_token_logits_are_refused(tmp_path):
+    """One line each, at the first step: no silent store under the wrong rows."""
+    no_index = SAFTrainer(
+        _model(), _args(tmp_path / "a"), train_dataset=_examples(),
+        trajectory=_trajectory("saf", None),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="WithIndex"):
+        no_index.train()
+    lm = transformers.BertForMaskedLM(_model().config)
+    tokens = [{**e, "labels": e["input_ids"]} for e in _examples()]
+    per_token = SAFTrainer(
+        lm, _args(tmp_path / "b"), train_dataset=saf.WithIndex(tokens),
+        trajectory=_trajectory("saf", None),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="sequence-classification head"):
+        per_token.train()
+
+
 def test_a_resumed_sam_run_is_the_uninterrupted_one(tmp_path):
     """SAM's base optimizer state (AdamW's moments) survives a Trainer checkpoint."""
 
