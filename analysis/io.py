@@ -360,9 +360,12 @@ def _shards(index: Path) -> list[str]:
         names = set(json.loads(index.read_text())["weight_map"].values())
     except (ValueError, KeyError, TypeError, AttributeError):
         raise CheckpointError(f"{index}: not a checkpoint index (no weight_map)") from None
-    bad = [n for n in names if not isinstance(n, str) or Path(n).name != n or n in ("", "..")]
+    bad = [n for n in names if not (isinstance(n, str) and Path(n).name == n
+                                    and n.endswith((".safetensors", ".bin")))]  # fmt: skip
     if bad or not names:
-        raise CheckpointError(f"{index}: shards must be file names beside it, got {bad[:1]}")
+        raise CheckpointError(
+            f"{index}: shards must be .safetensors or .bin file names beside it, got {bad[:1]}"
+        )
     return sorted(names)
 
 

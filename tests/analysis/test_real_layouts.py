@@ -176,7 +176,7 @@ def test_shard_index_naming_a_path_outside_the_folder_is_refused(tmp_path):
     folder.mkdir()
     index = {"metadata": {}, "weight_map": {"0.weight": "../../elsewhere.safetensors"}}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-    with pytest.raises(CheckpointError, match="shards must be file names beside it"):
+    with pytest.raises(CheckpointError, match="shards must be .* file names beside it"):
         load_checkpoint(tiny(), folder)
 
 
