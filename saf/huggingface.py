@@ -11,7 +11,10 @@ r"""SAF, MESA and SAM in the Hugging Face ``Trainer``: :class:`SAFTrainer`, no h
   it is refused. MESA's teacher moves after every optimizer step, not per accumulation
   micro-batch. With gradient accumulation the term is scaled as the Trainer scales the
   model's loss, so each micro-batch weighs the same. Training logs carry the term's mean
-  as ``trajectory_loss``.
+  as ``trajectory_loss``. (transformers 5 takes a model whose ``forward`` has ``**kwargs``
+  to normalise its loss by ``num_items_in_batch``; BERT's and GPT-2's classifiers do not,
+  so under accumulation their loss, not the term, weighs ``gradient_accumulation_steps``
+  times too much: set ``model.accepts_loss_kwargs = False``.)
 * **SAM** (``rho=0.05``; ASAM with ``adaptive=True, eta=0.01, rho=0.5``): the Trainer's
   own optimizer (``optim``, learning rate, weight decay groups, scheduler) becomes the
   base of a :class:`saf.SAM`; each step is two forward-backward passes (the second at
