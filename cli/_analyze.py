@@ -143,10 +143,11 @@ def run(args) -> int:
     out = args.out or str(args.dir / "analysis.csv")
     if not str(out).strip() or Path(out).is_dir():
         raise UsageError(f"--out {out!r} must be a CSV file path, not a folder")
+    loss_fn = resolve_loss(args.loss, args.ignore_index)
     factory = reported(factory, "--model", torch.nn.Module)
     factory()  # a model that cannot be built is one line, before any work
     df = analyze_run(
-        args.dir, metrics, model_factory=factory, data=data, loss_fn=resolve_loss(args.loss),
+        args.dir, metrics, model_factory=factory, data=data, loss_fn=loss_fn,
         settings=settings(args), every=args.every, out=out, device=args.device,
         progress=args.progress, key=args.key, epoch_regex=args.epoch_regex,
         strip_prefix=args.strip_prefix,

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from analysis import LOSSES, loss_function
+from analysis.losses import IGNORE_INDEX, TokenCrossEntropy
 from saf import DATASETS, data_batches
 
 EXIT_OK = 0
@@ -177,9 +178,19 @@ def loss_spec(text: str) -> str:
     )
 
 
-def resolve_loss(spec: str):
-    """The loss callable for a :func:`loss_spec` value (importing it when it names code)."""
-    return import_object(spec, "--loss") if ":" in spec else loss_function(spec)
+def resolve_loss(spec: str, ignore_index: int = IGNORE_INDEX):
+    """The loss callable for a :func:`loss_spec` value (importing it when it names code);
+    ``ignore_index``: the label the token losses (``lm``, ``token_ce``) skip.
+
+    Raises:
+        UsageError: another ``ignore_index`` for a loss that is not a token loss.
+    """
+    loss = import_object(spec, "--loss") if ":" in spec else loss_function(spec)
+    if ignore_index == IGNORE_INDEX:
+        return loss
+    if not isinstance(loss, TokenCrossEntropy):
+        raise UsageError(f"--ignore-index applies to --loss lm and token_ce, not {spec}")
+    return TokenCrossEntropy(loss.shift, ignore_index)
 
 
 def regex(text: str) -> str:
@@ -216,8 +227,8 @@ def reported(fn, what: str, returns: type | None = None):
 
 
 def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
-    """``--loss``, ``--key``, ``--strip-prefix`` and ``--epoch-regex``: how any checkpoint
-    folder is read and scored (``saf analyze`` and ``saf surface``)."""
+    """``--loss``, ``--ignore-index``, ``--key``, ``--strip-prefix`` and ``--epoch-regex``: how
+    any checkpoint folder is read and scored (``saf analyze`` and ``saf surface``)."""
     p.add_argument(
         "--loss",
         type=loss_spec,
@@ -226,6 +237,13 @@ def add_checkpoint_options(p: argparse.ArgumentParser) -> None:
         help="loss(output, targets), a batch mean (default: ce; lm: next-token cross-entropy "
         "of (batch, seq, vocab) logits on the input_ids, label -100 ignored, batches weighted "
         "by tokens); checked against the data first",
+    )
+    p.add_argument(
+        "--ignore-index",
+        type=int,
+        default=IGNORE_INDEX,
+        metavar="N",
+        help=f"the label --loss lm/token_ce skip (default: {IGNORE_INDEX}, Hugging Face's)",
     )
     p.add_argument(
         "--key", default=None, help="where each file keeps its state dict (e.g. ema, state_dict)"

@@ -269,7 +269,7 @@ def run(args) -> int:
     if args.directions == "interpolate" and args.compare and len(args.compare) != args.dim:
         raise UsageError(f"--directions interpolate --dim {args.dim} takes {args.dim} --compare")
     ys = args.grid if args.grid_y is None else args.grid_y
-    loss_fn = resolve_loss(args.loss)
+    loss_fn = resolve_loss(args.loss, args.ignore_index)
     main = _Source(args.target, args.epoch, args, is_main=True)
     others = [_Source(c, None, args, is_main=False) for c in args.compare]
     for src in [main, *others]:  # the loss against the data, before anything is written

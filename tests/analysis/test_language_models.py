@@ -205,3 +205,26 @@ def test_gpt2_with_ce_names_the_lm_loss(folder, capsys):
     assert main(["analyze", str(folder), "--out", str(folder / "t.csv"), "--no-progress",
                  *argv[:-1], "lm", "--metrics", "loss"]) == 0  # fmt: skip
     assert pd.read_csv(folder / "t.csv").status.tolist() == ["ok"]
+
+
+def padded_with_minus_one():
+    return [(x, torch.where(y == -100, -1, y)) for x, y in ragged_batches()]
+
+
+def test_ignore_index_from_the_command_line(tmp_path, monkeypatch, capsys):
+    m = types.ModuleType("lmpad")
+    m.tiny_lm, m.padded = tiny_lm, padded_with_minus_one
+    monkeypatch.setitem(sys.modules, "lmpad", m)
+    torch.save(tiny_lm().state_dict(), tmp_path / "step_1.pt")
+    argv = ["--model", "lmpad:tiny_lm", "--data", "lmpad:padded", "--metrics", "loss"]
+    line = _one_line_exit_2(capsys, tmp_path, *argv, "--loss", "lm")
+    assert "lm: labels must lie in 0..6 (or be -100: ignored)" in line and "got -1..6" in line
+    line = _one_line_exit_2(capsys, tmp_path, *argv, "--ignore-index", "-1")
+    assert "--ignore-index applies to --loss lm and token_ce, not ce" in line
+    out = tmp_path / "t.csv"
+    code = main(["analyze", str(tmp_path), *argv, "--loss", "lm", "--ignore-index", "-1",
+                 "--out", str(out), "--no-progress"])  # fmt: skip
+    assert code == 0
+    with torch.no_grad():
+        want = float(_all_at_once(tiny_lm(), ragged_batches()))
+    assert pd.read_csv(out).value.item() == pytest.approx(want, rel=1e-12)
