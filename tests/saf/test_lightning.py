@@ -14,7 +14,9 @@ from torch.utils.data import DataLoader, TensorDataset
 import saf
 
 pl = pytest.importorskip("lightning.pytorch", reason="Lightning is an optional extra")
-from saf.lightning import SAFCallback  # noqa: E402  (after the importorskip)
+from lightning.pytorch.plugins import MixedPrecision  # noqa: E402  (after the importorskip)
+
+from saf.lightning import SAFCallback  # noqa: E402
 
 N, C = 48, 3
 
@@ -152,7 +154,7 @@ def test_the_teacher_moves_once_per_optimizer_step_under_accumulation(tmp_path):
     assert _equal(calls[-1], _weights(model.net))  # the weights after the last step
 
 
-def _plain_sam(epochs: int) -> list[torch.Tensor]:
+def _plain_sam(epochs: int, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
     model = _mlp()
     opt = saf.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
     for _ in range(epochs):
@@ -160,7 +162,8 @@ def _plain_sam(epochs: int) -> list[torch.Tensor]:
 
             def closure(x=x, y=y):
                 opt.zero_grad()
-                loss = F.cross_entropy(model(x), y)
+                with torch.autocast("cpu", dtype or torch.bfloat16, enabled=dtype is not None):
+                    loss = F.cross_entropy(model(x), y)
                 loss.backward()
                 return loss
 
@@ -178,6 +181,12 @@ def test_sam_steps_as_a_plain_loop_and_checkpoints(tmp_path, manual):
     assert trainer.global_step == 2 * 4 and (tmp_path / "last.ckpt").is_file()
 
 
+def test_sam_under_bf16_mixed_is_the_plain_autocast_loop(tmp_path):
+    model = Net("sam")
+    _fit(model, tmp_path, 2, [SAFCallback()], precision="bf16-mixed")
+    assert _equal(_weights(model), _plain_sam(2, torch.bfloat16))
+
+
 def test_sam_stepped_without_global_step_is_refused(tmp_path):
     with pytest.raises(ValueError, match="global_step did not advance"):
         _fit(Net("sam", manual="direct"), tmp_path, 1, [SAFCallback()])
@@ -187,6 +196,7 @@ def test_sam_stepped_without_global_step_is_refused(tmp_path):
     "method, kwargs, match",
     [
         ("sam", {"accumulate_grad_batches": 2}, "accumulate_grad_batches=2"),
+        ("sam", {"plugins": [MixedPrecision("16-mixed", "cpu")]}, "GradScaler"),
         ("saf", {}, "SAF with SAM"),
     ],
 )
