@@ -211,13 +211,14 @@ def test_saf_under_accumulation_is_the_full_batch(tmp_path, scaled):
     assert sum(t for _, t in runs[1].trajectory.terms) > 0
 
 
-def _plain_sam(rho: float, steps: int) -> list[torch.Tensor]:
+def _plain_sam(rho: float, steps: int, bf16: bool = False) -> list[torch.Tensor]:
     model, batch = _model(), torch.utils.data.default_collate(_examples())
     opt = saf.SAM(model.parameters(), torch.optim.SGD, rho=rho, lr=1e-2)
 
     def closure():
         opt.zero_grad()
-        loss = model(**batch).loss
+        with torch.autocast("cpu", torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
         loss.backward()
         return loss
 
@@ -226,12 +227,14 @@ def _plain_sam(rho: float, steps: int) -> list[torch.Tensor]:
     return _weights(model)
 
 
-def test_sam_takes_the_plain_loops_steps(tmp_path):
+@pytest.mark.parametrize("bf16", [False, True])
+def test_sam_takes_the_plain_loops_steps(tmp_path, bf16):
     """One batch of all 16 examples per step (the order within it changes only rounding)."""
-    args = _args(tmp_path, 3, per_device_train_batch_size=N, optim="sgd", max_grad_norm=0.0)
+    args = _args(tmp_path, 3, per_device_train_batch_size=N, optim="sgd", max_grad_norm=0.0,
+                 bf16=bf16)  # fmt: skip
     trainer = SAFTrainer(_model(), args, train_dataset=_examples(), rho=0.5)
     trainer.train()
-    ours, sam, sgd = _weights(trainer.model), _plain_sam(0.5, 3), _plain_sam(0.0, 3)
+    ours, sam, sgd = _weights(trainer.model), _plain_sam(0.5, 3, bf16), _plain_sam(0.0, 3, bf16)
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ours, sam, strict=True))
     assert not all(torch.allclose(x, y, atol=1e-4) for x, y in zip(ours, sgd, strict=True))
 
