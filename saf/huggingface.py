@@ -125,7 +125,7 @@ class SAFTrainer(transformers.Trainer):
         Returns the loss at :math:`w`."""
         loss = super().training_step(model, inputs, *args, **kwargs)
         if self.sam is not None:
-            self.sam.perturb()
+            self.sam.first_step(zero_grad=True)  # the Trainer's optimizer.step() ends the step
             super().training_step(model, inputs, *args, **kwargs)
         return loss
 
@@ -140,7 +140,7 @@ class SAFTrainer(transformers.Trainer):
             raise ValueError(f"SAM needs a torch.optim.Optimizer class as its base, not {cls}")
         opt_kwargs = {k: v for k, v in opt_kwargs.items() if k != "params"}
         groups = base.param_groups
-        self.sam = _TrainerSAM(groups, cls, **self._sam_kwargs, model=self.model, **opt_kwargs)
+        self.sam = SAM(groups, cls, **self._sam_kwargs, model=self.model, **opt_kwargs)
         self.optimizer = self.sam
         return self.sam
 
@@ -193,23 +193,6 @@ class SAFTrainer(transformers.Trainer):
             )
         steps = getattr(self, "current_gradient_accumulation_steps", None)
         return (steps or self.args.gradient_accumulation_steps) if scaled else 1
-
-
-class _TrainerSAM(SAM):
-    """SAM whose closure-free ``step()`` after :meth:`perturb` is the second step: the
-    Trainer calls ``optimizer.step()`` after its clipping."""
-
-    _perturbed = False
-
-    def perturb(self) -> None:
-        self.first_step(zero_grad=True)
-        self._perturbed = True
-
-    def step(self, closure=None):  # type: ignore[override]
-        if closure is None and self._perturbed:  # the Trainer's step: back to w, base step
-            self._perturbed = False
-            return self.second_step()
-        return super().step(closure)
 
 
 class _UpdateTeacher(transformers.TrainerCallback):

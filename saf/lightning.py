@@ -12,8 +12,9 @@ does what the loop around them must do, where Lightning owns that loop:
   computes one micro-batch's gradient before ``step`` and another's in the closure, so
   :math:`\hat\epsilon` would come from the wrong data), a ``GradScaler`` precision
   (``"16-mixed"``; ``"bf16-mixed"`` works), and, under manual optimization, calling
-  ``first_step``/``second_step`` directly (``trainer.global_step`` stays 0: no checkpoint
-  is ever written). Step with ``self.optimizers().step(closure)`` instead.
+  ``first_step`` then ``second_step`` directly (``trainer.global_step`` stays 0: no
+  checkpoint is ever written). Step with ``self.optimizers().step(closure)`` instead, or
+  end a ``first_step`` with ``self.optimizers().step()``.
 
 Under automatic optimization Lightning calls ``SAM.step(closure)``, which runs
 ``training_step`` twice (at :math:`w` and :math:`w+\hat\epsilon`); what the module logs

@@ -104,10 +104,9 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self.model = model
-        self._frozen: list = []
-        self._skip = False
-        self._pending = False  # between first_step and second_step
-        self._passes: list[int] = []  # backward passes since the last take, per parameter
+        # Step state lives in one dict mutated in place: wrappers that copy the optimizer's
+        # __dict__ (Lightning's LightningOptimizer) then share it with the original.
+        self._sam: dict = {"frozen": [], "skip": False, "pending": False, "at_w": 0}
         self._hooks = _count_backward_passes(self)
 
     @torch.no_grad()
@@ -116,7 +115,9 @@ class SAM(torch.optim.Optimizer):
 
         The norm :math:`\|T_w g\|` is taken over all parameter groups together.
         """
-        self._passes_at_w = self._take_passes()
+        if self._perturbed():
+            raise ValueError("SAM.first_step called twice: call second_step (or step()) between")
+        self._sam["at_w"] = self._take_passes()
         groups = []  # (group, params, T_w, T_w g) for groups with gradients
         for group in self.param_groups:
             ps = [p for p in group["params"] if p.grad is not None]
@@ -130,12 +131,12 @@ class SAM(torch.optim.Optimizer):
                 groups.append((group, ps, t, grads if t is None else torch._foreach_mul(grads, t)))
         norms = [n for *_, scaled in groups for n in torch._foreach_norm(scaled)]
         norm = torch.linalg.vector_norm(torch.stack(norms)) if norms else None
-        self._skip = scaler is not None and norm is not None and not bool(norm.isfinite())
-        self._pending = True
+        skip = scaler is not None and norm is not None and not bool(norm.isfinite())
+        self._sam.update(skip=skip, pending=True)
         for group, ps, t, scaled in groups:
             for p in ps:
                 self.state[p]["old_p"] = p.detach().clone()
-            if self._skip:  # inf/NaN gradients under a GradScaler: this step is skipped
+            if skip:  # inf/NaN gradients under a GradScaler: this step is skipped
                 continue
             eps = scaled if t is None else torch._foreach_mul(scaled, t)
             torch._foreach_add_(ps, torch._foreach_mul(eps, group["rho"] / (norm + 1e-12)))
@@ -156,9 +157,9 @@ class SAM(torch.optim.Optimizer):
                 if "old_p" in self.state[p]:
                     p.copy_(self.state[p].pop("old_p"))
         self._unfreeze_batchnorm()
-        at_w, here = getattr(self, "_passes_at_w", 0), self._take_passes()
+        at_w, here = self._sam["at_w"], self._take_passes()
         if at_w and here and at_w != here:
-            self._pending = False
+            self._sam["pending"] = False
             raise ValueError(
                 f"SAM: the gradient at w came from {at_w} backward passes and the one at "
                 f"w + eps from {here}; with gradient accumulation run the same micro-batches "
@@ -167,10 +168,10 @@ class SAM(torch.optim.Optimizer):
         if scaler is None:
             self.base_optimizer.step()
         else:
-            if self._skip:  # the first gradient was not finite: make the scaler skip this step
+            if self._sam["skip"]:  # the first gradient was not finite: the scaler must skip
                 _poison(self.param_groups)
             scaler.step(self)  # unscales (unless you did) and calls self.step(): the base step
-        self._pending = False
+        self._sam["pending"] = False
         self._opt_called = True  # tells an LR scheduler on SAM that a step was taken
         if zero_grad:
             self.zero_grad()
@@ -180,9 +181,18 @@ class SAM(torch.optim.Optimizer):
 
         Returns the loss at :math:`w` (at :math:`w+\hat\epsilon` when the gradients at
         :math:`w` were already computed before the call). The gradients are cleared after.
+
+        After :meth:`first_step` (weights at :math:`w+\hat\epsilon`, their gradient
+        computed), ``step()`` or ``step(closure)`` finishes the step instead: the closure, if
+        any, runs once, then :meth:`second_step`. This is the step a framework calls after
+        its own clipping (the Hugging Face ``Trainer``, Lightning's manual optimization).
         """
+        if self._perturbed():
+            result = None if closure is None else torch.enable_grad()(closure)()
+            self.second_step()
+            return result
         if closure is None:
-            if self._pending:  # second_step's scaler.step(sam): the base step itself
+            if self._sam["pending"]:  # second_step's scaler.step(sam): the base step itself
                 return self.base_optimizer.step()
             raise ValueError("SAM.step needs a closure (or call first_step/second_step)")
         closure = torch.enable_grad()(closure)
@@ -197,22 +207,29 @@ class SAM(torch.optim.Optimizer):
         self.second_step(zero_grad=True)  # cleared: the next call sees whether you computed them
         return second if loss is None else loss
 
+    def _perturbed(self) -> bool:
+        """Whether the weights sit at w + eps (a first_step not yet followed by second_step)."""
+        return any("old_p" in s for s in self.state.values())
+
     def _take_passes(self) -> int:
         """Backward passes into the gradients since the last call (the most any parameter saw)."""
-        n = max(self._passes, default=0)
-        self._passes, self._grads = [0] * len(self._passes), [None] * len(self._grads)
+        passes, grads = self._sam["passes"], self._sam["grads"]
+        n = max(passes, default=0)
+        passes[:], grads[:] = [0] * len(passes), [None] * len(grads)  # in place: shared lists
         return n
 
     def _freeze_batchnorm(self) -> None:
-        if self.model is not None and not self._frozen:
-            self._frozen = [(m, m.track_running_stats) for m in _batchnorms(self.model)]
-            for m, _ in self._frozen:
+        frozen = self._sam["frozen"]
+        if self.model is not None and not frozen:
+            frozen[:] = [(m, m.track_running_stats) for m in _batchnorms(self.model)]
+            for m, _ in frozen:
                 m.track_running_stats = False
 
     def _unfreeze_batchnorm(self) -> None:
-        for m, flag in self._frozen:
+        frozen = self._sam["frozen"]
+        for m, flag in frozen:
             m.track_running_stats = flag
-        self._frozen = []
+        frozen.clear()
 
     def state_dict(self) -> dict:
         """The base optimizer's state dict (momentum buffers, param groups incl. rho)."""
@@ -231,18 +248,18 @@ def _count_backward_passes(sam: SAM) -> list:
     no-op hooks, not a live reference."""
     ref = weakref.ref(sam)
     params = [p for g in sam.param_groups for p in g["params"] if p.requires_grad]
-    sam._passes, sam._grads = [0] * len(params), [None] * len(params)
+    sam._sam.update(passes=[0] * len(params), grads=[None] * len(params))
 
     def hook(i):
         def count(p):
             s = ref()
             if s is None:
                 return
-            last = s._grads[i]
-            if last is not None and last() is p.grad:
-                s._passes[i] += 1
+            passes, grads = s._sam["passes"], s._sam["grads"]
+            if grads[i] is not None and grads[i]() is p.grad:
+                passes[i] += 1
             else:
-                s._passes[i], s._grads[i] = 1, weakref.ref(p.grad)
+                passes[i], grads[i] = 1, weakref.ref(p.grad)
 
         return count
 

@@ -64,6 +64,20 @@ class Net(pl.LightningModule):
             self.manual_backward(self.loss(batch))
             opt.second_step(zero_grad=True)
             return None
+        if self.manual == "first_then_step":  # first_step, then the wrapper's step() ends it
+            self.manual_backward(self.loss(batch))
+            opt.first_step(zero_grad=True)
+            self.manual_backward(self.loss(batch))
+            opt.step()
+            opt.zero_grad()
+            return None
+        if self.manual == "mismatched":  # two passes at w, one at w + eps: refused
+            for _ in range(2):
+                self.manual_backward(self.loss(batch))
+            opt.first_step(zero_grad=True)
+            self.manual_backward(self.loss(batch))
+            opt.step()
+            return None
 
         def closure():
             loss = self.loss(batch)
@@ -171,7 +185,7 @@ def _plain_sam(epochs: int, dtype: torch.dtype | None = None) -> list[torch.Tens
     return _weights(model)
 
 
-@pytest.mark.parametrize("manual", [None, "closure"])
+@pytest.mark.parametrize("manual", [None, "closure", "first_then_step"])
 def test_sam_steps_as_a_plain_loop_and_checkpoints(tmp_path, manual):
     """Automatic optimization and the manual closure recipe: the plain loop's weights,
     ``global_step`` counts the steps, so checkpoints are written."""
@@ -185,6 +199,12 @@ def test_sam_under_bf16_mixed_is_the_plain_autocast_loop(tmp_path):
     model = Net("sam")
     _fit(model, tmp_path, 2, [SAFCallback()], precision="bf16-mixed")
     assert _equal(_weights(model), _plain_sam(2, torch.bfloat16))
+
+
+def test_sam_mismatched_passes_are_refused_through_the_lightning_wrapper(tmp_path):
+    """The pass count is shared with Lightning's optimizer wrapper (a copy of SAM's __dict__)."""
+    with pytest.raises(ValueError, match="2 backward passes .* from 1"):
+        _fit(Net("sam", manual="mismatched"), tmp_path, 1, [SAFCallback()])
 
 
 def test_sam_stepped_without_global_step_is_refused(tmp_path):
