@@ -61,11 +61,14 @@ class EMA:
         ``model`` may be wrapped in ``DistributedDataParallel`` or ``DataParallel`` (the
         trainer steps the wrapper): the wrapped module's tensors are averaged."""
         model = _unwrap(model)
-        if self._cache is None or self._cache[0] is not model:
-            floats, ints = self._pairs(model)  # listed once per student, not every step
+        # .to() replaces buffers (not parameters): list the pairs again when one was replaced
+        buffers = [*self.module.buffers(), *model.buffers()]
+        cache = self._cache
+        if cache is None or cache[0] is not model or not _same(cache[4], buffers):
+            floats, ints = self._pairs(model)  # listed once per student and device
             ema_t, model_t = [e for e, _ in floats], [m for _, m in floats]
-            self._cache = (model, ema_t, model_t, ints)
-        _, ema_t, model_t, ints = self._cache
+            self._cache = (model, ema_t, model_t, ints, buffers)
+        _, ema_t, model_t, ints, _ = self._cache
         if ema_t:
             torch._foreach_lerp_(ema_t, model_t, 1.0 - self.decay)
         for e, m in ints:
@@ -90,6 +93,10 @@ class EMA:
         self.module.load_state_dict(state["module"])
         self.decay = float(state["decay"])
         self.num_updates = int(state.get("updates", 1))  # older states: updated, count unknown
+
+
+def _same(a: list, b: list) -> bool:
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

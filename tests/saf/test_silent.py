@@ -181,3 +181,16 @@ def test_mesa_warns_when_a_resume_forgot_the_teacher():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         restored.target(x, 3)
+
+
+def test_ema_follows_the_students_buffers_after_the_teacher_is_moved():
+    """.to() replaces buffers: the teacher's BatchNorm statistics must keep following."""
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4)).train()
+    ema = saf.EMA(model, decay=0.5)
+    ema.update(model)
+    ema.module.to(torch.float64)  # a move that replaces every tensor, as .to(device) does
+    model.to(torch.float64)
+    model(torch.randn(16, 4, dtype=torch.float64))  # new running statistics
+    ema.update(model)
+    assert int(ema.module[1].num_batches_tracked) == 1
+    torch.testing.assert_close(ema.module[1].running_mean, 0.5 * model[1].running_mean)
