@@ -11,6 +11,7 @@ from analysis._checkpoints import AnalysisSettings, analyze_run, parse_metrics
 from analysis._density import SpectralDensity, hessian_density, plot_density, slq
 from analysis._eigen import hessian_eigenvalues
 from analysis._functional import params_without_norm_and_bias
+from analysis._ggn import CURVATURES, FisherOperator, GGNOperator, curvature_operator
 from analysis._hvp import HessianOperator, hessian_operator
 from analysis._lanczos import lanczos, warm_start_vector
 from analysis._linop import EigenResult
@@ -41,6 +42,11 @@ __all__ = [
     "HessianOperator",
     "hessian_operator",
     "params_without_norm_and_bias",
+    # curvature beyond the Hessian
+    "CURVATURES",
+    "FisherOperator",
+    "GGNOperator",
+    "curvature_operator",
     # eigen-solvers
     "EigenResult",
     "hessian_eigenvalues",
