@@ -36,6 +36,14 @@ from analysis.io import (
     safe_torch_load,
 )
 from analysis.losses import LOSSES, check_loss, loss_function
+from analysis.stability import (
+    PreconditionedOperator,
+    adam_preconditioner,
+    adam_threshold,
+    sam_edge,
+    sgd_threshold,
+    stability_thresholds,
+)
 
 __all__ = [
     # Hessian operator
@@ -66,6 +74,13 @@ __all__ = [
     "SharpnessResult",
     "m_sharpness",
     "sam_sharpness",
+    # stability thresholds
+    "PreconditionedOperator",
+    "adam_preconditioner",
+    "adam_threshold",
+    "sam_edge",
+    "sgd_threshold",
+    "stability_thresholds",
     # checkpoint folders
     "AnalysisSettings",
     "analyze_run",
