@@ -36,6 +36,7 @@ from analysis.io import (
     safe_torch_load,
 )
 from analysis.losses import LOSSES, check_loss, loss_function
+from analysis.monitor import SharpnessMonitor
 from analysis.stability import (
     PreconditionedOperator,
     adam_preconditioner,
@@ -74,7 +75,8 @@ __all__ = [
     "SharpnessResult",
     "m_sharpness",
     "sam_sharpness",
-    # stability thresholds
+    # monitoring and stability thresholds
+    "SharpnessMonitor",
     "PreconditionedOperator",
     "adam_preconditioner",
     "adam_threshold",
