@@ -22,6 +22,7 @@ from torch import nn
 from analysis._functional import LossFn, ParamSpace, ParamSpec
 from analysis.batches import Call, batch_mean, count_samples, model_mode, reiterable
 from analysis.distributed import all_reduce_sum, shard
+from analysis.memory import available_bytes, budget_bytes
 
 DEFAULT_CACHE_BUDGET = 2 * 2**30  # bytes, where the free memory cannot be read
 
@@ -38,16 +39,13 @@ def _tensors(obj) -> Iterator[torch.Tensor]:
             yield from _tensors(v)
 
 
-def _available_cpu_bytes() -> int:
-    """``MemAvailable`` from ``/proc/meminfo`` (0 where there is none)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+def _vjp(g: torch.Tensor, theta: torch.Tensor, v: torch.Tensor, **kw) -> torch.Tensor:
+    """The product (dg/dtheta)^T v, zero where ``g`` does not depend on theta (a loss linear
+    in the weights has a zero Hessian, not an error)."""
+    if not g.requires_grad:
+        return torch.zeros_like(theta).detach()
+    (hv,) = torch.autograd.grad(g, theta, v, allow_unused=True, **kw)
+    return torch.zeros_like(theta).detach() if hv is None else hv.detach()
 
 
 def math_attention():
@@ -186,12 +184,11 @@ class HessianOperator:
             self._graph = self._build_graph()
         if self._graph is not None:
             theta, g = self._graph
-            (hv,) = torch.autograd.grad(g, theta, v, retain_graph=True)
-            return all_reduce_sum(hv.detach(), self.distributed)
+            return all_reduce_sum(_vjp(g, theta, v, retain_graph=True), self.distributed)
 
         def hvp(theta, loss):
             (g,) = torch.autograd.grad(loss, theta, create_graph=True)
-            return torch.autograd.grad(g, theta, v)[0]
+            return _vjp(g, theta, v)
 
         return self._mean(hvp)
 
@@ -265,8 +262,8 @@ class HessianOperator:
         if self._cache_budget is not None:
             return self._cache_budget
         if self.device.type == "cuda":
-            return torch.cuda.mem_get_info(self.device)[0] // 2
-        return _available_cpu_bytes() // 2 or DEFAULT_CACHE_BUDGET
+            return budget_bytes(self.device)
+        return available_bytes() // 2 or DEFAULT_CACHE_BUDGET
 
     # -- first-order quantities -------------------------------------------
     def loss_and_gradient(self) -> tuple[float, torch.Tensor]:

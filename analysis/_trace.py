@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 from analysis._functional import LossFn, ParamSpec
 from analysis._hvp import HessianOperator
 from analysis._linop import as_matvec, random_vector
+from analysis.memory import fits
 from analysis.rng import generator
 
 
@@ -75,6 +76,8 @@ def hutchpp(
     if n_matvecs < 3:
         raise ValueError(f"hutchpp needs n_matvecs >= 3, got {n_matvecs}")
     s = n_matvecs // 3
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    fits(2 * s * n * itemsize, f"Hutch++'s sketch ({s} x {n})", device, hint="use fewer matvecs")
     bar = tqdm(total=3 * s, desc="hutch++", disable=not progress, leave=False)
 
     def mv(v):

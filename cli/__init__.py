@@ -7,16 +7,40 @@ a file on disk never does.
 
 Exit codes: 0 done, 2 bad input (one line on stderr, no traceback, nothing written) or
 training diverged (one line; the last good checkpoint is kept), 3 done but something was
-skipped (each skip named on stderr), 130 interrupted.
+skipped (each skip named on stderr), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM);
+after 130 or 143 the same command resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import signal
 import sys
+import threading
+import warnings
 
-from cli import _analyze, _figures, _surface, _train
-from cli._common import EXIT_OK, EXIT_SKIPPED, EXIT_USAGE, OneLineParser, UsageError
+# An invalid MPLBACKEND fails matplotlib's own import: take it out, check it, then say so
+# in one line in main() (a valid one is kept).
+_BACKEND, _BAD_BACKEND = os.environ.pop("MPLBACKEND", None), None
+import matplotlib  # noqa: E402
+
+if _BACKEND is not None:
+    try:
+        matplotlib.rcParams["backend"] = _BACKEND
+        os.environ["MPLBACKEND"] = _BACKEND
+    except ValueError:
+        _BAD_BACKEND = _BACKEND
+
+from cli import _analyze, _figures, _surface, _train  # noqa: E402
+from cli._common import (  # noqa: E402
+    EXIT_OK,
+    EXIT_SKIPPED,
+    EXIT_USAGE,
+    OneLineParser,
+    UsageError,
+)
 
 __all__ = ["EXIT_OK", "EXIT_SKIPPED", "EXIT_USAGE", "UsageError", "build_parser", "main"]
 
@@ -46,14 +70,55 @@ def build_parser() -> OneLineParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so that files in flight are cleaned up as for
+    Ctrl-C (every write is atomic) and the command exits 143 with one line."""
+
+
+def _one_line_warning(message, category, filename, lineno, line=None) -> str:
+    return f"saf: warning: {message}\n"
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    def handler(signum, frame):
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _warnings_in_one_line():
+    saved, warnings.formatwarning = warnings.formatwarning, _one_line_warning
+    try:
+        yield
+    finally:
+        warnings.formatwarning = saved
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script. Returns the process exit code."""
+    if _BAD_BACKEND is not None:
+        print(
+            f"saf: error: MPLBACKEND={_BAD_BACKEND!r} is not a matplotlib backend; unset it "
+            "(saf draws into files with Agg)",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
     parser = build_parser()
     try:
         argv = list(sys.argv[1:] if argv is None else argv)
         args = parser.parse_args(argv)
         args.argv = [str(a) for a in argv]
-        return int(args.run(args) or 0)
+        with _sigterm_raises(), _warnings_in_one_line():
+            return int(args.run(args) or 0)
     except (UsageError, ValueError, OSError) as e:
         # UsageError, CheckpointError (a ValueError) and unreadable/unwritable paths:
         # one line, exit 2, no traceback.
@@ -62,6 +127,11 @@ def main(argv: list[str] | None = None) -> int:
         prog = getattr(e, "prog", None) or (f"saf {args.command}" if "args" in locals() else "saf")
         print(f"{prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
+        if isinstance(e, Terminated):
+            print(
+                "saf: terminated (SIGTERM); run the same command again to resume", file=sys.stderr
+            )
+            return 143
         print("saf: interrupted", file=sys.stderr)
         return 130

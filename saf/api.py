@@ -109,6 +109,8 @@ class SAFLoss:
         distributed: bool | None = None,
     ):
         _check(lam, tau, start_epoch)
+        self.lam, self.tau, self.start_epoch = float(lam), float(tau), int(start_epoch)
+        self.store = OutputStore(num_samples, num_classes, lag, dtype, device)
         if start_epoch < lag:
             warnings.warn(
                 f"SAFLoss(lag={lag}, start_epoch={start_epoch}): epoch {lag} pulls toward "
@@ -116,8 +118,6 @@ class SAFLoss:
                 f"(the paper: 5 >= 3)",
                 stacklevel=2,
             )
-        self.lam, self.tau, self.start_epoch = float(lam), float(tau), int(start_epoch)
-        self.store = OutputStore(num_samples, num_classes, lag, dtype, device)
         self.distributed = distributed
         self._warned = False
 

@@ -33,6 +33,10 @@ def is_spec(name) -> bool:
     return bool(sep and mod and fn.isidentifier())
 
 
+MAX_EPOCHS = 1_000_000
+"""The longest schedule accepted (the paper trains for 200 epochs)."""
+
+
 @dataclass
 class TrainConfig:
     """Everything that defines a run (stored in ``run.json``; ``None`` = method default).
@@ -106,6 +110,8 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "lag", "save_every"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.epochs > MAX_EPOCHS:
+            raise ValueError(f"epochs must be at most {MAX_EPOCHS:,}, got {self.epochs:,}")
         if self.threads is not None and not 1 <= self.threads <= (os.cpu_count() or 1):
             raise ValueError(
                 f"threads must be 1..{os.cpu_count()} (the CPUs here), got {self.threads}"

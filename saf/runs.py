@@ -21,8 +21,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import stat
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 from torch import nn
@@ -46,10 +48,29 @@ def checkpoint_path(run_dir, epoch: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"epoch_{epoch:04d}.pt"
 
 
+RUN_JSON_MAX_BYTES = 1 << 20
+"""The largest ``run.json`` read (ours are about 2 KB)."""
+
+
+def _read_json(path: Path) -> Any:
+    """A small JSON file, refused (ValueError) when it is not a regular file (a FIFO would
+    block the reader), larger than :data:`RUN_JSON_MAX_BYTES`, or nested too deeply."""
+    st = path.stat()  # FileNotFoundError: the caller says what is missing
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError("not a regular file")
+    if st.st_size > RUN_JSON_MAX_BYTES:
+        raise ValueError(f"{st.st_size} bytes, more than a run description's {RUN_JSON_MAX_BYTES}")
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read(RUN_JSON_MAX_BYTES + 1))
+    except RecursionError:  # json nests by recursion: a file of deep brackets
+        raise ValueError("nested too deeply") from None
+
+
 def is_run_dir(path) -> bool:
     """True when ``path`` is a folder holding a ``run.json`` of this format."""
     try:
-        return json.loads((Path(path) / "run.json").read_text()).get("format") == FORMAT
+        return _read_json(Path(path) / "run.json").get("format") == FORMAT
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -57,7 +78,7 @@ def is_run_dir(path) -> bool:
 def _load_json(run_dir) -> tuple[Path, dict]:
     path = Path(run_dir) / "run.json"
     try:
-        run = json.loads(path.read_text())
+        run = _read_json(path)
     except FileNotFoundError:
         raise ValueError(
             f"{path}: not found; is {run_dir} a run directory of `saf train`?"

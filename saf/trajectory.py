@@ -18,6 +18,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from analysis.memory import fits
+
 
 def trajectory_loss(
     logits: Tensor,
@@ -134,6 +136,13 @@ class OutputStore:
                 f"{lag}, {num_samples}, {num_classes}"
             )
         self.lag = int(lag)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        fits(
+            lag * num_samples * (num_classes * itemsize + 4),
+            f"the SAF store ({num_samples} samples x {num_classes} classes x lag {lag})",
+            device,
+            hint="lower the lag (--saf-lag)",
+        )
         self.logits = torch.zeros(lag, num_samples, num_classes, dtype=dtype, device=device)
         never = torch.iinfo(torch.int32).min  # never equals epoch - lag for epoch >= 0
         self.epoch_of = torch.full((lag, num_samples), never, dtype=torch.int32, device=device)
