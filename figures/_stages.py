@@ -79,7 +79,9 @@ def train_config(
 ):
     """The trainer's config for one run: the same settings for every method and seed.
 
-    ``over`` replaces scaled hyperparameters (``lam``, ``lag``) for the sweep only.
+    ``over`` replaces scaled hyperparameters (``lam``, ``lag``) for the sweep only; a sweep
+    lag keeps E_start >= lag as the paper does (5 >= 3), so no epoch of the
+    run has a trajectory term with no target.
     """
     n = len(load_dataset(s.data, "train", s.data_dir))
     h = scaled_hparams(s.epochs, steps_per_epoch(n, s.batch_size))
@@ -105,6 +107,8 @@ def train_config(
         progress=progress,
         threads=torch.get_num_threads(),
     )
+    if "lag" in over:
+        kwargs["start_epoch"] = max(h["start_epoch"], over["lag"])
     return TrainConfig(**{**kwargs, **over})
 
 
