@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 
 from analysis._eigen import jackknife
 from analysis._functional import ParamSpace
+from analysis._ggn import CURVATURES, curvature_operator
 from analysis._hvp import HessianOperator
 from analysis._lanczos import lanczos, warm_start_vector
 from analysis._sharpness import m_sharpness
@@ -59,7 +60,6 @@ from analysis.io import (
     atomic_torch_save,
     atomic_write_json,
     atomic_write_text,
-    checkpoint_files,
     checkpoint_step,
     exclusive,
     find_checkpoints,
@@ -117,6 +117,9 @@ class AnalysisSettings:
             cold start vector (:func:`warm_start_vector`): consecutive epochs change
             slowly, so fewer products reach the same tolerance. The stopping bound is the
             same, so the values agree with cold starts within ``tol``.
+        curvature: the matrix of the ``lambda_*`` and ``trace`` metrics: ``"hessian"``,
+            ``"ggn"`` (Gauss–Newton) or ``"fisher"`` (empirical Fisher;
+            :func:`analysis.curvature_operator`).
     """
 
     mode: str = "eval"
@@ -132,6 +135,7 @@ class AnalysisSettings:
     seed: int = 0
     lambda_se_groups: int = 0
     warm_start: bool = False
+    curvature: str = "hessian"
 
     def __post_init__(self) -> None:
         if self.mode not in ("eval", "train"):
@@ -143,13 +147,15 @@ class AnalysisSettings:
                 raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
         if self.trace_matvecs < 3 or self.steps < 1 or (self.m is not None and self.m < 1):
             raise ValueError("trace_matvecs must be >= 3, steps >= 1 and m >= 1 (or None)")
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {CURVATURES}, got {self.curvature!r}")
         if self.lambda_se_groups == 1 or self.lambda_se_groups < 0:
             raise ValueError(f"lambda_se_groups must be 0 or >= 2, got {self.lambda_se_groups}")
 
     def key(self) -> dict:
         """The settings as JSON-ready values (part of the cache key). Options added later
         are left out at their defaults, so caches written before them stay valid."""
-        later = {"lambda_se_groups": 0, "warm_start": False}
+        later = {"lambda_se_groups": 0, "warm_start": False, "curvature": "hessian"}
         kept = {k: v for k, v in asdict(self).items() if later.get(k, object()) != v}
         return {**kept, "dtype": str(self.dtype)}
 
@@ -366,16 +372,6 @@ def _data_hash(data: Iterable) -> str:
     return h.hexdigest()[:16]
 
 
-def _file_hash(path: Path) -> str:
-    """Content hash of the file(s) a checkpoint is read from (a model folder's weights)."""
-    h = hashlib.sha256()
-    for name in checkpoint_files(path):
-        with open(name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):  # noqa: B023
-                h.update(chunk)
-    return h.hexdigest()[:16]
-
-
 def _row(metric, value=math.nan, stderr=math.nan, status="ok", **extra) -> dict:
     return {
         "metric": metric,
@@ -435,25 +431,28 @@ class _Warm:
 def _one_checkpoint(
     path: Path, job: _Job, cache_dir, skey, warm: _Warm | None = None
 ) -> tuple[list[dict], str]:
+    hasher = hashlib.sha256()  # fed the very bytes loaded: one opened file per file
+    order = _expand(job.names)
+    casts: list = []
     try:
-        fhash = _file_hash(path)
-    except (OSError, CheckpointError):  # unreadable: load_checkpoint names why
-        fhash = ""
+        model = load_checkpoint(job.factory(), path, job.key, casts, job.prefix, hasher)
+    except CheckpointError as e:
+        if warm is not None:
+            warm.previous = ""
+        reason = str(e).removeprefix(f"{path}: ")
+        return [_row(n, status=reason) for n in order], reason
+    fhash = hasher.hexdigest()[:16]
     try:
-        return _measure(path, fhash, job, cache_dir, skey, warm)
+        return _measure(path, model.to(job.device), fhash, job, cache_dir, skey, warm, casts)
     finally:
         if warm is not None:
             warm.previous = fhash
 
 
-def _measure(path: Path, fhash: str, job: _Job, cache_dir, skey, warm) -> tuple[list[dict], str]:
+def _measure(
+    path: Path, model: nn.Module, fhash: str, job: _Job, cache_dir, skey, warm, casts: list
+) -> tuple[list[dict], str]:
     order = _expand(job.names)
-    casts: list = []
-    try:
-        model = load_checkpoint(job.factory(), path, job.key, casts, job.prefix).to(job.device)
-    except CheckpointError as e:
-        reason = str(e).removeprefix(f"{path}: ")
-        return [_row(n, status=reason) for n in order], reason
     if casts:
         kinds = sorted({f"{a} -> {b}".replace("torch.", "") for _, a, b in casts})
         print(f"note {path.name}: {len(casts)} tensors cast ({', '.join(kinds)})", file=sys.stderr)
@@ -513,9 +512,10 @@ def _compute(key: str, model: nn.Module, job: _Job, ops: dict, warm=None, fhash=
     if key in ("lambda", "lambda_min", "trace"):
 
         def operator(data) -> HessianOperator:
-            return HessianOperator(
-                model, job.loss_fn, data, mode=s.mode, dtype=s.dtype, device=job.device,
-                cache="auto", forward_fn=job.call.forward_fn, output_fn=job.call.output_fn,
+            return curvature_operator(
+                s.curvature, model, job.loss_fn, data, mode=s.mode, dtype=s.dtype,
+                device=job.device, cache="auto", forward_fn=job.call.forward_fn,
+                output_fn=job.call.output_fn,
             )  # fmt: skip
 
         if "H" not in ops:

@@ -26,6 +26,7 @@ import json
 import os
 import pickletools
 import re
+import stat
 import tempfile
 import time
 import zipfile
@@ -201,17 +202,133 @@ def _allowed(module: str, name: str) -> bool:
     return isinstance(attr, torch.dtype) or storage
 
 
-def _refused_global(path: Path) -> str | None:
-    """The first global of ``path``'s pickle outside :func:`_allowed`, scanned as opcodes
-    (nothing is built); None for a clean file or one that is not a torch zip archive."""
+LOAD_BUDGET_ENV = "SAF_LOAD_BUDGET"
+"""The environment variable that sets :func:`load_budget` (bytes, or with a K, M or G suffix)."""
+LOAD_CAP = 16 * 2**30
+"""The default load budget's fixed cap (16 GiB)."""
+PICKLE_CAP = 2**28
+"""The largest ``data.pkl`` read (256 MiB): it holds structure, the tensors are beside it."""
+_SIZE = re.compile(r"\s*(\d+)\s*([KMG]?)i?B?\s*", re.IGNORECASE)
+
+
+def load_budget() -> int:
+    """The most memory one checkpoint (file or model folder) may make a load allocate, in
+    bytes: ``$SAF_LOAD_BUDGET`` (``"512M"``, ``"4G"``, bytes) when set, else the smaller of
+    :data:`LOAD_CAP` (16 GiB) and half of the free memory (:func:`analysis.memory.budget_bytes`).
+
+    Every size a file declares (zip members, a safetensors header, a folder's shards) is
+    checked against it *before* anything is inflated or allocated.
+
+    Raises:
+        ValueError: ``$SAF_LOAD_BUDGET`` is not a size.
+    """
+    text = os.environ.get(LOAD_BUDGET_ENV)
+    if text is None:
+        from analysis.memory import budget_bytes
+
+        return min(LOAD_CAP, budget_bytes("cpu"))
+    m = _SIZE.fullmatch(text)
+    if not m:
+        raise ValueError(f"{LOAD_BUDGET_ENV}={text!r} is not a size; use bytes or e.g. 4G, 512M")
+    return int(m.group(1)) * 1024 ** " KMG".index(m.group(2).upper() or " ")
+
+
+def _over_budget(path: Path, nbytes: int, what: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: refused: {what} {nbytes / 2**20:.1f} MiB, more than the load budget of "
+        f"{load_budget() / 2**20:.1f} MiB; raise {LOAD_BUDGET_ENV} (e.g. 32G) if the file is "
+        "trusted and the memory is there"
+    )
+
+
+@contextlib.contextmanager
+def _open_regular(path: Path) -> Iterator[IO[bytes]]:
+    """``path`` opened for reading, or a CheckpointError when it is not a regular file (a
+    FIFO is opened without blocking and refused, never waited on)."""
     try:
-        with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if n.endswith("data.pkl")]
-            if len(names) != 1 or z.getinfo(names[0]).file_size > 2**30:
-                return None if not names else "an oversized or ambiguous pickle"
-            data = z.read(names[0])
-    except (zipfile.BadZipFile, OSError):
-        return None  # the legacy format, or not a checkpoint: torch.load decides
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be opened ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CheckpointError(f"{path}: not a regular file (a FIFO, device or socket)")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        yield f
+
+
+def _stamp(f: IO[bytes]) -> tuple:
+    st = os.fstat(f.fileno())
+    return st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _unchanged(f: IO[bytes], stamp: tuple, path: Path) -> None:
+    """Refuse a file written to (in place) while it was read: its bytes may be mixed."""
+    if _stamp(f) != stamp:
+        raise CheckpointError(f"{path}: changed while it was read; rerun when its writer is done")
+
+
+def _refused_global(path: Path) -> str | None:
+    """The first global of ``path``'s pickle outside :func:`_allowed`, or why the file
+    cannot be scanned (see :func:`_scan`); None for a clean torch zip archive."""
+    try:
+        with _open_regular(path) as f:
+            _scan(f, path, os.fstat(f.fileno()).st_size)
+    except CheckpointError as e:
+        why = str(e).removeprefix(f"{path}: refused: ").removeprefix("the file asks to build ")
+        return why.split(" (not a plain")[0]
+    return None
+
+
+def _scan(f: IO[bytes], path: Path, size: int) -> None:
+    """Check an opened torch zip archive before ``torch.load`` reads it: every member
+    stored (torch never compresses; an inflated size could not be bounded), local and
+    central headers agreeing (torch reads one, :mod:`zipfile` the other), the declared
+    sizes within the file and within :func:`load_budget`, and every opcode of the one
+    ``data.pkl`` parsed with no global outside :func:`_allowed`. Nothing is inflated or
+    built.
+
+    Raises:
+        CheckpointError: refused, naming why (one line).
+    """
+
+    def refuse(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: refused: {why}")
+
+    try:
+        z = zipfile.ZipFile(f)
+        infos = z.infolist()
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError):
+        raise refuse("not a torch zip archive (a legacy pre-1.6 pickle cannot be scanned, "
+                     "re-save it with torch.save; or the file is damaged)") from None  # fmt: skip
+    names = [i.filename for i in infos]
+    if len(set(names)) != len(names):
+        raise refuse("a zip archive with two members of one name")
+    total = 0
+    for info in infos:
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            raise refuse(f"a compressed member {info.filename} (torch.save stores them whole)")
+        if info.header_offset + info.file_size > size:
+            raise refuse(f"member {info.filename} declares more bytes than the file has")
+        try:
+            z.open(info).close()  # reads and compares the local header, inflates nothing
+        except (zipfile.BadZipFile, ValueError, OSError, EOFError, NotImplementedError) as e:
+            raise refuse(f"inconsistent zip headers ({str(e)[:80]})") from None
+        total += info.file_size
+    if total > load_budget():
+        raise _over_budget(path, total, "its tensors declare")
+    pkl = [i for i in infos if i.filename.endswith("data.pkl")]
+    if len(pkl) != 1 or pkl[0].file_size > PICKLE_CAP:
+        raise refuse("no single data.pkl of at most 256 MiB (not a torch checkpoint)")
+    with z.open(pkl[0]) as member:
+        _scan_pickle(member.read(PICKLE_CAP + 1), refuse)
+
+
+def _scan_pickle(data: bytes, refuse: Callable[[str], CheckpointError]) -> None:
+    """Every opcode of ``data`` parsed (as :mod:`pickletools` does, building nothing);
+    any global outside :func:`_allowed`, or a pickle that does not parse, refused."""
     strings: list[str] = []
     try:
         for op, arg, _ in pickletools.genops(data):
@@ -220,53 +337,75 @@ def _refused_global(path: Path) -> str | None:
             elif op.name in ("GLOBAL", "INST"):
                 module, _, name = arg.partition(" ")
                 if not _allowed(module, name):
-                    return f"{module}.{name}"
+                    raise refuse(_asks_to_build(f"{module}.{name}"))
             elif op.name == "STACK_GLOBAL" and (
                 len(strings) < 2 or not _allowed(strings[-2], strings[-1])
             ):
-                return ".".join(strings[-2:]) or "a computed global"
-    except Exception:  # a malformed pickle: torch.load names it
-        return None
-    return None
+                raise refuse(_asks_to_build(".".join(strings[-2:]) or "a computed global"))
+    except CheckpointError:
+        raise
+    except Exception as e:  # cannot be scanned, so it is not read
+        raise refuse(f"a pickle that does not parse ({str(e)[:80] or type(e).__name__})") from None
 
 
-def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu") -> Any:
-    """``torch.load`` with ``weights_only=True``, after a scan of the pickle's opcodes that
-    refuses any global but tensors, containers, numbers and strings need (so nothing is
-    built at a size the file chooses); any failure becomes a CheckpointError.
+def _asks_to_build(name: str) -> str:
+    hint = ("; upgrade to torch >= 2.6, which reads it as data" if name in
+            {".".join(n) for n in _STUBS} else "")  # fmt: skip
+    return f"the file asks to build {name} (not a plain weights file){hint}"
+
+
+def safe_torch_load(path: str | os.PathLike, map_location: Any = "cpu", hasher: Any = None) -> Any:
+    """``torch.load`` with ``weights_only=True`` of a torch zip archive, through one opened
+    file that is scanned first (:func:`_scan`: only tensors, containers, numbers and
+    strings; declared sizes within :func:`load_budget`; nothing inflated), so the bytes
+    scanned are the bytes loaded. Any failure becomes a CheckpointError.
+
+    Args:
+        path: the file.
+        map_location: as for ``torch.load``.
+        hasher: a :mod:`hashlib` object fed the file's bytes (read from the same opened
+            file: a file replaced meanwhile is not mixed in).
 
     Raises:
-        CheckpointError: the file is missing, empty, truncated, corrupt, or a
+        CheckpointError: the file is missing, not a regular file, empty, truncated,
+            corrupt, a legacy (non-zip) pickle, over the budget, changed while read, or a
             pickle that asks for code (refused before anything runs).
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    if path.stat().st_size == 0:
+    with _open_regular(path) as f:
+        return _load_opened(f, path, map_location, hasher)
+
+
+def _load_opened(f: IO[bytes], path: Path, map_location: Any, hasher: Any = None, **kw) -> Any:
+    stamp = _stamp(f)
+    if stamp[0] == 0:
         raise CheckpointError(f"{path}: empty file")
-    refused = _refused_global(path)
-    if refused:
-        hint = ("; upgrade to torch >= 2.6, which reads it as data" if refused in
-                {".".join(name) for name in _STUBS} else "")  # fmt: skip
-        raise CheckpointError(
-            f"{path}: refused: the file asks to build {refused} (not a plain weights file){hint}"
-        )
+    if hasher is not None:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            hasher.update(chunk)
+    _scan(f, path, stamp[0])
+    f.seek(0)
     try:
-        return _torch_load(path, map_location)
+        obj = _torch_load(f, map_location, **kw)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if "weights_only" in str(e) or "Unsupported global" in str(e):
             msg = "refused: the file asks to run code (not a plain weights file)"
         raise CheckpointError(f"{path}: {msg}") from None
+    _unchanged(f, stamp, path)
+    return obj
 
 
-def _torch_load(path: Path, map_location: Any, mmap: bool = False) -> Any:
+def _torch_load(f: Any, map_location: Any, skip_data: bool = False) -> Any:
     """``torch.load(weights_only=True)``, with the stand-ins of ``_STUBS`` for the classes
-    they replace."""
+    they replace (``skip_data``: no tensor's bytes are read)."""
     stubs = [(cls, ".".join(name)) for name, cls in _STUBS.items()] if _STUBS_READABLE else []
-    context = torch.serialization.safe_globals(stubs) if stubs else contextlib.nullcontext()
-    with context:
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    with contextlib.ExitStack() as stack:
+        if stubs:
+            stack.enter_context(torch.serialization.safe_globals(stubs))
+        if skip_data:
+            stack.enter_context(torch.serialization.skip_data())
+        return torch.load(f, map_location=map_location, weights_only=True)
 
 
 STATE_KEYS = ("state_dict", "model", "model_state_dict", "net", "ema", "module", "model_state")
@@ -280,19 +419,21 @@ def load_state_dict(
     key: str | None = None,
     model: nn.Module | None = None,
     prefix: str | None = None,
+    hasher: Any = None,
 ) -> dict[str, torch.Tensor]:
     """A model state dict from a checkpoint file or model folder (module docstring), safely.
 
     The file may hold the state dict itself or nest it under one of :data:`STATE_KEYS`
     (``key`` chooses one, dotted for deeper levels: ``"ema.module"``). With ``model``, the
     keys are matched to the model's (:func:`match_prefix`; ``prefix``: remove exactly it).
+    ``hasher`` (a :mod:`hashlib` object) is fed the bytes loaded, from the same opened file.
 
     Raises:
         CheckpointError: unsafe, unreadable, no state dict of tensors with string keys,
             no such ``key`` or ``prefix``.
     """
     path = Path(path)
-    obj = _read(path, map_location)
+    obj = _read(path, map_location, hasher)
     if key is not None:
         for part in key.split("."):
             if not isinstance(obj, Mapping) or part not in obj:
@@ -369,31 +510,78 @@ def _shards(index: Path) -> list[str]:
     return sorted(names)
 
 
-def _read(path: Path, map_location: Any) -> Any:
+def _read(path: Path, map_location: Any, hasher: Any = None) -> Any:
+    """A file's or model folder's contents, through the bounded reader (one opened file
+    per file: scanned, hashed and loaded from the same descriptor)."""
     if path.is_dir():
-        return _read_folder(path, map_location)
+        return _read_folder(path, map_location, hasher)
     if path.suffix != ".safetensors":
-        return safe_torch_load(path, map_location)
+        return safe_torch_load(path, map_location, hasher)
     try:
-        from safetensors.torch import load_file
+        from safetensors.torch import load
     except ImportError:
         raise CheckpointError(
             f"{path}: reading .safetensors needs the 'safetensors' package "
             "(pip install safetensors)"
         ) from None
+    with _open_regular(path) as f:
+        stamp = _stamp(f)
+        if 2 * stamp[0] > load_budget():  # the file's bytes, then the tensors copied out
+            raise _over_budget(path, 2 * stamp[0], "reading it needs")
+        data = f.read()
+        if hasher is not None:
+            hasher.update(data)
+        _check_safetensors(path, data)
+        try:
+            state = load(data)
+        except Exception as e:
+            raise CheckpointError(f"{path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        _unchanged(f, stamp, path)
+    return {k: v.to(map_location) for k, v in state.items()}
+
+
+_ST_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2,
+             "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8,
+             "C64": 8}  # fmt: skip
+
+
+def _check_safetensors(path: Path, data: bytes) -> None:
+    """A safetensors file's header against its length: a header of at most 100 MiB within
+    the file, and each tensor's dtype and shape filling exactly its byte range."""
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else -1
+    if not 0 < n <= min(len(data) - 8, 100 * 2**20):
+        raise CheckpointError(f"{path}: refused: a safetensors header longer than the file")
+    body = len(data) - 8 - n
     try:
-        return load_file(str(path), device=str(map_location))
-    except Exception as e:
-        raise CheckpointError(f"{path}: {str(e).splitlines()[0] if str(e) else e!r}") from None
+        header = json.loads(data[8 : 8 + n])
+        for k, v in header.items():
+            if k == "__metadata__":
+                continue
+            a, b = v["data_offsets"]
+            numel = 1
+            for d in v["shape"]:
+                numel *= d if isinstance(d, int) and d >= 0 else -(2**62)
+            if not (0 <= a <= b <= body and numel * _ST_BYTES[v["dtype"]] == b - a):
+                raise ValueError(k)
+    except (ValueError, TypeError, KeyError, AttributeError) as e:
+        raise CheckpointError(
+            f"{path}: refused: a safetensors header whose sizes do not match the file "
+            f"({str(e)[:60]})"
+        ) from None
 
 
-def _read_folder(path: Path, map_location: Any) -> dict[str, torch.Tensor]:
-    """The state dict of a model folder: its weights file, or every shard merged."""
+def _read_folder(path: Path, map_location: Any, hasher: Any = None) -> dict[str, torch.Tensor]:
+    """The state dict of a model folder: its weights file, or every shard merged (all of
+    them within :func:`load_budget`)."""
     state: dict[str, torch.Tensor] = {}
-    for f in checkpoint_files(path):
+    files = checkpoint_files(path)
+    total = sum(f.stat().st_size for f in files if f.is_file() and not f.is_symlink())
+    if total > load_budget():
+        raise _over_budget(path, total, "its shards hold")
+    for f in files:
         if f.is_symlink():
             raise CheckpointError(f"{f}: a symbolic link (not followed)")
-        part = _read(f, map_location)
+        part = _read(f, map_location, hasher)
         if not _is_state(part):
             raise CheckpointError(f"{f}: not a state dict of tensors")
         state.update(part)
@@ -486,13 +674,15 @@ def load_checkpoint(
     key: str | None = None,
     casts: list | None = None,
     prefix: str | None = None,
+    hasher: Any = None,
 ) -> nn.Module:
     """Load the checkpoint at ``path`` into ``model`` (strictly) and return the model.
 
     A key the file leaves out is taken from the one the model ties it to (both names hold
     one tensor, as GPT-2's ``lm_head.weight`` and ``transformer.wte.weight``); any other
     missing key refuses the file. A ``torch.compile`` wrapper is loaded and returned as the
-    module inside (:func:`uncompiled`). ``key``, ``prefix``: see :func:`load_state_dict`.
+    module inside (:func:`uncompiled`). ``key``, ``prefix``, ``hasher``: see
+    :func:`load_state_dict`.
 
     Raises:
         CheckpointError: unreadable or unsafe (:func:`load_state_dict`), a tensor whose
@@ -504,7 +694,8 @@ def load_checkpoint(
     """
     model = uncompiled(model)
     ref = model.state_dict()
-    sd = _with_tied(load_state_dict(path, key=key, model=model, prefix=prefix), ref)
+    sd = load_state_dict(path, key=key, model=model, prefix=prefix, hasher=hasher)
+    sd = _with_tied(sd, ref)
     missing = [k for k in ref if k not in sd]
     unexpected = [k for k in sd if k not in ref]
     if missing or unexpected:
@@ -550,15 +741,17 @@ def epoch_from_name(name: str | Path, regex: str | None = None) -> int | None:
 
 def checkpoint_epoch(path: str | Path, regex: str | None = None) -> int | None:
     """The epoch of a checkpoint file: from its name (:func:`epoch_from_name`), else from
-    the file's own ``epoch`` field when that is a plain integer (Lightning writes one)."""
+    the file's own ``epoch`` field when that is a plain integer (Lightning writes one), read
+    through the bounded reader (:func:`safe_torch_load`'s scan) without any tensor's bytes."""
     epoch = epoch_from_name(path, regex)
     if epoch is not None or regex is not None or Path(path).suffix == ".safetensors":
         return epoch
     if Path(path).is_dir():
         return None
     try:
-        obj = _torch_load(Path(path), "cpu", mmap=True)
-    except Exception:  # unreadable: named when it is analysed
+        with _open_regular(Path(path)) as f:
+            obj = _load_opened(f, Path(path), "cpu", skip_data=True)
+    except Exception:  # unreadable or refused: named when it is analysed
         return None
     field = obj.get("epoch") if isinstance(obj, Mapping) else None
     return field if isinstance(field, int) and not isinstance(field, bool) else None
