@@ -148,6 +148,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 BOUNDS = {"width": (1, 4096), "widen": (1, 64), "depth": (1, 64), "dropout": (0.0, 0.99)}
 """The range of each model option (``width``, ``depth``, ...), checked before a model is
 built: a ``run.json`` may hold them."""
+MAX_PARAMETERS = 2 * 10**9
+"""The most parameters and buffers a named model may have (8 GB of float32; WRN-28-10 has
+36.5M); within this, also a quarter of :func:`analysis.load_budget` (weights, gradients and
+optimizer state) is the bound."""
 
 
 def build_model(name: str, num_classes: int, in_shape: tuple[int, ...], **kwargs) -> nn.Module:
@@ -179,6 +183,23 @@ def build_model(name: str, num_classes: int, in_shape: tuple[int, ...], **kwargs
             and all(1 <= d <= 4096 for d in in_shape)):  # fmt: skip
         raise ValueError(f"cannot build for {num_classes} classes of inputs shaped {in_shape}")
     try:
+        with torch.device("meta"):  # the size the options imply, before any memory is taken
+            probe = MODELS[name](num_classes, tuple(in_shape), **kwargs)
+        _check_size(name, probe, kwargs)
         return MODELS[name](num_classes, tuple(in_shape), **kwargs)
     except (TypeError, RuntimeError) as e:
         raise ValueError(f"bad options for model {name!r}: {e}") from None
+
+
+def _check_size(name: str, probe: nn.Module, kwargs: dict) -> None:
+    """Refuse a model whose parameters and buffers (float32) exceed a quarter of the load
+    budget or :data:`MAX_PARAMETERS`."""
+    from analysis.io import load_budget
+
+    n = sum(t.numel() for t in [*probe.parameters(), *probe.buffers()])
+    limit = min(MAX_PARAMETERS, load_budget() // 16)
+    if n > limit:
+        raise ValueError(
+            f"model options {kwargs} make {name} {n:,} parameters, more than the {limit:,} "
+            "this machine's memory budget allows; choose a smaller width or depth"
+        )
