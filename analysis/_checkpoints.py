@@ -64,6 +64,7 @@ from analysis.io import (
     exclusive,
     find_checkpoints,
     load_checkpoint,
+    printable_name,
     safe_torch_load,
     uncompiled,
 )
@@ -286,16 +287,20 @@ def analyze_run(
     lock = exclusive(Path(out).parent / f".{Path(out).name}.lock", str(out)) if out else None
     with lock or contextlib.nullcontext():  # one writer per table (and its cache)
         rows, skipped = [], list(odd)
+        odd = [(printable_name(name), why) for name, why in odd]
         for name, why in odd:
             print(f"skipped {name}: {why}", file=log or sys.stderr)
         warm = _Warm(cache_dir / f"warm-{skey}.pt" if cache_dir else None) if s.warm_start else None
         for epoch, f in tqdm(files, desc="analyze", unit="ckpt", disable=not progress):
             got, reason = _one_checkpoint(f, job, cache_dir, skey, warm)
+            name = printable_name(f.name)  # the table is UTF-8, one line per row
             if reason:
-                print(f"skipped {f.name}: {reason}", file=log or sys.stderr)
-                skipped.append((f.name, reason))
+                reason = printable_name(reason)
+                got = [{**r, "status": printable_name(r["status"])} for r in got]
+                print(f"skipped {name}: {reason}", file=log or sys.stderr)
+                skipped.append((name, reason))
             step = checkpoint_step(f)
-            rows += [{"checkpoint": f.name, "epoch": epoch, "step": step, **r} for r in got]
+            rows += [{"checkpoint": name, "epoch": epoch, "step": step, **r} for r in got]
         df = pd.DataFrame(rows, columns=list(COLUMNS))
         df.attrs["skipped"] = skipped
         if out is not False:

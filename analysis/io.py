@@ -716,6 +716,17 @@ def load_checkpoint(
     return model
 
 
+def printable_name(name: str) -> str:
+    r"""``name`` as one line of UTF-8 text: bytes that are not UTF-8 (a file name may hold
+    any) as ``\xNN``, control characters (a carriage return) as their escapes.
+
+    >>> printable_name("epoch\udcff\r.pt")
+    'epoch\\xff\\r.pt'
+    """
+    text = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 _EPOCH = re.compile(r"(?:^|[^a-z])(?:epoch|ep)[=_\-]?(\d+)", re.IGNORECASE)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import re
 import sys
@@ -10,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from analysis import AnalysisSettings, analyze_run, parse_metrics
+from analysis import AnalysisSettings, analyze_run, find_checkpoints, parse_metrics
+from analysis.io import CHECKPOINT_SUFFIXES
 from cli._common import (
     EXIT_OK,
     EXIT_SKIPPED,
@@ -22,6 +24,7 @@ from cli._common import (
     import_object,
     positive_float,
     positive_int,
+    regular_run_json,
     reported,
     resolve_loss,
     threads,
@@ -102,6 +105,7 @@ def _sources(args):
 
     Only --model and --data may name code; a run directory's ``run.json`` is data (its
     model and data names must be ones this toolkit knows)."""
+    regular_run_json(args.dir)
     run, error, notes = read_run_lenient(args.dir) if is_run_dir(args.dir) else (None, None, [])
     if run is None and (args.model is None or args.data is None):
         raise UsageError(
@@ -114,6 +118,19 @@ def _sources(args):
     factory = import_object(args.model, "--model") if args.model else (lambda: model_from_run(run))
     data = data_for(args, (run or {}).get("data"))
     return factory, data, notes
+
+
+def _not_an_input(folder: Path, out: Path) -> None:
+    """Refuse an ``--out`` that would overwrite what the analysis reads or the run keeps:
+    a checkpoint, ``run.json``, ``metrics.csv`` or ``state.pt``."""
+    kept = [folder / n for n in ("run.json", "metrics.csv", "state.pt")]
+    with contextlib.suppress(ValueError):  # no checkpoints: analyze_run says so
+        kept += [p for _, p in find_checkpoints(folder)]
+    if out.name.endswith(CHECKPOINT_SUFFIXES) or out.resolve() in {p.resolve() for p in kept}:
+        raise UsageError(
+            f"--out {out} would overwrite an input of the analysis or a file of the run; "
+            "name a new .csv file"
+        )
 
 
 def settings(args) -> AnalysisSettings:
@@ -143,6 +160,7 @@ def run(args) -> int:
     out = args.out or str(args.dir / "analysis.csv")
     if not str(out).strip() or Path(out).is_dir():
         raise UsageError(f"--out {out!r} must be a CSV file path, not a folder")
+    _not_an_input(args.dir, Path(out))
     loss_fn = resolve_loss(args.loss, args.ignore_index)
     factory = reported(factory, "--model", torch.nn.Module)
     factory()  # a model that cannot be built is one line, before any work

@@ -8,6 +8,7 @@ import importlib
 import math
 import os
 import re
+import stat
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -93,11 +94,36 @@ def existing_dir(text: str) -> Path:
 
 
 def existing_path(text: str) -> Path:
-    """argparse type: a file or directory that exists."""
+    """argparse type: a regular file or a directory that exists (a FIFO, device or socket
+    is refused: reading one could wait forever)."""
     p = Path(text)
     if not p.exists():
         raise argparse.ArgumentTypeError(f"no such file or directory: {text}")
+    if not (p.is_file() or p.is_dir()):
+        raise argparse.ArgumentTypeError(
+            f"{text} is not a regular file or folder (a FIFO, device or socket); name a "
+            "checkpoint file or a folder"
+        )
     return p
+
+
+def regular_run_json(folder: Path) -> None:
+    """Refuse, in one line, a ``run.json`` in ``folder`` that is not a regular file (a FIFO
+    would block its reader forever, a device never end).
+
+    Raises:
+        UsageError: it exists and is not a regular file.
+    """
+    path = Path(folder) / "run.json"
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # absent (or unreadable: the reader names it)
+        return
+    if not stat.S_ISREG(mode):
+        raise UsageError(
+            f"{path} is not a regular file (a FIFO, device or socket); put the run's "
+            "run.json there or remove it"
+        )
 
 
 def writable_dir(path: str | Path) -> Path:

@@ -9,8 +9,10 @@ the same command after an interruption and only the missing points are evaluated
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
+import os
 import re
 import sys
 from pathlib import Path
@@ -28,6 +30,7 @@ from analysis import (
 )
 from analysis.batches import forward, split, to
 from analysis.distributed import init_from_env
+from analysis.io import exclusive
 from cli._common import (
     EXIT_OK,
     UsageError,
@@ -40,6 +43,7 @@ from cli._common import (
     nonneg_int,
     positive_float,
     positive_int,
+    regular_run_json,
     reported,
     resolve_loss,
     writable_dir,
@@ -199,9 +203,10 @@ class _Source:
 
 def _run_of(target: Path) -> Path | None:
     """The run directory ``target`` is, or holds the checkpoint ``target``."""
-    if target.is_dir():
-        return target if is_run_dir(target) else None
-    return next((p for p in target.parents[:2] if is_run_dir(p)), None)
+    candidates = [target] if target.is_dir() else list(target.parents[:2])
+    for p in candidates:
+        regular_run_json(p)  # a FIFO named run.json would block is_run_dir forever
+    return next((p for p in candidates if is_run_dir(p)), None)
 
 
 def _pick(target: Path, epoch: int | None, history, is_main: bool) -> tuple[Path, int | None]:
@@ -282,6 +287,13 @@ def run(args) -> int:
                 raise UsageError(f"{src.name}: the model does not run on the data: {why}") from None
             check_loss(loss_fn, out, to(first[1], args.device))
     out = writable_dir(args.out)
+    rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 holds it
+    with exclusive(out / ".lock", str(out)) if rank0 else contextlib.nullcontext():
+        return _draw(args, main, others, loss_fn, ys, out)  # one writer per output folder
+
+
+def _draw(args, main: _Source, others: list[_Source], loss_fn, ys, out: Path) -> int:
+    """Compute (or resume) the surfaces into ``out``, then plot them."""
     rank, _ = init_from_env(args.device)
     group = [main] if args.directions == "interpolate" else [main, *others]
     surfaces = []

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+from pathlib import Path
 
 import torch
 
@@ -16,6 +18,7 @@ from cli._common import (
     nonneg_int,
     positive_float,
     positive_int,
+    regular_run_json,
     reported,
     threads,
     unit_float,
@@ -189,6 +192,7 @@ def run(args) -> int:
             )
         fields["out"] = str(args.resume)
         epochs = args.epochs if "epochs" in given(args) else None
+        regular_run_json(args.resume)
         run = read_run(args.resume, custom_ok=True)
         for what in ("model", "data"):  # your own code is named in run.json, never imported
             if is_spec(run[what]["name"]):
@@ -201,10 +205,33 @@ def run(args) -> int:
     factory = import_object(fields["model"], "--model") if is_spec(fields["model"]) else None
     data_fn = import_object(fields["data"], "--data") if is_spec(fields["data"]) else None
     factory, data_fn = reported(factory, "--model", torch.nn.Module), reported(data_fn, "--data")
-    run_dir = train(TrainConfig(**fields), resume=args.resume is not None, epochs=epochs,
+    cfg = TrainConfig(**fields)
+    if args.resume is None:
+        _fresh(cfg.run_dir)
+    run_dir = train(cfg, resume=args.resume is not None, epochs=epochs,
                     model_factory=factory, dataset_fn=data_fn)  # fmt: skip
     print(run_dir)
     return 0
+
+
+RUN_FILES = ("run.json", "state.pt", "metrics.csv", "checkpoints")
+"""What `saf train` writes in a run directory."""
+
+
+def _fresh(out) -> None:
+    """Refuse an ``--out`` a new run would overwrite: a file, or a folder holding a run's
+    files (``checkpoints/``, ``metrics.csv``) without the ``run.json`` that would make
+    ``--resume`` possible (with one, the trainer says to resume)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file, not a folder")
+    regular_run_json(out)
+    found = [n for n in RUN_FILES if os.path.lexists(out / n)]
+    if found and "run.json" not in found and "state.pt" not in found:
+        raise UsageError(
+            f"--out {out} holds {', '.join(found)} of another run (but no run.json); choose "
+            "another --out or move them away"
+        )
 
 
 def given(args) -> set[str]:

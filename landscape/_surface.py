@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import time
+import zipfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from tqdm.auto import tqdm
 from analysis import batches as B
 from analysis.distributed import all_reduce_sum, barrier, rank_world
 from analysis.fold import prefold_batchnorm
-from analysis.io import atomic_write_json, atomic_write_with
+from analysis.io import atomic_write_json, atomic_write_with, load_budget
 
 FORMAT = "saf-surface/1"
 FIELDS = ("loss", "accuracy", "loss_se", "samples")  # the values stored per grid point
@@ -98,17 +99,65 @@ class Surface:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> Surface:
-        """Read a surface written by :meth:`save` (no pickles are loaded)."""
+    def load(
+        cls, path: str | Path, fingerprint: str | None = None, shape: Sequence[int] | None = None
+    ) -> Surface:
+        """Read a surface written by :meth:`save` (no pickles are loaded).
+
+        Every array's size, as its ``.npy`` header declares it, is checked before any is
+        inflated (within :func:`analysis.io.load_budget`; with ``shape``, the grid's shape),
+        and ``fingerprint`` against the metadata before the values are read.
+
+        Raises:
+            ValueError: not a surface file, arrays over the budget or of another shape, or
+                another fingerprint.
+        """
+        _check_npz(Path(path), shape)
         with np.load(Path(path), allow_pickle=False) as z:
             meta = json.loads(str(z["metadata"]))
             if meta.get("format") != FORMAT:
                 raise ValueError(f"{path}: not a surface file (format {meta.get('format')!r})")
+            if fingerprint is not None and meta.get("fingerprint") != fingerprint:
+                raise ValueError(f"{path}: a surface of other directions or settings")
             coords = [z[f"coords{i}"] for i in range(sum(k.startswith("coords") for k in z))]
             done = z["done"].astype(bool)
             # loss_se and samples are None in files written before them
             return cls(coords, z["loss"], z["accuracy"], done, meta, z.get("loss_se"),
                        z.get("samples"))  # fmt: skip
+
+
+_NPY_HEADERS = {(1, 0): np.lib.format.read_array_header_1_0,
+                (2, 0): np.lib.format.read_array_header_2_0}  # fmt: skip
+_MAX_METADATA = 2**24  # 16 MiB of JSON text
+
+
+def _check_npz(path: Path, shape: Sequence[int] | None) -> None:
+    """Refuse an ``.npz`` whose arrays, as their ``.npy`` headers declare them (only the
+    headers are inflated), exceed the load budget, or (with ``shape``) do not fit the grid."""
+    want = None if shape is None else tuple(shape)
+    total = 0
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    dims, _, dtype = _NPY_HEADERS[version](f)
+                n = math.prod(dims) * dtype.itemsize
+                name = info.filename.removesuffix(".npy")
+                grid = None if want is None else want if name in (*FIELDS, "done") else None
+                if name.startswith("coords") and want is not None:
+                    i = name.removeprefix("coords")
+                    grid = (want[int(i)],) if i.isdigit() and int(i) < len(want) else ()
+                if (grid is not None and dims != grid) or (
+                    name == "metadata" and n > _MAX_METADATA
+                ):
+                    raise ValueError(f"{name} is shaped {dims}")
+                total += n
+    except (zipfile.BadZipFile, KeyError, OSError, ValueError, EOFError) as e:
+        raise ValueError(f"{path}: not a surface file of this grid ({str(e)[:80]})") from None
+    if total > load_budget():
+        raise ValueError(f"{path}: its arrays declare {total / 2**20:.1f} MiB, more than the "
+                         f"load budget (analysis.io.load_budget)")  # fmt: skip
 
 
 def _json_view(s: Surface, meta: dict) -> dict:
@@ -364,11 +413,11 @@ def _load_partials(path: Path | None, fp: str, shape) -> tuple[np.ndarray, np.nd
     for p in [path, *sorted(path.parent.glob(path.name + ".rank*.npz"))]:
         if not p.is_file():
             continue
-        try:
-            s = Surface.load(p)
-        except Exception:  # unreadable partial: recompute its points
+        try:  # fingerprint and sizes first: a planted file inflates nothing
+            s = Surface.load(p, fp, shape)
+        except Exception:  # unreadable, oversized or another surface: recompute its points
             continue
-        if s.metadata.get("fingerprint") != fp or s.loss.shape != tuple(shape):
+        if s.loss.shape != tuple(shape):
             continue
         new = s.done & ~done
         for v, a in zip(vals, (getattr(s, f) for f in FIELDS), strict=True):
