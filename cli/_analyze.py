@@ -93,6 +93,9 @@ def add_parser(subparsers) -> None:
     a("--warm-start", action=argparse.BooleanOptionalAction, default=False,
       help="start each checkpoint's Lanczos from the previous one's vectors (fewer products, "
       "same tolerance; the matvecs column counts them)")  # fmt: skip
+    a("--curvature", choices=("hessian", "ggn", "fisher"), default="hessian",
+      help="matrix of the lambda_* and trace rows: the Hessian (default), the Gauss-Newton "
+      "or the empirical Fisher")  # fmt: skip
     add_checkpoint_options(p)
     a("--seed", type=int, default=0, help="seed of every random probe (default: 0)")
     a("--threads", type=threads, default=None, help="torch CPU threads")

@@ -120,3 +120,27 @@ def test_refusals():
         GGNOperator(model, nn.CrossEntropyLoss(), data, cache=True)
     with pytest.raises(ValueError, match="per-sample loss"):
         FisherOperator(model, TokenCrossEntropy(), data)
+
+
+def test_saf_analyze_curvature_ggn_matches_the_operator(tmp_path):
+    """`saf analyze --curvature ggn`: lambda_max of the GGN of each checkpoint."""
+    import pandas as pd
+
+    from analysis.io import load_state_dict
+    from cli import main
+    from saf.data import data_batches
+    from saf.runs import model_from_run
+    from tests.analysis.test_cli_analyze import _run_dir
+
+    run = _run_dir(tmp_path, epochs=(0,))
+    args = ["analyze", str(run), "--metrics", "lambda_max", "--n-samples", "40", "--batch-size",
+            "20", "--tol", "1e-8", "--curvature", "ggn", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    got = pd.read_csv(run / "analysis.csv").set_index("metric").value["lambda_max"]
+    model = model_from_run(run)
+    model.load_state_dict(load_state_dict(run / "checkpoints" / "epoch_0000.pt"))
+    data = data_batches("digits", limit=40, batch_size=20)
+    G = GGNOperator(model, nn.CrossEntropyLoss(), data)
+    assert got == pytest.approx(float(lanczos(G, tol=1e-10).values[0]), rel=1e-6)
+    H = curvature_operator("hessian", model, nn.CrossEntropyLoss(), data)
+    assert abs(got - float(lanczos(H, tol=1e-10).values[0])) > 1e-6 * got  # not the Hessian
