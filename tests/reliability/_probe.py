@@ -74,9 +74,14 @@ class Probe:
     """Client side: ``run(code, log, timeout)`` -> ``(rc, output, grew_mib)``."""
 
     def __init__(self, cwd: Path):
+        root = str(Path(__file__).resolve().parents[2])  # this checkout, not an installed one
+        env = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]),
+        }
         self.proc = subprocess.Popen(
             [sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-            text=True, cwd=cwd,
+            text=True, cwd=cwd, env=env,
         )  # fmt: skip
         self._read(120)
 
