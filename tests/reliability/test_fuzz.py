@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import shutil
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import cli
 import cli._figures
 from tests.reliability.conftest import files_under, run_cli
+from tests.reliability.test_round_three_files import HOSTILE, hostile
 
 VALUES = ["", "0", "1", "-1", "2", "7", "0.5", "nan", "inf", "-inf", "1e9", "1e-300", "abc",
           "x:y", ".:x", "os:getcwd", "builtins:list", "tests.reliability._factory:tiny_mlp",
@@ -126,10 +128,26 @@ def test_any_run_json_is_analysed_or_refused_in_one_line(tiny_run, tmp_path, cap
         (tiny_run / "run.json").write_text(json.dumps(original))
 
 
+SHAPES = [*HOSTILE, "non-utf8-name", "cr-name"]
+"""Hostile files of issue 23 (legacy and compressed pickles, zip headers that disagree,
+sizes beyond the file, a FIFO) and checkpoint names that are not one line of UTF-8."""
+
+
+def _shape(kind: str, victim) -> object:
+    """Put the shape ``kind`` in place of (or beside) ``victim``; the extra file, if any."""
+    if kind not in ("non-utf8-name", "cr-name"):
+        hostile(kind, victim)
+        return None
+    name = os.fsdecode(b"epoch_0002\xff.pt") if kind == "non-utf8-name" else "epoch_0002\r.pt"
+    shutil.copyfile(victim, victim.with_name(name))
+    return victim.with_name(name)
+
+
 @settings(max_examples=40, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])  # fmt: skip
 @given(
     content=st.one_of(
+        st.sampled_from([("shape", k) for k in SHAPES]),
         st.binary(max_size=64),
         st.dictionaries(st.one_of(st.text(max_size=8), st.integers()),
                         st.one_of(st.integers(), st.text(max_size=4), st.none(),
@@ -139,10 +157,20 @@ def test_any_run_json_is_analysed_or_refused_in_one_line(tiny_run, tmp_path, cap
         st.lists(st.integers(), max_size=3),
     )
 )  # fmt: skip
+@example(content=("shape", "legacy-pickle"))
+@example(content=("shape", "misnamed-local-header"))
+@example(content=("shape", "deflated-pickle-1GiB"))
+@example(content=("shape", "deflated-storage-1.5GiB"))
+@example(content=("shape", "stored-storage-over-the-file"))
+@example(content=("shape", "fifo"))
+@example(content=("shape", "non-utf8-name"))
+@example(content=("shape", "cr-name"))
 def test_any_checkpoint_content_is_analysed_or_named(tiny_run, tmp_path, capsys, content):
     victim = tiny_run / "checkpoints" / "epoch_0002.pt"
-    original = victim.read_bytes()
-    if isinstance(content, bytes):
+    original, extra = victim.read_bytes(), None
+    if isinstance(content, tuple) and content[0] == "shape":
+        extra = _shape(content[1], victim)
+    elif isinstance(content, bytes):
         victim.write_bytes(content)
     else:
         torch.save(content, victim)
@@ -151,4 +179,7 @@ def test_any_checkpoint_content_is_analysed_or_named(tiny_run, tmp_path, capsys,
         _check(capsys, ["analyze", str(tiny_run), *BASE["analyze"], "--out", str(out)],
                [tiny_run / "run.json"], out)  # fmt: skip
     finally:
+        victim.unlink()
         victim.write_bytes(original)
+        if extra is not None:
+            extra.unlink()
