@@ -8,6 +8,12 @@ Three promises live here:
 * **A checkpoint is data, never code.** :func:`load_state_dict` uses
   ``torch.load(..., weights_only=True)`` (or safetensors), so a pickle that
   would run code is refused before anything runs.
+* **A file cannot choose its memory.** Every load (the epoch lookup too) goes through one
+  opened file: it is refused unless it is a regular file, a torch zip archive whose members
+  are stored and whose headers agree, with a pickle that parses and names only tensors,
+  containers, numbers and strings, and declared sizes within :func:`load_budget`; only
+  then is it loaded, from the same descriptor (so the bytes hashed, scanned and loaded
+  are one version).
 * **A checkpoint fits its model or is refused**, naming why: :func:`load_checkpoint`
   loads strictly and never casts an integer tensor to float or back.
 
@@ -268,18 +274,6 @@ def _unchanged(f: IO[bytes], stamp: tuple, path: Path) -> None:
     """Refuse a file written to (in place) while it was read: its bytes may be mixed."""
     if _stamp(f) != stamp:
         raise CheckpointError(f"{path}: changed while it was read; rerun when its writer is done")
-
-
-def _refused_global(path: Path) -> str | None:
-    """The first global of ``path``'s pickle outside :func:`_allowed`, or why the file
-    cannot be scanned (see :func:`_scan`); None for a clean torch zip archive."""
-    try:
-        with _open_regular(path) as f:
-            _scan(f, path, os.fstat(f.fileno()).st_size)
-    except CheckpointError as e:
-        why = str(e).removeprefix(f"{path}: refused: ").removeprefix("the file asks to build ")
-        return why.split(" (not a plain")[0]
-    return None
 
 
 def _scan(f: IO[bytes], path: Path, size: int) -> None:
