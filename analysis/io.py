@@ -44,6 +44,8 @@ from typing import IO, Any
 import torch
 from torch import nn
 
+from analysis.memory import budget_bytes
+
 try:
     import fcntl
 except ImportError:  # not POSIX: no advisory locks
@@ -230,8 +232,6 @@ def load_budget() -> int:
     """
     text = os.environ.get(LOAD_BUDGET_ENV)
     if text is None:
-        from analysis.memory import budget_bytes
-
         return min(LOAD_CAP, budget_bytes("cpu"))
     m = _SIZE.fullmatch(text)
     if not m:

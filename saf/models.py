@@ -18,6 +18,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from analysis.io import load_budget
+
 
 def _layers(ndim: int):
     """(Conv, BatchNorm, AdaptiveAvgPool) classes for 1D or 2D inputs."""
@@ -194,8 +196,6 @@ def build_model(name: str, num_classes: int, in_shape: tuple[int, ...], **kwargs
 def _check_size(name: str, probe: nn.Module, kwargs: dict) -> None:
     """Refuse a model whose parameters and buffers (float32) exceed a quarter of the load
     budget or :data:`MAX_PARAMETERS`."""
-    from analysis.io import load_budget
-
     n = sum(t.numel() for t in [*probe.parameters(), *probe.buffers()])
     limit = min(MAX_PARAMETERS, load_budget() // 16)
     if n > limit:
