@@ -119,7 +119,7 @@ class SAFLoss:
                 stacklevel=2,
             )
         self.distributed = distributed
-        self._warned = False
+        self._warned, self._checked = False, None
 
     def active(self, epoch: int) -> bool:
         """Whether the loss is on at ``epoch`` (logits are stored from epoch 0 either way)."""
@@ -145,7 +145,11 @@ class SAFLoss:
         return loss
 
     def _warn_if_empty(self, mask: Tensor, epoch: int) -> None:
-        if self._warned or bool(mask.any()):
+        # the first batch of each epoch only: bool() waits for the device, once an epoch
+        if self._warned or self._checked == epoch:
+            return
+        self._checked = epoch
+        if bool(mask.any()):
             return
         self._warned = True
         past = epoch - self.store.lag
