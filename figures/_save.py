@@ -16,14 +16,16 @@ import pandas as pd  # noqa: E402
 import landscape  # noqa: E402
 from analysis.io import atomic_write_text  # noqa: E402
 
-METHODS = ("sgd", "sam", "asam", "saf", "mesa")
-LABELS = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "saf": "SAF", "mesa": "MESA"}
+METHODS = ("sgd", "sam", "asam", "saf", "mesa", "sgd_ls")
+LABELS = {"sgd": "SGD", "sam": "SAM", "asam": "ASAM", "saf": "SAF", "mesa": "MESA",
+          "sgd_ls": "SGD+LS"}  # fmt: skip
 COLORS = {
     "sgd": "#4d4d4d",
     "sam": "#1f77b4",
     "asam": "#17becf",
     "saf": "#d62728",
     "mesa": "#2ca02c",
+    "sgd_ls": "#ff7f0e",
 }
 PLOTLY_JS = "plotly.min.js"
 
@@ -39,7 +41,8 @@ def color(method: str) -> str:
 
 
 def method_order(methods) -> list[str]:
-    """The methods present, in the paper's order (SGD, SAM, ASAM, SAF, MESA, others)."""
+    """The methods present, in the paper's order (SGD, SAM, ASAM, SAF, MESA), then the
+    label-smoothing control and others."""
     present = list(dict.fromkeys(methods))
     known = [m for m in METHODS if m in present]
     return known + sorted(m for m in present if m not in METHODS)

@@ -95,6 +95,28 @@ def full_settings(**overrides) -> Settings:
     return replace(Settings(), **overrides)
 
 
+_FLAGS = ("data", "model", "seeds", "epochs", "batch_size", "lr", "analysis_samples",
+          "hessian_every", "surface_points", "surface_span", "interp_points", "m_values",
+          "sweep_lams", "methods", "data_dir")  # fmt: skip
+
+
+def command_for(s: Settings, out: str) -> str:
+    """The ``saf figures`` command that gives these settings (options only where they differ
+    from the mode's defaults; fields with no option are named after ``#``)."""
+    base = quick_settings() if s.quick else full_settings()
+    words = ["saf", "figures", "--out", str(out)] + ["--quick"] * s.quick
+    other = []
+    for k, v in asdict(s).items():
+        if v == getattr(base, k) or k == "quick":
+            continue
+        if k in _FLAGS:
+            text = ",".join(map(str, v)) if isinstance(v, tuple) else str(v)
+            words += [f"--{k.replace('_', '-')}", text]
+        else:
+            other.append(f"{k}={v}")
+    return " ".join(words) + (f"  # and {', '.join(other)}" if other else "")
+
+
 _T0 = [time.perf_counter()]
 
 

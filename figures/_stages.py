@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from datetime import date
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +11,18 @@ import pandas as pd
 import torch
 from torch import nn
 
-from analysis import AnalysisSettings, analyze_run, load_checkpoint, load_state_dict, m_sharpness
+from analysis import (
+    AnalysisSettings,
+    analyze_run,
+    hessian_eigenvalues,
+    load_checkpoint,
+    load_state_dict,
+    m_sharpness,
+    sam_sharpness,
+)
 from analysis.io import atomic_write_json, atomic_write_text
 from figures import recipes
+from figures._controls import mean_ce, smoothing_for_ce, temperature_matched
 from figures._results import (
     CURVE_COLUMNS,
     Grid,
@@ -21,6 +31,7 @@ from figures._results import (
 )
 from figures._save import label, save_table
 from figures._settings import Settings, run_name, say
+from figures._verdict import matched_level, verdict, verdict_display
 from figures.report import (
     Section,
     display_table,
@@ -54,6 +65,7 @@ from saf import (
     steps_per_epoch,
     train,
 )
+from saf import VERSION as saf_version
 
 LOSS = nn.CrossEntropyLoss()
 SPEED_NOTE = (
@@ -239,6 +251,71 @@ def m_sharpness_all(s: Settings, out: Path, runs: dict, device: str, progress: b
     return df
 
 
+# -- 3b. controls: the same final CE without SAF -------------------------------------------
+
+LS = "sgd_ls"  # label-smoothing SGD, the smoothing chosen per seed for SAF's final CE
+CONTROL_MEASURES = ["lambda_max", "sam_sharpness"]
+
+
+def smoothing_runs(s: Settings, out: Path, runs: dict, device: str, progress: bool) -> dict:
+    """Train label-smoothing SGD per seed (``runs/sgd_ls-s<k>``), the control for SAF.
+
+    The rule (cheap: one run per seed): the smoothing whose CE floor
+    (:func:`figures._controls.smoothing_for_ce`) is the training CE that SAF seed k adds
+    over SGD seed k at the end (eval mode, the analysed samples). A finite run ends above its
+    floor by about what plain SGD leaves, so the run should end near SAF's CE; the verdict
+    shows how near (its ``ce_ratio``). No runs without SGD and SAF, nor for a seed where
+    SAF ends at a lower CE than SGD.
+    """
+    if not {"sgd", "saf"} <= set(s.methods):
+        return {}
+    data = _data(s, "train", s.analysis_samples, device, batch_size=s.batch_size)
+    k = load_dataset(s.data, "train", s.data_dir).num_classes
+    done = {}
+    for seed in range(s.seeds):
+        run_dir = out / "runs" / run_name(LS, seed)
+        if not _finished(run_dir, s.epochs):
+            ce = [mean_ce(_final_model(runs[m, seed], device), data) for m in ("saf", "sgd")]
+            if ce[0] <= ce[1]:
+                say(f"[control] {run_dir.name}: none (SAF's final CE is not above SGD's)")
+                continue
+            floor = ce[0] - ce[1]
+            ls = smoothing_for_ce(floor, k)
+            say(f"[control] {run_dir.name}: SGD, label smoothing {ls:.3g} (CE floor {floor:.3g})")
+            cfg = train_config(s, "sgd", seed, run_dir, device, progress, label_smoothing=ls)
+            train(cfg, resume=(run_dir / "state.pt").is_file())
+        done[LS, seed] = run_dir
+    return done
+
+
+def temperature_controls(s: Settings, out: Path, runs: dict, device: str) -> pd.DataFrame:
+    """SGD's and SAM's final models with the last layer divided by the T that gives each other
+    method's final training CE (same seed; :func:`figures._controls.temperature_matched`),
+    and their lambda_max and SAM sharpness (rho = 0.05), measured as in the curves.
+
+    Rows ``base, target, seed, temperature, checkpoint_ce, lambda_max, sam_sharpness``
+    (cached in ``analysis/temperature.csv``).
+    """
+    path = out / "analysis" / "temperature.csv"
+    if path.is_file():
+        return pd.read_csv(path)
+    data = _data(s, "train", s.analysis_samples, device, batch_size=s.batch_size)
+    pairs = [(b, t) for b in ("sgd", "sam") for t in s.methods if t not in ("sgd", b)]
+    rows = []
+    for base, target in [(b, t) for b, t in pairs if b in s.methods]:
+        say(f"[control] {label(base)} at {label(target)}'s final CE (temperature)")
+        for seed in range(s.seeds):
+            ce = mean_ce(_final_model(runs[target, seed], device), data)
+            model, t = temperature_matched(_final_model(runs[base, seed], device), data, ce)
+            lam = hessian_eigenvalues(model, LOSS, data, tol=ANALYSIS.tol).values[0]
+            sharp = sam_sharpness(model, LOSS, data, rho=ANALYSIS.sam_rho).value
+            rows.append((base, target, seed, t, mean_ce(model, data), float(lam), sharp))
+    cols = ["base", "target", "seed", "temperature", "checkpoint_ce", *CONTROL_MEASURES]
+    df = pd.DataFrame(rows, columns=cols)
+    _csv(df, path)
+    return df
+
+
 # -- 4. surfaces -------------------------------------------------------------------------
 
 
@@ -379,17 +456,64 @@ def _store_mb(run: dict) -> float:
     return 0.0
 
 
-def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, sweep, device) -> Path:
-    """All figures, the tables and ``index.html``."""
+LOG_BAND = "log axis: line = geometric mean, band = min-max over seeds; linear axis: mean ± 1 sd"
+CAPTIONS = {
+    "verdict": (
+        "Geometric mean over seeds of the per-seed ratio method / reference, 95% t interval; "
+        "filled: significant after Holm over the verdict table; dotted: 1 (as flat)."
+    ),
+    "sharpness_vs_loss": (
+        "Thin lines: each seed's analysed checkpoints (dots); thick: geometric mean over seeds at "
+        "common loss levels (log-log interpolation), band: min-max over seeds; dotted: the matched "
+        "level of the verdict."
+    ),
+    "fig4a_train_ce": f"Per epoch, n seeds per method (legend title names the band: {LOG_BAND}).",
+    "fig4b_sam_sharpness": f"Per epoch (legend title names the band: {LOG_BAND}).",
+    "hessian_per_epoch": (
+        f"Measured every few epochs (dots) and joined by lines; legend title names the band: "
+        f"{LOG_BAND}."
+    ),
+    "fig2_surfaces_2d": "Seed 0 only, no band: one random filter-normalized plane shared by all.",
+    "surface_slices_1d": "Seed 0 only, no band: the centre lines of the 2D surfaces.",
+    "interpolation": "Seed 0 only, no band: the segment between two final models and beyond.",
+    "m_sharpness": "Final models; line: mean over seeds, band: ± 1 sd (linear y axis).",
+    "saf_sweep": (
+        "SAF runs: mean over the sweep's seeds (error bars ± 1 sd when more than one seed); "
+        "SGD and SAM: mean ± 1 sd over the main seeds (dashed lines and shaded bands)."
+    ),
+}
+
+
+def _sections(made: dict) -> list[Section]:
+    out = []
+    for title, paths in made.items():
+        png = next(p for p in paths if p.suffix == ".png")
+        cap = CAPTIONS.get(
+            png.stem, CAPTIONS["interpolation"] if "interpolation" in png.stem else ""
+        )
+        out.append(Section(title, png, cap, [p for p in paths if p.suffix != ".png"]))
+    return out
+
+
+def write_outputs(
+    s, out: Path, runs, curves, msharp, surfaces, interp, sweep, device, temperature, command
+) -> Path:
+    """All figures, the tables and ``index.html`` (the verdict first)."""
     figs = out / "figures"
     a, b = interp["a"].iloc[0], interp["b"].iloc[0]
+    main = curves[curves["method"] != LS]  # the control is not a method: no say in the level
+    v = verdict(curves, temperature, matched_level(main))
+    save_table(v, out / "tables" / "verdict")
+    key = {
+        "Verdict: each method's flatness over SGD and over the controls": recipes.verdict(v, figs),
+        "Sharpness against the training loss (matched-loss comparison)": (
+            recipes.sharpness_vs_loss(curves, figs, level=matched_level(main))
+        ),
+    }
     made = {
         "Training cross-entropy (Fig. 4a)": recipes.training_ce(curves, figs),
         "SAM sharpness, rho = 0.05 (Fig. 4b)": recipes.sam_sharpness(curves, figs),
         "Hessian lambda_max and trace": recipes.hessian(curves, figs),
-        "Sharpness against the training loss (matched-loss comparison)": (
-            recipes.sharpness_vs_loss(curves, figs)
-        ),
         "2D loss surfaces, shared colour scale (Figs. 2, 5)": recipes.surfaces_2d(surfaces, figs),
         "1D slices of the 2D surfaces": recipes.surface_slices(surfaces, figs),
         f"Interpolation {label(a)} -> {label(b)}": recipes.interpolation(interp, figs, a, b),
@@ -399,19 +523,12 @@ def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, sweep, d
         made["Where SAF flattens: lambda and lag sweep"] = recipes.sweep(sweep, curves, figs)
     table, _ = recipes.table3(runs_table(s, runs), out / "tables")
     final = write_final_table(curves, out / "tables")
-    matched = matched_metrics(curves)
+    matched = matched_metrics(main)
     save_table(matched, out / "tables" / "matched_loss")
-    sections = [
-        Section(
-            t,
-            next(p for p in ps if p.suffix == ".png"),
-            "mean ± std over seeds (log axes: geometric mean, min-max band)",
-            [p for p in ps if p.suffix != ".png"],
-        )
-        for t, ps in made.items()
-    ]
+    if len(temperature):
+        save_table(temperature, out / "tables" / "temperature_controls")
     tables = {
-        "Table 3 (test accuracy, speed, memory)": table,
+        "Table 3 (test accuracy, throughput, memory)": table,
         "Final-epoch metrics (mean ± std over seeds)": display_table(final),
         "At matched training loss (mean ± std over seeds; ratio to SGD)": matched_display(matched),
     }
@@ -422,11 +539,13 @@ def write_outputs(s, out: Path, runs, curves, msharp, surfaces, interp, sweep, d
     settings = {**s.key(), **hp, "steps_per_epoch": steps, "device": device}
     notes = (
         findings(final)
-        + matched_findings(matched, curves)
+        + matched_findings(matched, main)
         + epoch_average_findings(curves)
         + (sweep_findings(sweep, final) if len(sweep) else [])
         + [SPEED_NOTE]
     )
     atomic_write_text(out / "tables" / "findings.md", "".join(f"- {n}\n" for n in notes))
     atomic_write_json(out / "tables" / "settings.json", settings)
-    return write_report(out, sections, tables, settings, notes)
+    header = {"date": date.today().isoformat(), "version": saf_version, "command": command}
+    return write_report(out, _sections(made), tables, settings, notes, verdict=verdict_display(v),
+                        key=_sections(key), header=header)  # fmt: skip

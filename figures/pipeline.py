@@ -3,20 +3,26 @@ r"""The whole study behind ``saf figures``: train, analyse, surfaces, figures, r
 Stages (each reuses what is already on disk under ``out``, so a rerun is cheap
 and an interrupted run resumes):
 
-1. **train** every method x seed (finished runs are skipped, unfinished ones resume);
+1. **train** every method x seed (finished runs are skipped, unfinished ones resume), and
+   the label-smoothing control: SGD per seed with the smoothing whose CE floor is SAF's
+   final CE (``runs/sgd_ls-s<k>``, analysed like the others as method ``sgd_ls``);
 2. **analyse** checkpoints: training cross-entropy, SAM sharpness (:math:`\rho=0.05`) and
    adaptive sharpness (:math:`\rho=0.5`) every epoch, Hessian :math:`\lambda_{\max}` and
    trace every ``hessian_every`` epochs, with
    :func:`analysis.analyze_run` (the engine of ``saf analyze``: cached per checkpoint);
-3. **m-sharpness** of the final models against m (cached CSV);
+3. **controls** and **m-sharpness**: SGD's and SAM's final models with the last layer
+   rescaled to each other method's final training CE (temperature matching), their
+   :math:`\lambda_{\max}` and SAM sharpness; m-sharpness of the final models against m
+   (cached CSVs);
 4. **surfaces**: 2D filter-normalized surfaces of the seed-0 final models (two random
    directions, the same draw for every method) and the SGD -> SAF interpolation
    (resumable ``.npz`` files);
 5. **sweep**: SAF with other :math:`\lambda` and lag values (``sweep_seeds`` seeds), final
    SAM sharpness, :math:`\lambda_{\max}` and test accuracy, and the same at a training
    loss that SGD, SAM and every sweep run reach, to show where SAF flattens;
-6. **figures, tables, report** (``index.html``), with every measure also compared at
-   matched training loss (:func:`figures._results.matched_loss`).
+6. **figures, tables, report** (``index.html``), led by the verdict: each method over SGD
+   (last epoch and matched training loss) and over the controls, seed by seed, with 95%
+   intervals and Holm-adjusted p-values (:mod:`figures._verdict`).
 
 Layout of ``out``: ``settings.json``, ``runs/<method>-s<seed>/`` (trainer runs),
 ``analysis/``, ``surfaces/``, ``figures/``, ``tables/``, ``index.html``.
@@ -32,7 +38,7 @@ from PIL import Image
 
 from analysis.io import atomic_write_with
 from figures import _stages
-from figures._settings import Settings, check_settings, restart_clock, say
+from figures._settings import Settings, check_settings, command_for, restart_clock, say
 
 
 def run_pipeline(
@@ -41,6 +47,7 @@ def run_pipeline(
     device: str = "cpu",
     progress: bool = True,
     threads: int | None = 1,
+    command: str | None = None,
 ) -> Path:
     """Run every stage (see the module docstring) and return the path of ``index.html``.
 
@@ -48,6 +55,8 @@ def run_pipeline(
         threads: torch CPU threads (``None``: torch's default). One is fastest for the small
             default models, whose operations are too small to gain from threads, and on a
             shared machine, where threads contend for busy cores.
+        command: the command shown at the top of the report (None:
+            :func:`figures._settings.command_for` these settings).
     """
     restart_clock()
     if threads is not None:
@@ -56,13 +65,18 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     check_settings(out, s)
     runs = _stages.train_all(s, out, device, progress)
-    curves = _stages.analyse_all(s, out, runs, device, progress)
+    smoothed = _stages.smoothing_runs(s, out, runs, device, progress)
+    curves = _stages.analyse_all(s, out, {**runs, **smoothed}, device, progress)
+    temperature = _stages.temperature_controls(s, out, runs, device)
     msharp = _stages.m_sharpness_all(s, out, runs, device, progress)
     surfaces = _stages.surfaces_all(s, out, runs, device, progress)
     interp = _stages.interpolation(s, out, runs, device, progress)
     sweep = _stages.sweep(s, out, curves, device, progress)
     say("writing figures, tables and the report")
-    return _stages.write_outputs(s, out, runs, curves, msharp, surfaces, interp, sweep, device)
+    command = command or command_for(s, str(out))
+    return _stages.write_outputs(
+        s, out, runs, curves, msharp, surfaces, interp, sweep, device, temperature, command
+    )
 
 
 def export_reference(out: str | os.PathLike, dest: str | os.PathLike) -> list[Path]:

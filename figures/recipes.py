@@ -37,13 +37,15 @@ from figures._save import (
 PathLike = str | os.PathLike
 
 
-def _band(ax, stats: pd.DataFrame, x: str, method: str, marker: str | None = None) -> None:
-    """One method's centre line and band (``mean``, ``lo``, ``hi`` of :func:`band_stats`)."""
+def _band(ax, stats: pd.DataFrame, x: str, method: str, marker: str | None = ".") -> None:
+    """One method's centre line and band (``mean``, ``lo``, ``hi`` of :func:`band_stats`);
+    markers on the measured points."""
     s = stats[stats["method"] == method].sort_values(x)
     if s.empty:
         return
     n = int(s["n"].max())
-    ax.plot(s[x], s["mean"], color=color(method), marker=marker, label=f"{label(method)} (n={n})")
+    ax.plot(s[x], s["mean"], color=color(method), marker=marker, ms=4,
+            label=f"{label(method)} (n={n})")  # fmt: skip
     ax.fill_between(s[x], s["lo"], s["hi"], color=color(method), alpha=0.2, linewidth=0)
 
 
@@ -63,12 +65,13 @@ def _curve_panel(ax, curves: pd.DataFrame, metric: str, ylabel: str, log: bool =
     for m in method_order(stats["method"]):
         _band(ax, stats, "epoch", m)
     ax.set_xlabel("epoch")
-    ax.set_ylabel(ylabel + (" (geometric mean, min-max)" if log else ""))
+    ax.set_ylabel(ylabel)
     if log:
         ax.set_yscale("log")
     ax.grid(alpha=0.3)
     if not stats.empty:
-        ax.legend(fontsize=8)
+        title = "geometric mean, min-max" if log else "mean ± 1 sd"
+        ax.legend(fontsize=8, title=title, title_fontsize=8)
 
 
 def _maybe_log(ax, values) -> None:
@@ -274,7 +277,10 @@ def m_sharpness(msharp: pd.DataFrame, out: PathLike, name: str = "m_sharpness") 
 def table3(
     runs: pd.DataFrame, out: PathLike, name: str = "table3"
 ) -> tuple[pd.DataFrame, list[Path]]:
-    """A table like the paper's Table 3: accuracy mean +- std, images/s, ratio to SGD, memory.
+    """A table like the paper's Table 3: accuracy mean +- std, images/s, memory.
+
+    No speed ratio: the runs execute one after another, so their throughputs are not a
+    side-by-side measurement (``benchmarks/`` measures the ratios).
 
     Args:
         runs: one row per run with ``method, seed, test_acc`` (fraction or %),
@@ -298,8 +304,6 @@ def table3(
         }
     )
     t = t.loc[method_order(t.index)]
-    base = t["images_per_s"].get("sgd", np.nan)
-    t["speed_vs_sgd"] = t["images_per_s"] / base
     t.insert(0, "method", [label(m) for m in t.index])
     t = t.round({"images_per_s": 0})
     t["test_acc (%)"] = [
@@ -364,9 +368,11 @@ def _sweep_panel(ax, table, k: str, ylabel: str, ref: pd.DataFrame) -> None:
         ax.axhline(mu, color=color(m), ls="--", label=f"{label(m)} (final)")
     stats = mean_std(table.rename(columns={k: "value"}), ["lag", "lam"])
     n_lags = stats["lag"].nunique()
-    for i, (lag, g) in enumerate(stats.groupby("lag")):
+    for i, (lag, g) in enumerate(stats.groupby("lag")):  # lags apart: marker, dash, x offset
         shade = plt.get_cmap("Reds")(0.5 + 0.45 * i / max(1, n_lags - 1))
-        ax.errorbar(g["lam"], g["mean"], g["std"], color=shade, marker="o", capsize=3,
+        shift = 1.06 ** (i - (n_lags - 1) / 2)
+        style = dict(marker="os^Dv"[i % 5], ls=("-", "--", "-.", ":")[i % 4], capsize=3)
+        ax.errorbar(g["lam"] * shift, g["mean"], g["std"], color=shade, **style,
                     label=f"SAF, lag {lag}")  # fmt: skip
     ax.set_xscale("log")
     ax.set_xlabel(r"$\lambda$ (trajectory-loss weight)")
@@ -389,6 +395,7 @@ def sharpness_vs_loss(
     out: PathLike,
     name: str = "sharpness_vs_loss",
     loss: str = "checkpoint_ce",
+    level: float | None = None,
 ) -> list[Path]:
     r"""Each sharpness measure against the training cross-entropy along every trajectory.
 
@@ -404,6 +411,7 @@ def sharpness_vs_loss(
     Args:
         curves: tidy curves with ``loss`` (the checkpoint's training cross-entropy) and
             the measures at the same epochs.
+        level: the dotted matched level (None: the lowest loss every run reaches).
     """
     c = check_curves(curves)
     if not (c["metric"] == loss).any():
@@ -429,8 +437,8 @@ def sharpness_vs_loss(
             centre = np.exp(np.log(v).mean(0)) if (v > 0).all() else v.mean(0)
             ax.plot(grid, centre, color=color(m), lw=2, label=f"{label(m)} (n={len(seeds)})")
             ax.fill_between(grid, v.min(0), v.max(0), color=color(m), alpha=0.2, lw=0)
-        if common is not None:
-            ax.axvline(common[0], color="k", ls=":", lw=1)
+        if level is not None or common is not None:
+            ax.axvline(common[0] if level is None else level, color="k", ls=":", lw=1)
         ax.set_xscale("log")
         if log_y:
             ax.set_yscale("log")
@@ -442,5 +450,57 @@ def sharpness_vs_loss(
         ax.grid(alpha=0.3, which="both", lw=0.4)
     axes[0][0].legend(fontsize=8)
     fig.suptitle("Sharpness against the training loss (training runs left to right)")
+    fig.tight_layout()
+    return save_figure(fig, Path(out) / name)
+
+
+# -- the verdict ---------------------------------------------------------------------------
+
+VERDICT_MEASURES = {
+    "lambda_max": r"$\lambda_{\max}(H)$",
+    "sam_sharpness": r"SAM sharpness, $\rho=0.05$",
+}
+
+
+def verdict(table: pd.DataFrame, out: PathLike, name: str = "verdict") -> list[Path]:
+    r"""Each method's measure over each reference: the geometric mean of the per-seed ratios
+    and its 95% t interval on a log axis, one panel per measure (:func:`figures._verdict.verdict`).
+
+    A filled marker is significant after Holm's correction over the whole table, an open one
+    is not; the dotted line is 1 (as flat as the reference). Left of it: flatter.
+
+    Args:
+        table: rows ``method, measure, reference, ratio, lo, hi, significant``.
+    """
+    need = {"method", "measure", "reference", "ratio", "lo", "hi", "significant"}
+    if not need <= set(table.columns):
+        raise ValueError(f"verdict table needs columns {sorted(need)}")
+    measures = [k for k in VERDICT_MEASURES if (table["measure"] == k).any()]
+    if not measures:
+        raise ValueError(f"verdict table has none of the measures {list(VERDICT_MEASURES)}")
+    refs = list(dict.fromkeys(table["reference"]))
+    rows = [(m, r) for m in method_order(table["method"]) for r in refs
+            if ((table.method == m) & (table.reference == r)).any()]  # fmt: skip
+    size = (5.2 * len(measures), 0.32 * len(rows) + 1.4)
+    fig, axes = plt.subplots(1, len(measures), figsize=size, sharey=True, squeeze=False)
+    for ax, k in zip(axes[0], measures, strict=True):
+        t = table[table.measure == k].set_index(["method", "reference"])
+        for i, key in enumerate(rows):
+            if key not in t.index:
+                continue
+            r = t.loc[key]
+            lo, hi = r["lo"], r["hi"]
+            if np.isfinite(lo) and np.isfinite(hi):
+                ax.plot([lo, hi], [i, i], color=color(key[0]), lw=1.5)
+            ax.plot(r["ratio"], i, "o", color=color(key[0]), ms=6,
+                    mfc=color(key[0]) if r["significant"] else "white")  # fmt: skip
+        ax.axvline(1.0, color="k", ls=":", lw=1)
+        ax.set_xscale("log")
+        _log_ticks(ax.xaxis)
+        ax.set_xlabel(f"{VERDICT_MEASURES[k]}: method / reference")
+        ax.grid(alpha=0.3, axis="x", which="both", lw=0.4)
+    axes[0][0].set_yticks(range(len(rows)), [f"{label(m)} vs {r}" for m, r in rows], fontsize=8)
+    axes[0][0].invert_yaxis()
+    fig.suptitle("Ratio over seeds, 95% CI; filled: significant after Holm", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, Path(out) / name)

@@ -246,6 +246,15 @@ window.addEventListener('load', function () {
 </script>"""
 
 
+VERDICT_NOTE = (
+    "Each cell: the method's measure over the reference's, seed by seed (the same seed gives "
+    "every method the same initialisation and data order), as the geometric mean of the "
+    "per-seed ratios with its 95% t interval; p: paired t-test of the log-ratios; Holm: "
+    "adjusted over every row of this table; significant: Holm p < 0.05; seeds for 80% power: "
+    "what a paired t-test at the observed effect would need (noncentral t). Below 1 is flatter."
+)
+
+
 def write_report(
     out: str | os.PathLike,
     sections: Sequence[Section],
@@ -253,24 +262,40 @@ def write_report(
     settings: Mapping[str, object],
     notes: Sequence[str] = (),
     title: str = "Does SAF flatten minima like SAM?",
+    verdict: pd.DataFrame | None = None,
+    key: Sequence[Section] = (),
+    header: Mapping[str, str] | None = None,
 ) -> Path:
-    """Write ``<out>/index.html`` with relative links to the figures (atomic write)."""
+    """Write ``<out>/index.html`` with relative links to the figures (atomic write).
+
+    The page leads with the verdict: ``header`` (date, version, command), the ``verdict``
+    table and the ``key`` figures; then the other tables, figures, ``notes`` and settings.
+    """
     out = Path(out)
     esc = html.escape
     rel = lambda p: esc(os.path.relpath(p, out).replace(os.sep, "/"))  # noqa: E731
+
+    def figure(s: Section) -> str:
+        links = " · ".join(f'<a href="{rel(p)}">{esc(p.suffix[1:].upper())}</a>' for p in s.links)
+        return (
+            f'<figure><h2>{esc(s.title)}</h2><img src="{rel(s.png)}" alt="{esc(s.title)}">'
+            f"<figcaption>{esc(s.caption)} {links}</figcaption></figure>"
+        )
+
     body = [f"<h1>{esc(title)}</h1>"]
+    if header:
+        body.append("<p>" + " · ".join(f"{esc(k)}: <code>{esc(v)}</code>"
+                                       for k, v in header.items()) + "</p>")  # fmt: skip
+    if verdict is not None:
+        body.append(f"<h2>Verdict</h2><p>{esc(VERDICT_NOTE)}</p>{_table_html(verdict)}")
+    body += [figure(s) for s in key]
+    for name, df in tables.items():
+        body.append(f"<h2>{esc(name)}</h2>{_table_html(df)}")
+    body += [figure(s) for s in sections]
     if notes:
         body.append("<h2>What the numbers say</h2><ul>")
         body += [f"<li>{esc(n)}</li>" for n in notes]
         body.append("</ul>")
-    for name, df in tables.items():
-        body.append(f"<h2>{esc(name)}</h2>{_table_html(df)}")
-    for s in sections:
-        links = " · ".join(f'<a href="{rel(p)}">{esc(p.suffix[1:].upper())}</a>' for p in s.links)
-        body.append(
-            f'<figure><h2>{esc(s.title)}</h2><img src="{rel(s.png)}" alt="{esc(s.title)}">'
-            f"<figcaption>{esc(s.caption)} {links}</figcaption></figure>"
-        )
     rows = "".join(
         f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>" for k, v in settings.items()
     )

@@ -25,6 +25,7 @@ FIGURES = [
     "interpolation_sgd_saf",
     "m_sharpness",
     "saf_sweep",
+    "verdict",
 ]
 
 
@@ -54,15 +55,44 @@ def test_every_file_exists(study):
 def test_tables_have_every_method_and_seed(study):
     t = pd.read_csv(study / "tables" / "table3.csv")
     assert list(t.method) == ["SGD", "SAM", "SAF", "MESA"] and (t.seeds == 2).all()
-    assert t.set_index("method").loc["SGD", "speed_vs_sgd"] == 1.0
+    assert "speed_vs_sgd" not in t.columns  # runs one after another are no speed comparison
     store = t.set_index("method")["store_mb"]
     assert store["SGD"] == store["SAM"] == 0 and store["SAF"] > 0 and store["MESA"] > 0
     curves = pd.read_csv(study / "analysis" / "curves.csv")
     sharp = curves[curves.metric == "sam_sharpness"]
-    # every checkpoint (epochs 0..2) of every run is analysed
-    assert len(sharp) == 4 * 2 * 3 and sharp["value"].notna().all()
+    # every checkpoint (epochs 0..2) of every run is analysed, the label-smoothing runs too
+    assert len(sharp) == 5 * 2 * 3 and sharp["value"].notna().all()
     lam = curves[curves.metric == "lambda_max"]
     assert (lam["value"] > 0).all() and set(lam.epoch) >= {0, 2}
+
+
+def test_controls_and_verdict(study):
+    """The label-smoothing runs, the temperature-matched controls and the CI table."""
+    curves = pd.read_csv(study / "analysis" / "curves.csv")
+    assert set(curves[curves.method == "sgd_ls"].seed) == {0, 1}
+    run = json.loads((study / "runs" / "sgd_ls-s0" / "run.json").read_text())
+    assert run["method"] == "sgd" and 0 < run["config"]["label_smoothing"] < 1
+    t = pd.read_csv(study / "tables" / "temperature_controls.csv")
+    final = curves[(curves.metric == "checkpoint_ce") & (curves.epoch == 2)]
+    ce = final.set_index(["method", "seed"])["value"]
+    for r in t.itertuples():  # each control's CE is its target method's (float32 vs float64)
+        assert r.checkpoint_ce == pytest.approx(ce[r.target, r.seed], abs=1e-4)
+    assert {(b, m) for b, m in zip(t.base, t.target, strict=True)} == {
+        ("sgd", "sam"),
+        ("sgd", "saf"),
+        ("sgd", "mesa"),
+        ("sam", "saf"),
+        ("sam", "mesa"),
+    }
+    v = pd.read_csv(study / "tables" / "verdict.csv")
+    saf = v[(v.method == "saf") & (v.measure == "lambda_max")]
+    assert any(r.startswith("SGD at matched CE") for r in saf.reference)
+    assert {"SGD, last epoch", "SGD, temperature-matched", "SAM, temperature-matched",
+            "SGD + label smoothing"} <= set(saf.reference)  # fmt: skip
+    assert (v.lo <= v.ratio).all() and (v.ratio <= v.hi).all() and (v.p_holm >= v.p).all()
+    page = (study / "index.html").read_text()
+    assert page.index("Verdict") < page.index("Table 3") < page.index("What the numbers say")
+    assert "saf figures --out" in page and "version" in page
 
 
 def test_store_memory_matches_closed_form(study):

@@ -97,3 +97,31 @@ def test_smoothing_floor_is_the_fitted_models_ce():
     assert -math.log(p_true) == pytest.approx(0.05, rel=1e-12)
     with pytest.raises(ValueError, match="chance"):
         smoothing_for_ce(5.0, 10)
+
+
+def test_verdict_pairs_seeds_and_holm_corrects():
+    import pandas as pd
+
+    from figures._verdict import verdict, verdict_display
+
+    sgd, ratios = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.5, 0.6, 0.45, 0.7])
+    rows = []
+    for m, final in (("sgd", sgd), ("saf", sgd * ratios), ("sgd_ls", sgd * 0.8)):
+        for s, v in enumerate(final):
+            for e, scale in ((0, 4.0), (1, 1.0)):  # CE 1 -> 0.1 (SGD) or 0.2 (SAF)
+                ce = {"sgd": 0.1, "saf": 0.2, "sgd_ls": 0.2}[m] * (10 if e == 0 else 1)
+                rows += [(m, s, e, "lambda_max", v * scale), (m, s, e, "checkpoint_ce", ce)]
+    curves = pd.DataFrame(rows, columns=["method", "seed", "epoch", "metric", "value"])
+    temp = pd.DataFrame({"base": "sgd", "target": "saf", "seed": range(4),
+                         "checkpoint_ce": 0.2, "lambda_max": sgd * 0.9})  # fmt: skip
+    v = verdict(curves, temp, level=None, measures=("lambda_max",)).set_index("reference")
+    last = v.loc["SGD, last epoch"]
+    assert last.ratio == pytest.approx(math.exp(np.log(ratios).mean()), rel=1e-12)
+    assert last.p == pytest.approx(stats.ttest_rel(np.log(sgd * ratios), np.log(sgd)).pvalue)
+    assert last.ce_ratio == pytest.approx(2.0) and last.n == 4
+    assert v.loc["SGD, temperature-matched"].ratio == pytest.approx(
+        math.exp(np.log(ratios / 0.9).mean())
+    )
+    assert v.loc["SGD + label smoothing"].ce_ratio == pytest.approx(1.0)
+    np.testing.assert_allclose(v.p_holm, holm(v.p.to_numpy()))
+    assert len(verdict_display(v.reset_index())) == len(v)
