@@ -253,3 +253,48 @@ def matched_loss(
                 if x.min() <= level <= x.max():
                     rows.append((method, seed, metric, float(level), at_loss(x, y, level)))
     return pd.DataFrame(rows, columns=["method", "seed", "metric", "level", "value"])
+
+
+def matched_levels(
+    curves: pd.DataFrame, n: int = 4, span: float = 10.0, loss: str = "checkpoint_ce"
+) -> list[float]:
+    """``n`` training-loss levels for matched comparisons, geometrically spaced from the lowest
+    loss every run reaches up to ``span`` times it (or the highest loss every run visits, if
+    lower): the sensitivity of a matched comparison to the level chosen. Empty when the runs
+    share no level.
+
+    >>> c = pd.DataFrame({"method": ["a"] * 3 + ["b"] * 3, "seed": 0, "epoch": [0, 1, 2] * 2,
+    ...                   "metric": "checkpoint_ce", "value": [2.0, 0.5, 0.1, 2.0, 0.4, 0.2]})
+    >>> [round(v, 6) for v in matched_levels(c, n=3, span=4)]
+    [0.2, 0.4, 0.8]
+    """
+    c = check_curves(curves)
+    c = c[(c["metric"] == loss) & (c["value"] > 0)].dropna(subset=["value"])
+    if c.empty:
+        return []
+    g = c.groupby(["method", "seed"])["value"]
+    lo, hi = float(g.min().max()), float(g.max().min())
+    if lo > hi:
+        return []
+    return [float(v) for v in np.geomspace(lo, min(hi, span * lo), n)] if hi > lo else [lo]
+
+
+def bracketing_epochs(epochs, loss, levels) -> set[int]:
+    """The checkpoints around each level: per level, both ends of the latest pair of
+    consecutive checkpoints whose losses bracket it (the pair :func:`at_loss` interpolates
+    on), so a measure taken there is interpolated between neighbouring epochs.
+
+    >>> sorted(bracketing_epochs([0, 1, 2, 3], [2.0, 1.0, 0.5, 0.25], [0.7, 0.25]))
+    [1, 2, 3]
+    """
+    e, x = np.asarray(epochs), np.asarray(loss, dtype=float)
+    out: set[int] = set()
+    for level in levels:
+        for i in range(x.size - 1, -1, -1):
+            if x[i] == level:
+                out.add(int(e[i]))
+                break
+            if i + 1 < x.size and min(x[i], x[i + 1]) <= level <= max(x[i], x[i + 1]):
+                out |= {int(e[i]), int(e[i + 1])}
+                break
+    return out

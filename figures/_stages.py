@@ -26,6 +26,8 @@ from figures._controls import mean_ce, smoothing_for_ce, temperature_matched
 from figures._results import (
     CURVE_COLUMNS,
     Grid,
+    bracketing_epochs,
+    matched_levels,
     matched_loss,
     melt_metrics,
 )
@@ -68,6 +70,7 @@ from saf import (
 from saf import VERSION as saf_version
 
 LOSS = nn.CrossEntropyLoss()
+LS = "sgd_ls"  # label-smoothing SGD, the smoothing chosen per seed for SAF's final CE
 SPEED_NOTE = (
     "images/s is the trainer's per-epoch throughput (median over epochs). Runs execute one "
     "after another, so other load on the machine changes it: compare speed ratios only from "
@@ -188,13 +191,10 @@ def analyse_checkpoints(
     return df[["epoch", "metric", "value", "stderr"]].replace({"metric": RENAME})
 
 
-def analyse_run(s: Settings, run_dir: Path, data, folder: Path, device: str, progress: bool):
-    """Training CE, SAM and adaptive sharpness of every checkpoint; Hessian lambda_max and
-    trace of some."""
-    hessian = [e for e, _ in list_checkpoints(run_dir) if e % s.hessian_every == 0 or e == s.epochs]
-    one = functools.partial(
-        analyse_checkpoints, run_dir, data=data, device=device, progress=progress
-    )
+def _sharpness_of(run_dir: Path, data, folder: Path, device: str, progress: bool):
+    """Training CE, SAM and adaptive sharpness of every checkpoint."""
+    one = functools.partial(analyse_checkpoints, run_dir, data=data, device=device,
+                            progress=progress)  # fmt: skip
     return pd.concat(
         [
             one(SHARPNESS, None, csv=folder / f"{run_dir.name}.sam.csv"),
@@ -204,21 +204,52 @@ def analyse_run(s: Settings, run_dir: Path, data, folder: Path, device: str, pro
                 csv=folder / f"{run_dir.name}.adaptive.csv",
                 settings=ADAPTIVE,
             ),  # fmt: skip
-            one(HESSIAN, hessian, csv=folder / f"{run_dir.name}.hessian.csv"),
         ],
         ignore_index=True,
     )
 
 
+def _hessian_of(s: Settings, run_dir: Path, sharp, levels, data, folder, device, progress):
+    """Hessian lambda_max and trace every ``hessian_every`` epochs, at the last, and at both
+    checkpoints around each matched level (:func:`figures._results.bracketing_epochs`, from
+    the run's per-epoch training CE in ``sharp``), so a matched value is interpolated between
+    neighbouring epochs, not across ``hessian_every`` of them."""
+    ce = sharp[sharp["metric"] == "checkpoint_ce"].sort_values("epoch")
+    near = bracketing_epochs(ce["epoch"], ce["value"], levels)
+    epochs = [e for e, _ in list_checkpoints(run_dir)
+              if e % s.hessian_every == 0 or e == s.epochs or e in near]  # fmt: skip
+    csv = folder / f"{run_dir.name}.hessian.csv"
+    return analyse_checkpoints(run_dir, HESSIAN, epochs, data, csv, device, progress)
+
+
+def analyse_run(
+    s: Settings, run_dir: Path, data, folder: Path, device: str, progress: bool, levels=()
+):
+    """Training CE, SAM and adaptive sharpness of every checkpoint; Hessian lambda_max and
+    trace of some (:func:`_hessian_of`)."""
+    sharp = _sharpness_of(run_dir, data, folder, device, progress)
+    hess = _hessian_of(s, run_dir, sharp, levels, data, folder, device, progress)
+    return pd.concat([sharp, hess], ignore_index=True)
+
+
 def analyse_all(s: Settings, out: Path, runs: dict, device: str, progress: bool) -> pd.DataFrame:
-    """Training CE, SAM and adaptive sharpness every epoch, Hessian lambda_max and trace every
-    ``hessian_every`` epochs (:func:`analyse_run`), and the trainer's metrics."""
+    """Training CE, SAM and adaptive sharpness every epoch; then the matched levels
+    (:func:`figures._results.matched_levels` of the methods' runs, not the control's) and
+    Hessian lambda_max and trace every ``hessian_every`` epochs and around each level
+    (:func:`_hessian_of`); and the trainer's metrics."""
     data = _data(s, "train", s.analysis_samples, device, batch_size=s.batch_size)
-    parts = []
+    folder = out / "analysis"
+    sharp = {}
     for i, ((method, seed), run_dir) in enumerate(runs.items(), 1):
         say(f"[analyse {i}/{len(runs)}] {run_dir.name}")
-        df = analyse_run(s, run_dir, data, out / "analysis", device, progress)
-        parts.append(df.assign(method=method, seed=seed)[list(CURVE_COLUMNS)])
+        df = _sharpness_of(run_dir, data, folder, device, progress)
+        sharp[method, seed] = df.assign(method=method, seed=seed)[list(CURVE_COLUMNS)]
+    levels = matched_levels(pd.concat([v for (m, _), v in sharp.items() if m != LS]))
+    parts = []
+    for i, ((method, seed), run_dir) in enumerate(runs.items(), 1):
+        say(f"[hessian {i}/{len(runs)}] {run_dir.name}")
+        df = _hessian_of(s, run_dir, sharp[method, seed], levels, data, folder, device, progress)
+        parts += [sharp[method, seed], df.assign(method=method, seed=seed)[list(CURVE_COLUMNS)]]
         parts.append(melt_metrics(read_metrics(run_dir), method, seed))
     curves = pd.concat(parts, ignore_index=True)
     _csv(curves, out / "analysis" / "curves.csv")
@@ -253,7 +284,6 @@ def m_sharpness_all(s: Settings, out: Path, runs: dict, device: str, progress: b
 
 # -- 3b. controls: the same final CE without SAF -------------------------------------------
 
-LS = "sgd_ls"  # label-smoothing SGD, the smoothing chosen per seed for SAF's final CE
 CONTROL_MEASURES = ["lambda_max", "sam_sharpness"]
 
 
@@ -473,6 +503,12 @@ CAPTIONS = {
         f"Measured every few epochs (dots) and joined by lines; legend title names the band: "
         f"{LOG_BAND}."
     ),
+    "matched_sensitivity": (
+        "Per level: geometric mean over seeds of the per-seed ratio to SGD where both runs' "
+        "training CE was that level, bars: 95% t interval; last panel: the learning rate at "
+        "that CE, geometric mean and min-max over seeds. Hessians are measured at both "
+        "checkpoints around each level."
+    ),
     "fig2_surfaces_2d": "Seed 0 only, no band: one random filter-normalized plane shared by all.",
     "surface_slices_1d": "Seed 0 only, no band: the centre lines of the 2D surfaces.",
     "interpolation": "Seed 0 only, no band: the segment between two final models and beyond.",
@@ -502,6 +538,7 @@ def write_outputs(
     figs = out / "figures"
     a, b = interp["a"].iloc[0], interp["b"].iloc[0]
     main = curves[curves["method"] != LS]  # the control is not a method: no say in the level
+    levels = matched_levels(main)
     v = verdict(curves, temperature, matched_level(main))
     save_table(v, out / "tables" / "verdict")
     key = {
@@ -510,8 +547,12 @@ def write_outputs(
             recipes.sharpness_vs_loss(curves, figs, level=matched_level(main))
         ),
     }
+    if levels:
+        key["Matched training loss: several levels, and the learning rate there"] = (
+            recipes.matched_sensitivity(main, figs, levels)
+        )
     made = {
-        "Training cross-entropy (Fig. 4a)": recipes.training_ce(curves, figs),
+        "Training cross-entropy (Fig. 4a)": recipes.training_ce(main, figs),  # LS: smoothed CE
         "SAM sharpness, rho = 0.05 (Fig. 4b)": recipes.sam_sharpness(curves, figs),
         "Hessian lambda_max and trace": recipes.hessian(curves, figs),
         "2D loss surfaces, shared colour scale (Figs. 2, 5)": recipes.surfaces_2d(surfaces, figs),
@@ -523,7 +564,7 @@ def write_outputs(
         made["Where SAF flattens: lambda and lag sweep"] = recipes.sweep(sweep, curves, figs)
     table, _ = recipes.table3(runs_table(s, runs), out / "tables")
     final = write_final_table(curves, out / "tables")
-    matched = matched_metrics(main)
+    matched = matched_metrics(main, levels=levels or None)
     save_table(matched, out / "tables" / "matched_loss")
     if len(temperature):
         save_table(temperature, out / "tables" / "temperature_controls")

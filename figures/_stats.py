@@ -27,6 +27,7 @@ class PairedRatio:
     p: float
     n: int
     seeds_needed: float
+    effect: float = math.nan  # mean over sd of the log-ratios
 
 
 def paired_ratio(x, y, confidence: float = 1 - ALPHA) -> PairedRatio:
@@ -39,8 +40,8 @@ def paired_ratio(x, y, confidence: float = 1 - ALPHA) -> PairedRatio:
               [e^{\bar d - t_{1-\alpha/2,\,n-1} s_d/\sqrt n},\;
                e^{\bar d + t_{1-\alpha/2,\,n-1} s_d/\sqrt n}],
 
-    ``p`` the two-sided one-sample t-test of :math:`\bar d = 0` (Student 1908) and
-    ``seeds_needed`` :func:`seeds_for_power` of the observed :math:`\bar d / s_d`. Pairs with
+    ``p`` the two-sided one-sample t-test of :math:`\bar d = 0` (Student 1908),
+    ``effect`` :math:`\bar d / s_d` and ``seeds_needed`` its :func:`seeds_for_power`. Pairs with
     a non-positive or non-finite value are left out; fewer than two pairs give NaN bounds.
 
     >>> r = paired_ratio([2.0, 4.0, 2.0], [1.0, 2.0, 1.0])  # every seed exactly 2x
@@ -62,7 +63,10 @@ def paired_ratio(x, y, confidence: float = 1 - ALPHA) -> PairedRatio:
     half = stats.t.ppf(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
     p = float(stats.ttest_1samp(d, 0.0).pvalue) if sd > 0 else float(mean == 0)
     need = seeds_for_power(mean / sd) if sd > 0 else 2.0
-    return PairedRatio(math.exp(mean), math.exp(mean - half), math.exp(mean + half), p, n, need)
+    effect = mean / sd if sd > 0 else math.copysign(math.inf, mean)
+    return PairedRatio(
+        math.exp(mean), math.exp(mean - half), math.exp(mean + half), p, n, need, effect
+    )
 
 
 def seeds_for_power(effect: float, alpha: float = ALPHA, power: float = POWER) -> float:
@@ -74,14 +78,16 @@ def seeds_for_power(effect: float, alpha: float = ALPHA, power: float = POWER) -
     .. math:: 1 - F_{t'}(t_{1-\alpha/2,\,n-1};\, n-1,\, \delta\sqrt n)
               + F_{t'}(-t_{1-\alpha/2,\,n-1};\, n-1,\, \delta\sqrt n) \ge \text{power}.
 
-    ``inf`` for no effect (or more than 10,000 seeds).
+    ``inf`` for no effect (or more than 10,000 seeds), 2 for an infinite one (no spread).
 
     >>> seeds_for_power(1.0)  # Cohen's d = 1: 10 pairs (G*Power gives 10 as well)
     10.0
     """
     delta = abs(float(effect))
-    if not math.isfinite(delta) or delta == 0:
+    if math.isnan(delta) or delta == 0:
         return math.inf
+    if math.isinf(delta):
+        return 2.0
     for n in range(2, 10_001):
         crit = stats.t.ppf(1 - alpha / 2, n - 1)
         nc = delta * math.sqrt(n)

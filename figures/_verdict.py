@@ -3,7 +3,8 @@ r"""The verdict: each method's flatness over SGD and over the controls, seed by 
 One row per method x measure x reference (:func:`verdict`): the geometric mean of the
 per-seed ratios with its 95% t interval, the paired t-test's p, Holm's adjusted p over every
 row of the table (the headline cells) and the seeds 80% power would need
-(:mod:`figures._stats`). References:
+(:mod:`figures._stats`) for the observed effect at Bonferroni's level 0.05/m over the m rows
+(Holm's first step, the strictest). References:
 
 * **SGD, last epoch**: both at their final checkpoints;
 * **SGD at matched CE**: both where their training CE was the lowest level every run reaches
@@ -26,7 +27,7 @@ import pandas as pd
 
 from figures._results import check_curves, common_loss_range, matched_loss
 from figures._save import label
-from figures._stats import ALPHA, holm, paired_ratio
+from figures._stats import ALPHA, holm, paired_ratio, seeds_for_power
 
 HEADLINE = ("lambda_max", "sam_sharpness")
 METHODS = ("sam", "saf", "mesa")
@@ -85,10 +86,12 @@ def verdict(
                 ce_r = paired_ratio(*_pair(_seeds(ce, m), ce_b)).ratio if ce_b is not None else 1.0
                 if r.n:
                     rows.append([m, k, name, r.ratio, r.lo, r.hi, r.p, math.nan, False, r.n,
-                                 r.seeds_needed, ce_r])  # fmt: skip
+                                 r.effect, ce_r])  # the effect becomes seeds_needed  # fmt: skip
     out = pd.DataFrame(rows, columns=COLUMNS)
     out["p_holm"] = holm(out["p"].to_numpy()) if len(out) else []
     out["significant"] = out["p_holm"] < ALPHA
+    m = max(1, int(out["p"].notna().sum()))  # Bonferroni's alpha / m: Holm never needs less
+    out["seeds_needed"] = [seeds_for_power(e, ALPHA / m) for e in out["seeds_needed"]]
     return out
 
 

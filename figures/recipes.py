@@ -22,6 +22,7 @@ from figures._results import (
     check_curves,
     common_loss_range,
     loss_trajectories,
+    matched_loss,
     mean_std,
 )
 from figures._save import (
@@ -33,6 +34,7 @@ from figures._save import (
     save_plotly,
     save_table,
 )
+from figures._stats import paired_ratio
 
 PathLike = str | os.PathLike
 
@@ -504,3 +506,59 @@ def verdict(table: pd.DataFrame, out: PathLike, name: str = "verdict") -> list[P
     fig.suptitle("Ratio over seeds, 95% CI; filled: significant after Holm", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, Path(out) / name)
+
+
+def matched_sensitivity(
+    curves: pd.DataFrame, out: PathLike, levels, name: str = "matched_sensitivity"
+) -> list[Path]:
+    r"""Each method over SGD at several matched training losses, and the learning rate there.
+
+    Per level and seed, a measure where each run's training CE was that level
+    (:func:`figures._results.matched_loss`); the dots are the geometric mean over seeds of the
+    per-seed ratio to SGD, the bars its 95% t interval (:func:`figures._stats.paired_ratio`).
+    The last panel is the learning rate each method had at that loss (interpolated like the
+    measures; geometric mean over seeds, min-max bar): methods meet a level at different
+    points of the schedule, so a matched comparison also compares learning rates.
+    """
+    c = check_curves(curves)
+    measures = [(k, yl) for k, yl in VERDICT_MEASURES.items() if (c["metric"] == k).any()]
+    if not levels or not measures:
+        raise ValueError("no matched levels or measures; the runs share no training loss")
+    fig, axes = plt.subplots(1, len(measures) + 1, figsize=(4.2 * (len(measures) + 1), 3.5))
+    for ax, (k, yl) in zip(axes, measures, strict=False):
+        at = matched_loss(c, [k], list(levels))
+        for i, m in enumerate(x for x in method_order(at["method"]) if x != "sgd"):
+            r = [_level_ratio(at, m, lv) for lv in levels]
+            x = np.asarray(levels) * 1.04 ** (i - 1)  # methods apart
+            mid = np.array([q.ratio for q in r])
+            err = np.nan_to_num(np.abs(np.array([[q.lo, q.hi] for q in r]).T - mid))
+            ax.errorbar(x, mid, yerr=err, color=color(m), marker="o", capsize=3, label=label(m))
+        ax.axhline(1.0, color=color("sgd"), ls=":", lw=1)
+        ax.set_ylabel(f"{yl} / SGD's at that CE")
+    lr = matched_loss(c, ["lr"], list(levels))
+    for m, g in lr.groupby("method"):
+        st = band_stats(g, ["level"], log=True)
+        err = np.clip([st["mean"] - st["lo"], st["hi"] - st["mean"]], 0, None)  # rounding
+        axes[-1].errorbar(st["level"], st["mean"], err, color=color(m), marker="o", capsize=3,
+                          label=label(m))  # fmt: skip
+    axes[-1].set_yscale("log")
+    axes[-1].set_ylabel("learning rate at that CE")
+    for ax in axes:
+        ax.set_xscale("log")
+        _log_ticks(ax.xaxis)
+        ax.invert_xaxis()
+        ax.set_xlabel("matched training cross-entropy")
+        ax.grid(alpha=0.3, which="both", lw=0.4)
+        ax.legend(fontsize=8)
+    fig.suptitle("Matched-loss comparison at several levels (95% CI over seeds)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, Path(out) / name)
+
+
+def _level_ratio(at: pd.DataFrame, method: str, level: float):
+    """The paired ratio method / SGD at one level (the seeds that both reach it)."""
+    one = at[at["level"] == level].set_index(["method", "seed"])["value"]
+    a = one.xs(method) if method in one.index else one.iloc[:0]
+    b = one.xs("sgd") if "sgd" in one.index else one.iloc[:0]
+    common = sorted(set(a.index) & set(b.index))
+    return paired_ratio(a.loc[common].to_numpy(), b.loc[common].to_numpy())

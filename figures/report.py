@@ -155,13 +155,15 @@ def _sweep_range(sweep: pd.DataFrame, k: str, fmt: str = ".4g") -> str:
 
 
 def matched_metrics(
-    curves: pd.DataFrame, metrics: Sequence[str] = tuple(k for k, _ in MEASURES)
+    curves: pd.DataFrame,
+    metrics: Sequence[str] = tuple(k for k, _ in MEASURES),
+    levels: Sequence[float] | None = None,
 ) -> pd.DataFrame:
-    """Each measure at the common training-loss levels (:func:`figures._results.matched_loss`),
-    mean and std over seeds and the ratio of means to SGD: rows ``level, method, metric,
-    mean, std, n, vs_sgd``."""
+    """Each measure at the common training-loss levels (:func:`figures._results.matched_loss`;
+    ``levels`` None: the lowest every run reaches), mean and std over seeds and the ratio of
+    means to SGD: rows ``level, method, metric, mean, std, n, vs_sgd``."""
     present = [k for k in metrics if (check_curves(curves)["metric"] == k).any()]
-    m = matched_loss(curves, present)
+    m = matched_loss(curves, present, None if levels is None else list(levels))
     cols = ["level", "method", "metric", "mean", "std", "n", "vs_sgd"]
     if m.empty:
         return pd.DataFrame(columns=cols)
@@ -251,7 +253,8 @@ VERDICT_NOTE = (
     "every method the same initialisation and data order), as the geometric mean of the "
     "per-seed ratios with its 95% t interval; p: paired t-test of the log-ratios; Holm: "
     "adjusted over every row of this table; significant: Holm p < 0.05; seeds for 80% power: "
-    "what a paired t-test at the observed effect would need (noncentral t). Below 1 is flatter."
+    "what a paired t-test would need at the observed effect and level 0.05/(rows) (noncentral "
+    "t; Holm's strictest step). Below 1 is flatter."
 )
 
 

@@ -203,3 +203,16 @@ def test_sweep_judged_at_the_same_training_ce(tmp_path):
     c = pd.concat([c, c[c.metric == "lambda_max"].assign(metric="test_acc", value=0.9)])
     paths = recipes.sweep(t, c, tmp_path)
     assert {p.suffix for p in paths} == {".png", ".pdf"}
+
+
+def test_levels_span_and_bracketing_checkpoints():
+    from figures._results import bracketing_epochs, matched_levels
+
+    rows = [(m, 0, e, "checkpoint_ce", v) for m, vs in (("a", [2.0, 0.3, 0.01]),
+            ("b", [2.0, 0.5, 0.02])) for e, v in enumerate(vs)]  # fmt: skip
+    c = pd.DataFrame(rows, columns=["method", "seed", "epoch", "metric", "value"])
+    levels = matched_levels(c, n=3, span=10)
+    assert levels == pytest.approx([0.02, 0.02 * 10**0.5, 0.2])  # from the lowest common CE
+    # a's CE passes 0.2 between epochs 1 and 2, and 0.02 there too
+    assert bracketing_epochs([0, 1, 2], [2.0, 0.3, 0.01], levels) == {1, 2}
+    assert bracketing_epochs([0, 1, 2], [2.0, 0.3, 0.01], [1.0]) == {0, 1}

@@ -26,6 +26,7 @@ FIGURES = [
     "m_sharpness",
     "saf_sweep",
     "verdict",
+    "matched_sensitivity",
 ]
 
 

@@ -125,3 +125,12 @@ def test_verdict_pairs_seeds_and_holm_corrects():
     assert v.loc["SGD + label smoothing"].ce_ratio == pytest.approx(1.0)
     np.testing.assert_allclose(v.p_holm, holm(v.p.to_numpy()))
     assert len(verdict_display(v.reset_index())) == len(v)
+
+
+def test_verdict_power_at_bonferroni_level():
+    from figures._verdict import COLUMNS
+
+    assert "seeds_needed" in COLUMNS
+    # 24 headline cells: level 0.05/24 needs more seeds than 0.05 for the same effect
+    assert seeds_for_power(1.0, 0.05 / 24) > seeds_for_power(1.0) == 10
+    assert seeds_for_power(math.inf) == 2.0
