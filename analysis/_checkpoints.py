@@ -422,7 +422,9 @@ class _Warm:
             try:
                 saved = safe_torch_load(self.path)
                 self.source, self.vectors = saved["source"], saved["vectors"]
-            except Exception:  # an unreadable file: start cold
+                if not (isinstance(self.vectors, torch.Tensor) and self.vectors.dim() == 2):
+                    raise ValueError("not a (k, n) tensor of vectors")
+            except Exception:  # an unreadable file or another shape: start cold
                 self.source = self.vectors = None
         return self.vectors if self.source == self.previous else None
 
@@ -484,12 +486,16 @@ def _measure(
 
 
 def _read_cache(cfile) -> dict:
+    """The cached rows ``{metric: row}``; anything else (damaged, another shape) is no cache."""
     if cfile is None or not cfile.is_file():
         return {}
     try:
-        return json.loads(cfile.read_text())
-    except ValueError:
+        done = json.loads(cfile.read_text())
+    except (ValueError, RecursionError):
         return {}
+    if not isinstance(done, dict):
+        return {}
+    return {k: r for k, r in done.items() if isinstance(r, dict) and r.get("metric") == k}
 
 
 def _groups(names: list[str]) -> list[tuple[str, list[str]]]:

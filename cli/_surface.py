@@ -52,6 +52,8 @@ from saf import is_run_dir, model_from_run, read_run
 
 DIRECTIONS = ("random", "interpolate", "pca", "hessian")
 MAX_POINTS = 10_001
+MAX_GRID = 1_000_000
+"""The most points a surface may have (each is a pass over --data; 1001 x 1001 in 2D)."""
 
 EXAMPLES = """examples:
   saf surface runs/saf-s0 --dim 2 --grid -1:1:21 --out surfaces/saf
@@ -274,6 +276,12 @@ def run(args) -> int:
     if args.directions == "interpolate" and args.compare and len(args.compare) != args.dim:
         raise UsageError(f"--directions interpolate --dim {args.dim} takes {args.dim} --compare")
     ys = args.grid if args.grid_y is None else args.grid_y
+    points = len(args.grid) * (len(ys) if args.dim == 2 else 1)
+    if points > MAX_GRID:
+        raise UsageError(
+            f"a grid of {points:,} points is more than {MAX_GRID:,} (each point is a pass over "
+            "the data); use fewer points per axis, e.g. --grid -1:1:101"
+        )
     loss_fn = resolve_loss(args.loss, args.ignore_index)
     main = _Source(args.target, args.epoch, args, is_main=True)
     others = [_Source(c, None, args, is_main=False) for c in args.compare]
@@ -286,6 +294,12 @@ def run(args) -> int:
                 why = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 raise UsageError(f"{src.name}: the model does not run on the data: {why}") from None
             check_loss(loss_fn, out, to(first[1], args.device))
+            if not math.isfinite(float(loss_fn(out, to(first[1], args.device)))):
+                raise UsageError(
+                    f"{src.name}: the loss is not finite on the first batch of the data, so "
+                    "the surface has no value to draw (a diverged checkpoint?)"
+                )
+    _check_name_lengths(args, [main, *others])
     out = writable_dir(args.out)
     rank0 = int(os.environ.get("RANK", "0")) == 0  # under torchrun, rank 0 holds it
     with exclusive(out / ".lock", str(out)) if rank0 else contextlib.nullcontext():
@@ -319,6 +333,21 @@ def _draw(args, main: _Source, others: list[_Source], loss_fn, ys, out: Path) ->
 
 def _stem(args, r: _Source) -> str:
     return f"{r.name}_e{r.epoch}_{args.directions}_{args.dim}d"
+
+
+def _check_name_lengths(args, sources: list[_Source]) -> None:
+    """Every file this run will write has a name the file system takes (its temporary
+    sibling ``.NAME.XXXXXXXX.tmp`` included), checked before any work."""
+    try:
+        limit = os.pathconf(Path(args.out).resolve().parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    longest = max(len(f".{_stem(args, r)}_trajectory_heatmap.html.XXXXXXXX.tmp") for r in sources)
+    if longest > limit:
+        raise UsageError(
+            f"the output names of {sources[0].name[:40]}... would be {longest} characters, more "
+            f"than the {limit} the file system takes; rename or link the run to a shorter name"
+        )
 
 
 def _meta(args, r: _Source) -> dict:

@@ -143,3 +143,43 @@ def test_a_zero_hessian_is_zero_not_an_error():
     assert hessian_density(model, linear, data, n_iter=4, n_probes=2).nodes.abs().max() == 0
     g = torch.cat([x.sum(0).repeat(2), torch.full((2,), 4.0, dtype=torch.float64)]) / 4
     assert abs(sam_sharpness(model, linear, data, rho=0.05).value - 0.05 * float(g.norm())) < 1e-9
+
+
+def test_a_grid_beyond_a_million_points_is_one_line_before_any_work(tiny_run, tmp_path, capsys):
+    out = tmp_path / "s"
+    argv = ["surface", tiny_run, "--dim", "2", "--grid", "-1:1:10001", "--out", out]
+    rc, _, err = run_cli(capsys, [*argv, "--no-progress"])
+    assert rc == 2 and "100,020,001 points" in _one_line(err) and not out.exists()
+
+
+def test_a_surface_of_a_diverged_checkpoint_is_refused_before_writing(tiny_run, tmp_path, capsys):
+    """Finite but huge weights: the loss is not finite anywhere, so there is nothing to draw."""
+    last = max((tiny_run / "checkpoints").glob("epoch_*.pt"))
+    state = torch.load(last, weights_only=True)
+    torch.save({k: v * 1e15 if v.is_floating_point() else v for k, v in state.items()}, last)
+    out = tmp_path / "s"
+    rc, _, err = run_cli(capsys, ["surface", tiny_run, "--grid", "-1:1:3", "--out", out])
+    assert rc == 2 and "not finite" in _one_line(err) and not out.exists()
+
+
+def test_output_names_too_long_are_refused_before_any_work(tiny_run, tmp_path, capsys):
+    long = tiny_run.rename(tmp_path / ("r" * 240))
+    out = tmp_path / "s"
+    rc, _, err = run_cli(capsys, ["surface", long, "--grid", "-1:1:3", "--out", out])
+    assert rc == 2 and "file system takes" in _one_line(err) and not out.exists()
+
+
+def test_caches_of_another_shape_are_recomputed_not_fatal(tiny_run, tmp_path, capsys):
+    out = tmp_path / "t.csv"
+    argv = ["analyze", tiny_run, "--metrics", "lambda_max,loss", "--warm-start", "--out", out]
+    assert run_cli(capsys, [*argv, "--no-progress"])[0] == 0
+    first = out.read_text()
+    cache = tmp_path / ".t.csv.cache"
+    for f in cache.glob("*.json"):
+        f.write_text("[1, 2, 3]")
+    for f in cache.glob("warm-*.pt"):
+        torch.save({"source": "x", "vectors": 7}, f)
+    out.unlink()
+    rc, _, err = run_cli(capsys, [*argv, "--no-progress"])
+    assert rc == 0 and "Traceback" not in err
+    assert out.read_text() == first
