@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from analysis._linop import EigenResult, as_matvec, random_vector
+from analysis.memory import fits
 from analysis.rng import generator
 
 
@@ -142,6 +143,9 @@ def lanczos(
     if tol <= 0:
         raise ValueError(f"tol must be > 0, got {tol}")
     max_iter = max_iter or max(20 * k, 100)
+    basis = (min(max_iter, n) + k + 1) * n * torch.empty((), dtype=dtype).element_size()
+    fits(basis, f"Lanczos' basis for k={k} (up to {min(max_iter, n)} vectors of {n})", device,
+         hint="ask for fewer eigenvalues")  # fmt: skip
     sign = 1.0 if which == "largest" else -1.0  # "smallest" is "largest" of -A
     bar = tqdm(total=max_iter, desc="lanczos", disable=not progress, leave=False)
 
