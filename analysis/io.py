@@ -44,7 +44,7 @@ from typing import IO, Any
 import torch
 from torch import nn
 
-from analysis.memory import budget_bytes
+from analysis.memory import budget_bytes, parse_size
 
 try:
     import fcntl
@@ -216,7 +216,6 @@ LOAD_CAP = 16 * 2**30
 """The default load budget's fixed cap (16 GiB)."""
 PICKLE_CAP = 2**28
 """The largest ``data.pkl`` read (256 MiB): it holds structure, the tensors are beside it."""
-_SIZE = re.compile(r"\s*(\d+)\s*([KMG]?)i?B?\s*", re.IGNORECASE)
 
 
 def load_budget() -> int:
@@ -233,10 +232,7 @@ def load_budget() -> int:
     text = os.environ.get(LOAD_BUDGET_ENV)
     if text is None:
         return min(LOAD_CAP, budget_bytes("cpu"))
-    m = _SIZE.fullmatch(text)
-    if not m:
-        raise ValueError(f"{LOAD_BUDGET_ENV}={text!r} is not a size; use bytes or e.g. 4G, 512M")
-    return int(m.group(1)) * 1024 ** " KMG".index(m.group(2).upper() or " ")
+    return parse_size(text, LOAD_BUDGET_ENV)
 
 
 def _over_budget(path: Path, nbytes: int, what: str) -> CheckpointError:

@@ -19,11 +19,8 @@ import pytest
 import torch
 
 from analysis.io import exclusive
-from tests.reliability._probe import Probe
-from tests.reliability.conftest import TINY_TRAIN, files_under
+from tests.reliability.conftest import BOUND_MIB, TINY_TRAIN, cli_in_child, files_under
 
-BOUND_MIB = 256
-"""Peak memory growth allowed to any child (each bomb asks for 1 GiB or more)."""
 QUICK = ["--metrics", "loss", "--no-progress"]
 SURFACE = ["--dim", "1", "--grid", "-1:1:3", "--n-samples", "32", "--no-plots", "--no-progress"]
 
@@ -93,20 +90,7 @@ HOSTILE = ["legacy-pickle", "misnamed-local-header", "deflated-pickle-1GiB",
            "deflated-storage-1.5GiB", "stored-storage-over-the-file", "fifo"]  # fmt: skip
 
 
-@pytest.fixture(scope="module")
-def probe(tmp_path_factory):
-    p = Probe(tmp_path_factory.mktemp("probe"))
-    yield p
-    p.close()
-
-
-def _cli(probe, tmp_path, argv, timeout=60) -> tuple[int, list[str]]:
-    """``saf argv`` in a child: (exit code, stderr/stdout lines); memory and time bounded."""
-    code = f"import cli\nrc = cli.main({[str(a) for a in argv]!r})"
-    rc, out, grew = probe.run(code, tmp_path / "log", timeout)
-    assert grew < BOUND_MIB, (argv, grew, out)
-    assert "Traceback" not in out, out
-    return rc, out.strip().splitlines()
+_cli = cli_in_child
 
 
 def _load(probe, tmp_path, call: str, env: dict | None = None) -> tuple[int, str]:
