@@ -29,7 +29,7 @@ VALUES = ["", "0", "1", "-1", "2", "7", "0.5", "nan", "inf", "-inf", "1e9", "1e-
           "eval", "worst", "average", "random", "pca", "hessian", "interpolate", "filter",
           "none", "biasbn", "-1:1:3", "1:-1:3", "-1:1:1", "epoch_(\\d+)", "(", "state_dict",
           "ema", "{}", '{"width": 8}', '{"width": 0}', "[1]", "\x00", "é" * 3,
-          "/dev/null"]  # fmt: skip
+          "/dev/null", "1000000000", "1e12", "lambda_1000000000", "lambda_5,trace"]  # fmt: skip
 SKIP = {"--help", "--out", "--resume", "--device", "--progress", "--no-progress", "--plots",
         "--no-plots", "--data-dir", "--threads"}  # fmt: skip
 BASE = {
