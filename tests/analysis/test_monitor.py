@@ -167,3 +167,21 @@ def test_refusals():
         SharpnessMonitor(model, nn.CrossEntropyLoss(), data, measures=("preconditioned",))
     with pytest.raises(ValueError, match="every and k"):
         SharpnessMonitor(model, nn.CrossEntropyLoss(), data, every=0)
+
+
+def test_benchmark_quick_mode(tmp_path):
+    """``benchmarks/monitor.py --quick`` runs and reports warm and cold products."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "monitor.py"
+    spec = importlib.util.spec_from_file_location("bench_monitor", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main(["--quick", "--json", str(tmp_path / "m.json")]) == 0
+    res = json.loads((tmp_path / "m.json").read_text())
+    assert res["first_cold_matvecs"] > 0 and len(res["warm_matvecs"]) == 2
+    assert res["cold_at_last_step"]["lambda_1"] == pytest.approx(
+        res["measurements"][-1]["lambda_1"], rel=1e-2
+    )
