@@ -41,6 +41,7 @@ import transformers
 from torch import Tensor, nn
 
 from analysis.io import atomic_torch_save, safe_torch_load
+from analysis.monitor import SharpnessMonitor
 from saf.api import MESALoss, SAFLoss
 from saf.sam import SAM
 
@@ -193,6 +194,36 @@ class SAFTrainer(transformers.Trainer):
             )
         steps = getattr(self, "current_gradient_accumulation_steps", None)
         return (steps or self.args.gradient_accumulation_steps) if scaled else 1
+
+
+class SharpnessCallback(transformers.TrainerCallback):
+    """:class:`analysis.SharpnessMonitor` in a Hugging Face ``Trainer`` (any, not only
+    :class:`SAFTrainer`): every ``every`` optimizer steps (``state.global_step``), the
+    sharpness on ``probe`` beside the optimizer's threshold, into ``csv``; the run is bitwise
+    what it is without it. ``trainer.add_callback(SharpnessCallback(F.cross_entropy, probe))``.
+
+    Args:
+        loss_fn: ``loss_fn(logits, labels)``; the model's output is read by its ``logits``.
+        probe: fixed ``(inputs, labels)`` batches, inputs a mapping (``{"input_ids": ...}``).
+        every: measure every ``every`` optimizer steps.
+        **monitor_kwargs: ``measures``, ``k``, ``csv``, ``curvature``, ... of the monitor.
+    """
+
+    def __init__(self, loss_fn, probe, every: int = 50, **monitor_kwargs):
+        self.loss_fn, self.probe, self.every = loss_fn, probe, every
+        self.kwargs, self.monitor = monitor_kwargs, None
+
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
+        if self.monitor is None:
+            self.monitor = SharpnessMonitor(
+                model,
+                self.loss_fn,
+                self.probe,
+                self.every,
+                **self.kwargs,
+                optimizer=getattr(optimizer, "optimizer", optimizer),  # accelerate wraps it
+            )
+        self.monitor.step(state.global_step, int(state.epoch or 0))
 
 
 class _UpdateTeacher(transformers.TrainerCallback):

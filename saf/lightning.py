@@ -55,6 +55,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from analysis.monitor import SharpnessMonitor
 from saf.api import MESALoss, SAFLoss
 from saf.sam import SAM
 
@@ -139,6 +140,40 @@ class SAFCallback(pl.Callback):
                 f"the checkpoint has no {self.method} state (saved without SAFCallback?): "
                 "resume from a checkpoint of a run with the callback, or start afresh"
             )
+
+
+class SharpnessCallback(pl.Callback):
+    """:class:`analysis.SharpnessMonitor` in a Lightning run: every ``every`` optimizer steps
+    (``trainer.global_step``), the sharpness on ``probe`` beside the optimizer's threshold,
+    into ``csv``; the run is bitwise what it is without it.
+
+    Args:
+        loss_fn: ``loss_fn(output, targets)`` of the measured network.
+        probe: fixed ``(inputs, targets)`` batches.
+        every: measure every ``every`` optimizer steps.
+        module: the attribute of the ``LightningModule`` holding the network (``"net"``);
+            None: the module itself (it must define ``forward``).
+        **monitor_kwargs: ``measures``, ``k``, ``csv``, ``curvature``, ... of the monitor.
+    """
+
+    def __init__(
+        self, loss_fn, probe, every: int = 50, module: str | None = None, **monitor_kwargs
+    ):
+        self.loss_fn, self.probe, self.every, self.module = loss_fn, probe, every, module
+        self.kwargs, self.monitor, self._last = monitor_kwargs, None, -1
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        net = pl_module if self.module is None else getattr(pl_module, self.module)
+        opt = trainer.optimizers[0] if trainer.optimizers else None
+        self.monitor = SharpnessMonitor(
+            net, self.loss_fn, self.probe, self.every, optimizer=opt, **self.kwargs
+        )
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step != self._last:  # after a real optimizer step, not an accumulation micro-batch
+            self._last = step
+            self.monitor.step(step, trainer.current_epoch)
 
 
 def _method(loss: SAFLoss | MESALoss) -> str:

@@ -285,3 +285,41 @@ def test_silently_wrong_uses_are_refused(tmp_path, kwargs, args, match):
         kwargs["trajectory"] = _trajectory("saf", None)
     with pytest.raises(ValueError, match=match):
         SAFTrainer(_model(), _args(tmp_path, **args), train_dataset=_examples(), **kwargs)
+
+
+def test_the_sharpness_callback_measures_without_changing_the_run(tmp_path):
+    """A plain Trainer with SharpnessCallback: bitwise the run without it; every 4 steps a
+    row whose lambda_max is the dense Hessian's top eigenvalue (float64 oracle)."""
+    import pandas as pd
+    import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from saf.huggingface import SharpnessCallback
+    from tests.analysis._models import dense_hessian
+
+    data = _examples()
+    plain = transformers.Trainer(_model(), _args(tmp_path / "plain"), train_dataset=data)
+    plain.train()
+    ids = torch.stack([e["input_ids"] for e in data[:8]])
+    probe = [({"input_ids": ids}, torch.tensor([e["labels"] for e in data[:8]]))]
+    csv = tmp_path / "sharpness.csv"
+    watched = transformers.Trainer(_model(), _args(tmp_path / "w"), train_dataset=data)
+    watched.add_callback(SharpnessCallback(F.cross_entropy, probe, every=4, csv=csv, tol=1e-6))
+    watched.train()
+    assert _equal(_weights(plain.model), _weights(watched.model))
+    rows = pd.read_csv(csv)
+    assert list(rows.step) == [4, 8, 12] and rows.threshold.notna().all()
+    model = watched.model.double().eval()
+    with sdpa_kernel(SDPBackend.MATH):  # the fused kernels have no forward-mode AD
+        H = dense_hessian(_Logits(model), F.cross_entropy, [(ids, probe[0][1])])
+    top = torch.linalg.eigvalsh(H)[-1]
+    assert rows.lambda_1.iloc[-1] == pytest.approx(float(top), rel=1e-3)
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits

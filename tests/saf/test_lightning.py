@@ -228,3 +228,28 @@ def test_silently_wrong_sam_is_refused_at_fit_start(tmp_path, method, kwargs, ma
     with pytest.raises(ValueError, match=match):
         _fit(model, tmp_path, 1, [SAFCallback(loss)], **kwargs)
     assert model.terms == []  # refused before any step
+
+
+@pytest.mark.parametrize("method", ["sgd", "sam"])
+def test_the_sharpness_callback_measures_without_changing_the_run(tmp_path, method):
+    """Bitwise the run without it; every 2 optimizer steps a row whose lambda_max is the
+    dense float64 Hessian's top eigenvalue, beside the threshold read from the optimizer."""
+    import pandas as pd
+
+    from saf.lightning import SharpnessCallback
+    from tests.analysis._models import dense_hessian
+
+    plain = Net(method)
+    _fit(plain, tmp_path / "plain", 1, [SAFCallback()])
+    x, y, _ = next(iter(_loader()))
+    csv = tmp_path / "sharpness.csv"
+    cb = SharpnessCallback(F.cross_entropy, [(x, y)], every=2, module="net", csv=csv, tol=1e-8)
+    watched = Net(method)
+    _fit(watched, tmp_path / "w", 1, [SAFCallback(), cb])
+    assert _equal(_weights(plain), _weights(watched))
+    rows = pd.read_csv(csv)
+    assert list(rows.step) == [2, 4] and rows.threshold.iloc[0] == pytest.approx(2 * 1.9 / 0.1)
+    if method == "sam":
+        assert rows.sam_edge.notna().all()
+    H = dense_hessian(watched.net.double(), F.cross_entropy, [(x.double(), y)])
+    assert rows.lambda_1.iloc[-1] == pytest.approx(float(torch.linalg.eigvalsh(H)[-1]), rel=1e-6)
