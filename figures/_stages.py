@@ -33,7 +33,7 @@ from figures._results import (
 )
 from figures._save import label, save_table
 from figures._settings import Settings, run_name, say
-from figures._verdict import matched_level, verdict, verdict_display
+from figures._verdict import matched_level, verdict_display, verdict_table
 from figures.report import (
     Section,
     display_table,
@@ -539,7 +539,7 @@ def write_outputs(
     a, b = interp["a"].iloc[0], interp["b"].iloc[0]
     main = curves[curves["method"] != LS]  # the control is not a method: no say in the level
     levels = matched_levels(main)
-    v = verdict(curves, temperature, matched_level(main))
+    v = verdict_table(curves, temperature, matched_level(main))
     save_table(v, out / "tables" / "verdict")
     key = {
         "Verdict: each method's flatness over SGD and over the controls": recipes.verdict(v, figs),

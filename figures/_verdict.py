@@ -1,6 +1,6 @@
 r"""The verdict: each method's flatness over SGD and over the controls, seed by seed.
 
-One row per method x measure x reference (:func:`verdict`): the geometric mean of the
+One row per method x measure x reference (:func:`verdict_table`): the geometric mean of the
 per-seed ratios with its 95% t interval, the paired t-test's p, Holm's adjusted p over every
 row of the table (the headline cells) and the seeds 80% power would need
 (:mod:`figures._stats`) for the observed effect at Bonferroni's level 0.05/m over the m rows
@@ -60,7 +60,7 @@ def matched_level(curves: pd.DataFrame, measures=HEADLINE) -> float | None:
     return None if r is None else r[0]
 
 
-def verdict(
+def verdict_table(
     curves: pd.DataFrame,
     temperature: pd.DataFrame | None = None,
     level: float | None = None,

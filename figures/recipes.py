@@ -349,9 +349,9 @@ def sweep(
         ax.axhline(1.0, color=color("sgd"), ls="--", label="SGD at the same training CE")
         if f"sam_{k}_same_ce" in table:
             sam = table.assign(value=table[f"sam_{k}_same_ce"] / table[f"sgd_{k}_same_ce"])
-            for lag, g in mean_std(sam, ["lag", "lam"]).groupby("lag"):
-                ax.plot(g["lam"], g["mean"], color=color("sam"), ls=":", marker="x",
-                        label=f"SAM at those CEs (lag {lag} runs)")  # fmt: skip
+            for i, (lag, g) in enumerate(mean_std(sam, ["lag", "lam"]).groupby("lag")):
+                ax.plot(g["lam"], g["mean"], color=color("sam"), ls=(":", "-.")[i % 2],
+                        marker="x+"[i % 2], label=f"SAM at those CEs (lag {lag} runs)")  # fmt: skip
         ax.set_title("each SAF run at its final training CE", fontsize=10)
     for ax in axes[1][len(matched) :] if matched else []:
         ax.axis("off")
@@ -377,6 +377,9 @@ def _sweep_panel(ax, table, k: str, ylabel: str, ref: pd.DataFrame) -> None:
         ax.errorbar(g["lam"] * shift, g["mean"], g["std"], color=shade, **style,
                     label=f"SAF, lag {lag}")  # fmt: skip
     ax.set_xscale("log")
+    lams = sorted(set(table["lam"]))
+    ax.set_xticks(lams, [f"{v:g}" for v in lams])  # the swept values, no crowded minor labels
+    ax.xaxis.set_minor_formatter(plt.NullFormatter())
     ax.set_xlabel(r"$\lambda$ (trajectory-loss weight)")
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
@@ -466,7 +469,7 @@ VERDICT_MEASURES = {
 
 def verdict(table: pd.DataFrame, out: PathLike, name: str = "verdict") -> list[Path]:
     r"""Each method's measure over each reference: the geometric mean of the per-seed ratios
-    and its 95% t interval on a log axis, one panel per measure (:func:`figures._verdict.verdict`).
+    and its 95% t interval on a log axis, one panel per measure (:func:`figures.verdict_table`).
 
     A filled marker is significant after Holm's correction over the whole table, an open one
     is not; the dotted line is 1 (as flat as the reference). Left of it: flatter.

@@ -72,13 +72,13 @@ def findings(final: pd.DataFrame) -> list[str]:
             continue
         base = f.loc["SGD", f"{k}_mean"]
         parts = [
-            f"{m} {f.loc[m, f'{k}_mean']:.4g} ± {f.loc[m, f'{k}_std']:.2g}"
+            f"{m} {f.loc[m, f'{k}_mean']:.3g} ± {f.loc[m, f'{k}_std']:.2g}"
             + (f" ({f.loc[m, f'{k}_mean'] / base:.2f}× SGD)" if k != "test_acc" and base else "")
             for m in f.index
             if m != "SGD"
         ]
         out.append(
-            f"Final {what}: SGD {base:.4g} ± {f.loc['SGD', f'{k}_std']:.2g}; " + "; ".join(parts)
+            f"Final {what}: SGD {base:.3g} ± {f.loc['SGD', f'{k}_std']:.2g}; " + "; ".join(parts)
         )
     return out
 
@@ -90,7 +90,7 @@ def display_table(final: pd.DataFrame) -> pd.DataFrame:
         if c.endswith("_mean") and c[:-5] + "_std" in final.columns:
             k = c[:-5]
             out[k] = [
-                f"{m:.4g} ± {s:.2g}" for m, s in zip(final[c], final[k + "_std"], strict=True)
+                f"{m:.3g} ± {s:.2g}" for m, s in zip(final[c], final[k + "_std"], strict=True)
             ]
     return out
 
@@ -110,7 +110,7 @@ def epoch_average_findings(curves: pd.DataFrame) -> list[str]:
             continue
         base = st.loc["sgd", "mean"]
         parts = [
-            f"{label(m)} {st.loc[m, 'mean']:.4g} ± {st.loc[m, 'std']:.2g}"
+            f"{label(m)} {st.loc[m, 'mean']:.3g} ± {st.loc[m, 'std']:.2g}"
             + ("" if m == "sgd" else f" ({st.loc[m, 'mean'] / base:.2f}× SGD)")
             for m in method_order(st.index)
         ]
@@ -127,7 +127,7 @@ def sweep_findings(sweep: pd.DataFrame, final: pd.DataFrame) -> list[str]:
     for k, what in (("sam_sharpness", "SAM sharpness"), ("lambda_max", "lambda_max")):
         if k not in sweep.columns or f"{k}_mean" not in f.columns:
             continue
-        refs = "; ".join(f"{m} {f.loc[m, f'{k}_mean']:.4g}" for m in ("SGD", "SAM") if m in f.index)
+        refs = "; ".join(f"{m} {f.loc[m, f'{k}_mean']:.3g}" for m in ("SGD", "SAM") if m in f.index)
         out.append(f"Sweep, final {what} of SAF: {_sweep_range(sweep, k)}; {refs}")
         if f"sgd_{k}_same_ce" in sweep:
             r = sweep.assign(ratio=sweep[k] / sweep[f"sgd_{k}_same_ce"])
@@ -143,7 +143,7 @@ def sweep_findings(sweep: pd.DataFrame, final: pd.DataFrame) -> list[str]:
     return out
 
 
-def _sweep_range(sweep: pd.DataFrame, k: str, fmt: str = ".4g") -> str:
+def _sweep_range(sweep: pd.DataFrame, k: str, fmt: str = ".3g") -> str:
     g = sweep.groupby(["lam", "lag"])[k].mean().dropna()
     if g.empty:
         return "n/a (no run has a value)"
@@ -208,7 +208,7 @@ def matched_findings(matched: pd.DataFrame, curves: pd.DataFrame | None = None) 
         if r.empty:
             continue
         parts = [
-            f"{label(x.method)} {x.mean:.4g} ± {x.std:.2g}"
+            f"{label(x.method)} {x.mean:.3g} ± {x.std:.2g}"
             + ("" if x.method == "sgd" else f" ({x.vs_sgd:.2f}× SGD)")
             for x in r.itertuples()
         ]
@@ -222,13 +222,13 @@ def matched_display(matched: pd.DataFrame) -> pd.DataFrame:
     for (lv, m), g in matched.groupby(["level", "method"], sort=False):
         row = {"training CE": f"{lv:.3g}", "method": label(m)}
         for x in g.itertuples():
-            row[x.metric] = f"{x.mean:.4g} ± {x.std:.2g} ({x.vs_sgd:.2f}×)"
+            row[x.metric] = f"{x.mean:.3g} ± {x.std:.2g} ({x.vs_sgd:.2f}×)"
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def _table_html(df: pd.DataFrame) -> str:
-    return df.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, classes="t")
+    return df.to_html(index=False, float_format=lambda v: f"{v:.3g}", border=0, classes="t")
 
 
 _CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}

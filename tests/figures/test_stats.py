@@ -102,7 +102,7 @@ def test_smoothing_floor_is_the_fitted_models_ce():
 def test_verdict_pairs_seeds_and_holm_corrects():
     import pandas as pd
 
-    from figures._verdict import verdict, verdict_display
+    from figures import verdict_display, verdict_table
 
     sgd, ratios = np.array([1.0, 2.0, 3.0, 4.0]), np.array([0.5, 0.6, 0.45, 0.7])
     rows = []
@@ -114,7 +114,7 @@ def test_verdict_pairs_seeds_and_holm_corrects():
     curves = pd.DataFrame(rows, columns=["method", "seed", "epoch", "metric", "value"])
     temp = pd.DataFrame({"base": "sgd", "target": "saf", "seed": range(4),
                          "checkpoint_ce": 0.2, "lambda_max": sgd * 0.9})  # fmt: skip
-    v = verdict(curves, temp, level=None, measures=("lambda_max",)).set_index("reference")
+    v = verdict_table(curves, temp, level=None, measures=("lambda_max",)).set_index("reference")
     last = v.loc["SGD, last epoch"]
     assert last.ratio == pytest.approx(math.exp(np.log(ratios).mean()), rel=1e-12)
     assert last.p == pytest.approx(stats.ttest_rel(np.log(sgd * ratios), np.log(sgd)).pvalue)
