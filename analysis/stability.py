@@ -44,11 +44,13 @@ def sgd_threshold(
 
     which is :math:`2/\eta` without momentum (Cohen et al. 2021, §2 and App. for momentum).
 
-    >>> round(sgd_threshold(0.1), 9), round(sgd_threshold(0.1, 0.9), 9)
-    (20.0, 38.0)
+    >>> round(sgd_threshold(0.1), 9), round(sgd_threshold(0.1, 0.9), 9), sgd_threshold(0.0)
+    (20.0, 38.0, inf)
     """
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
+    if not lr >= 0:
+        raise ValueError(f"lr must be >= 0, got {lr}")
+    if lr == 0:  # the end of a schedule: no step, every curvature is stable
+        return math.inf
     if not (0 <= momentum < 1 and 0 <= dampening < 1):
         raise ValueError(f"momentum and dampening must lie in [0, 1), got {momentum}, {dampening}")
     if nesterov:
@@ -70,9 +72,9 @@ def adam_threshold(lr: float, beta1: float) -> float:
     >>> round(adam_threshold(1.0, 0.9), 10)
     38.0
     """
-    if not lr > 0 or not 0 <= beta1 < 1:
-        raise ValueError(f"need lr > 0 and 0 <= beta1 < 1, got {lr}, {beta1}")
-    return (2 + 2 * beta1) / ((1 - beta1) * lr)
+    if not lr >= 0 or not 0 <= beta1 < 1:
+        raise ValueError(f"need lr >= 0 and 0 <= beta1 < 1, got {lr}, {beta1}")
+    return math.inf if lr == 0 else (2 + 2 * beta1) / ((1 - beta1) * lr)
 
 
 def sam_edge(lr: float, rho: float, grad_norm: float, base: float | None = None) -> float:
@@ -94,10 +96,10 @@ def sam_edge(lr: float, rho: float, grad_norm: float, base: float | None = None)
     >>> round(sam_edge(0.1, 0.05, 1.0), 6)  # (1 / 0.1) (sqrt(1 + 8 * 0.05 / 0.1) - 1)
     12.36068
     """
-    T = 2 / lr if base is None else base
-    if not (lr > 0 and rho >= 0 and grad_norm >= 0):
-        raise ValueError(f"need lr > 0, rho >= 0, grad_norm >= 0; got {lr}, {rho}, {grad_norm}")
-    if rho == 0:
+    if not (lr >= 0 and rho >= 0 and grad_norm >= 0):
+        raise ValueError(f"need lr >= 0, rho >= 0, grad_norm >= 0; got {lr}, {rho}, {grad_norm}")
+    T = (2 / lr if lr > 0 else math.inf) if base is None else base
+    if rho == 0 or math.isinf(T):
         return T
     if grad_norm == 0:
         return 0.0

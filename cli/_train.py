@@ -123,6 +123,11 @@ def add_parser(subparsers) -> None:
     a("--warmup-epochs", type=nonneg_int, default=0, help="linear LR warm-up epochs")
     a("--label-smoothing", type=unit_float, default=0.0, help="label smoothing (reference: 0.1)")
     a("--clip-grad", type=positive_float, default=None, help="clip the gradient norm to this")
+    a("--track-sharpness", type=positive_int, default=None, metavar="N",
+      help="lambda_max every N steps into RUN_DIR/sharpness.csv, beside the optimizer's "
+           "stability threshold (the run's bits are unchanged)")  # fmt: skip
+    a("--probe-samples", type=positive_int, default=256,
+      help="training samples the sharpness is measured on (256)")  # fmt: skip
     a("--rho", type=nonneg_float, default=None, help="SAM/ASAM radius (0.05 / 0.5)")
     a(
         "--sam-local-eps",

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from analysis import params_without_norm_and_bias
+from analysis.monitor import SharpnessMonitor
 from saf.api import MESALoss, SAFLoss
 from saf.config import TrainConfig
 from saf.data import MapDataset, balanced_subset, load_dataset
@@ -117,7 +118,20 @@ def trajectory(cfg: TrainConfig, hp: dict, net: nn.Module, train_ds, device, wor
     return None
 
 
-def state(epoch, rows, net, optimizer, scheduler, traj, sampler_gen, augment_gen) -> dict:
+def monitor(cfg: TrainConfig, net: nn.Module, train_ds, criterion, optimizer, device):
+    """``RUN_DIR/sharpness.csv``: :class:`analysis.SharpnessMonitor` every
+    ``cfg.track_sharpness`` steps on the first ``cfg.probe_samples`` training samples (not
+    augmented), beside the optimizer's threshold; None when off."""
+    if not cfg.track_sharpness:
+        return None
+    x, y, _ = train_ds.get_batch(torch.arange(min(cfg.probe_samples, len(train_ds))))
+    return SharpnessMonitor(
+        net, criterion, [(x.to(device), y.to(device))], cfg.track_sharpness,
+        optimizer=optimizer, csv=cfg.run_dir / "sharpness.csv",
+    )  # fmt: skip
+
+
+def state(epoch, rows, net, optimizer, scheduler, traj, sampler_gen, augment_gen, monitor=None):
     """The resume state: plain tensors, dicts, lists and numbers (weights_only-loadable)."""
     return {
         "epoch": epoch,
@@ -127,6 +141,7 @@ def state(epoch, rows, net, optimizer, scheduler, traj, sampler_gen, augment_gen
         "scheduler": scheduler.state_dict(),
         "store": traj.state_dict() if isinstance(traj, SAFLoss) else None,
         "ema": traj.state_dict() if isinstance(traj, MESALoss) else None,
+        "sharpness": list(monitor.rows) if monitor is not None else None,
         "rng": {
             "sampler": sampler_gen.get_state(),
             "augment": augment_gen.get_state(),
@@ -136,8 +151,12 @@ def state(epoch, rows, net, optimizer, scheduler, traj, sampler_gen, augment_gen
     }
 
 
-def restore(saved, device, net, optimizer, scheduler, traj, sampler_gen, augment_gen) -> None:
+def restore(
+    saved, device, net, optimizer, scheduler, traj, sampler_gen, augment_gen, monitor=None
+) -> None:
     """Load the resume state written by :func:`state`."""
+    if monitor is not None:  # the rows so far; Lanczos starts cold once after a resume
+        monitor.rows = list(saved.get("sharpness") or [])
     net.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])

@@ -80,6 +80,8 @@ class TrainConfig:
     amp: bool = False
     sync_bn: bool = False
     save_every: int = 1
+    track_sharpness: int | None = None
+    probe_samples: int = 256
     threads: int | None = None
     seed: int = 0
     device: str = "cpu"
@@ -107,7 +109,14 @@ class TrainConfig:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.limit is not None and self.limit < 2:
             raise ValueError(f"limit must be >= 2 training samples, got {self.limit}")
-        for name in ("epochs", "batch_size", "lag", "save_every"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "lag",
+            "save_every",
+            "track_sharpness",
+            "probe_samples",
+        ):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.epochs > MAX_EPOCHS:

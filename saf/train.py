@@ -174,7 +174,10 @@ def _train(config, resume, epochs, model_factory, dataset_fn) -> Path:
     stepper = Stepper(cfg.method, model, optimizer, traj, criterion=criterion,
                       autocast=_setup.autocast(hp, device), clip_grad=cfg.clip_grad,
                       sam_local_eps=cfg.sam_local_eps)  # fmt: skip
-    parts = (net, optimizer, scheduler, traj, sampler_gen, augment_gen)
+    monitor = (
+        _setup.monitor(cfg, net, train_ds, criterion, optimizer, device) if rank == 0 else None
+    )
+    parts = (net, optimizer, scheduler, traj, sampler_gen, augment_gen, monitor)
 
     # --- fresh start or resume ------------------------------------------------------------------
     if saved is None:
@@ -211,6 +214,8 @@ def _train(config, resume, epochs, model_factory, dataset_fn) -> Path:
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             ce, tl, logits = stepper(x, y, idx, epoch, world * len(y) / sizes[k])
             scheduler.step()
+            if monitor is not None:  # RUN_DIR/sharpness.csv; the run's bits are unchanged
+                monitor.step(epoch * steps + k + 1, epoch)
             hits = (logits.argmax(1) == y).sum().to(ce.dtype)
             sums += torch.stack([ce * len(y), hits, ce.new_tensor(len(y))])
             trajs.append(tl)
@@ -290,10 +295,16 @@ def _config_and_state(
     return TrainConfig(**{**saved, **over}).validate(), state
 
 
+ADDED_LATER = {"track_sharpness": None, "probe_samples": 256}
+"""Config fields newer than some run.json files, at defaults that leave training unchanged."""
+
+
 def _saved_config(run: dict, run_dir: Path) -> dict:
     """``run.json``'s config, exactly this version's fields (a default filled in for a
     missing one would silently resume a different run)."""
     saved, known = run.get("config"), {f.name for f in dataclasses.fields(TrainConfig)}
+    if isinstance(saved, dict):  # fields added later that do not change the training
+        saved = {**ADDED_LATER, **saved}
     if not isinstance(saved, dict) or set(saved) != known:
         have = set(saved) if isinstance(saved, dict) else set()
         raise ValueError(

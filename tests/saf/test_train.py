@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+import saf._setup
 import saf.methods
 from analysis import safe_torch_load
 from cli import main
@@ -228,3 +229,52 @@ def test_saf_lambda_zero_equals_sgd_after_every_step():
             ce = [s(x, y, idx, epoch)[0] for s in steppers]
             assert torch.equal(ce[0], ce[1])
             assert _same(nets[0].state_dict(), nets[1].state_dict())
+
+
+@pytest.mark.parametrize("method", ["saf", "sam"])
+def test_track_sharpness_leaves_the_run_bitwise_and_survives_a_resume(
+    tmp_path, monkeypatch, method
+):
+    """--track-sharpness: the checkpoints and metrics of the run without it; a row every 2
+    steps whose lambda_max is the dense Hessian's on the probe; after a resume the earlier
+    rows are kept and the later ones agree with the uninterrupted run's within the Lanczos
+    tolerance (the resumed run starts Lanczos cold once)."""
+    import pandas as pd
+    import torch.nn.functional as F
+
+    from tests.analysis._models import dense_hessian
+
+    cfg = dict(method=method, start_epoch=1, lag=1, model="mlp", model_kwargs={"width": 16})
+    cfg = {**cfg, **QUICK}
+    plain = train(TrainConfig(out=tmp_path / "plain", **cfg))
+    cfg = {**cfg, "track_sharpness": 2, "probe_samples": 64}
+    watched = train(TrainConfig(out=tmp_path / "w", **cfg))
+    assert all(_same(x, y) for x, y in zip(_weights(plain), _weights(watched), strict=True))
+    cols = [c for c in METRIC_COLUMNS if c not in ("seconds", "images_per_s")]
+    assert read_metrics(plain)[cols].equals(read_metrics(watched)[cols])
+    rows = pd.read_csv(watched / "sharpness.csv")
+    assert list(rows.step) == [2, 4, 6, 8, 10, 12] and rows.threshold.gt(0).all()
+    model = model_from_run(watched)
+    model.load_state_dict(_weights(watched)[-1])  # the weights after the last step
+    model = model.double().eval()
+    ds, _ = saf._setup.datasets(TrainConfig(**cfg), "cpu")  # the run's (balanced) train set
+    x, y, _ = ds.get_batch(torch.arange(64))  # the probe: its first 64 samples
+    top = torch.linalg.eigvalsh(dense_hessian(model, F.cross_entropy, [(x.double(), y)]))[-1]
+    assert rows.lambda_1.iloc[-1] == pytest.approx(float(top), rel=2e-3)  # tol 1e-3
+    calls, orig = [0], saf.methods.Stepper.__call__
+
+    def interrupt(self, *a):
+        calls[0] += 1
+        if calls[0] == 10:  # in epoch 3: the state holds epochs 1-2 (steps 1-8)
+            raise KeyboardInterrupt
+        return orig(self, *a)
+
+    monkeypatch.setattr(saf.methods.Stepper, "__call__", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=tmp_path / "cut", **cfg))
+    monkeypatch.setattr(saf.methods.Stepper, "__call__", orig)
+    cut = train(TrainConfig(out=tmp_path / "cut", progress=False), resume=True)
+    again = pd.read_csv(cut / "sharpness.csv")
+    assert list(again.step) == list(rows.step)
+    assert again.lambda_1.iloc[:4].tolist() == rows.lambda_1.iloc[:4].tolist()
+    assert again.lambda_1.tolist() == pytest.approx(rows.lambda_1.tolist(), rel=1e-2)
