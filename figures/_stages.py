@@ -213,11 +213,13 @@ def _hessian_of(s: Settings, run_dir: Path, sharp, levels, data, folder, device,
     """Hessian lambda_max and trace every ``hessian_every`` epochs, at the last, and at both
     checkpoints around each matched level (:func:`figures._results.bracketing_epochs`, from
     the run's per-epoch training CE in ``sharp``), so a matched value is interpolated between
-    neighbouring epochs, not across ``hessian_every`` of them."""
+    neighbouring epochs, not across ``hessian_every`` of them. ``levels`` None: the last
+    checkpoint only (the label-smoothing control, which the verdict compares at the end)."""
     ce = sharp[sharp["metric"] == "checkpoint_ce"].sort_values("epoch")
-    near = bracketing_epochs(ce["epoch"], ce["value"], levels)
+    near = bracketing_epochs(ce["epoch"], ce["value"], levels) if levels is not None else set()
+    every = s.hessian_every if levels is not None else s.epochs + 1  # None: the last only
     epochs = [e for e, _ in list_checkpoints(run_dir)
-              if e % s.hessian_every == 0 or e == s.epochs or e in near]  # fmt: skip
+              if e % every == 0 or e == s.epochs or e in near]  # fmt: skip
     csv = folder / f"{run_dir.name}.hessian.csv"
     return analyse_checkpoints(run_dir, HESSIAN, epochs, data, csv, device, progress)
 
@@ -236,7 +238,8 @@ def analyse_all(s: Settings, out: Path, runs: dict, device: str, progress: bool)
     """Training CE, SAM and adaptive sharpness every epoch; then the matched levels
     (:func:`figures._results.matched_levels` of the methods' runs, not the control's) and
     Hessian lambda_max and trace every ``hessian_every`` epochs and around each level
-    (:func:`_hessian_of`); and the trainer's metrics."""
+    (:func:`_hessian_of`; the label-smoothing control's at its last epoch only); and the
+    trainer's metrics."""
     data = _data(s, "train", s.analysis_samples, device, batch_size=s.batch_size)
     folder = out / "analysis"
     sharp = {}
@@ -248,7 +251,8 @@ def analyse_all(s: Settings, out: Path, runs: dict, device: str, progress: bool)
     parts = []
     for i, ((method, seed), run_dir) in enumerate(runs.items(), 1):
         say(f"[hessian {i}/{len(runs)}] {run_dir.name}")
-        df = _hessian_of(s, run_dir, sharp[method, seed], levels, data, folder, device, progress)
+        lv = None if method == LS else levels
+        df = _hessian_of(s, run_dir, sharp[method, seed], lv, data, folder, device, progress)
         parts += [sharp[method, seed], df.assign(method=method, seed=seed)[list(CURVE_COLUMNS)]]
         parts.append(melt_metrics(read_metrics(run_dir), method, seed))
     curves = pd.concat(parts, ignore_index=True)

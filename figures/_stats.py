@@ -88,13 +88,22 @@ def seeds_for_power(effect: float, alpha: float = ALPHA, power: float = POWER) -
         return math.inf
     if math.isinf(delta):
         return 2.0
-    for n in range(2, 10_001):
+
+    def enough(n: int) -> bool:
         crit = stats.t.ppf(1 - alpha / 2, n - 1)
         nc = delta * math.sqrt(n)
         got = stats.nct.sf(crit, n - 1, nc) + stats.nct.cdf(-crit, n - 1, nc)
-        if got >= power:
-            return float(n)
-    return math.inf
+        return bool(np.nan_to_num(got, nan=1.0) >= power)  # NaN only far in the tail: ~1
+
+    lo, hi = 1, 2  # power grows with n: double until enough, then bisect
+    while not enough(hi):
+        lo, hi = hi, 2 * hi
+        if hi > 10_000:
+            return math.inf
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if enough(mid) else (mid, hi)
+    return float(hi)
 
 
 def holm(p) -> np.ndarray:

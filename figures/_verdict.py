@@ -73,6 +73,7 @@ def verdict_table(
         temperature: :func:`figures._stages.temperature_controls`' table, or None.
         level: the matched training CE (None: :func:`matched_level`).
     """
+    curves = curves[curves["metric"].isin([*measures, "checkpoint_ce"])]  # the rest is unused
     level = matched_level(curves, measures) if level is None else level
     ce = final_values(curves, "checkpoint_ce")
     rows = []
