@@ -26,12 +26,14 @@ RSS_BOUND = 1.5 * 2**30
 
 
 def _child(argv, env=None, timeout=120) -> tuple[int, str, int]:
-    """``python -m cli argv`` in a child: (exit code, stderr, the child's peak RSS in bytes)."""
+    """``python -m cli argv`` in a child: (exit code, stderr, the child's peak RSS in bytes:
+    VmHWM, which exec starts afresh; ru_maxrss would carry the forking parent's peak)."""
     code = (
-        "import resource, sys\n"
+        "import sys\n"
         "from cli import main\n"
         "rc = main(sys.argv[1:])\n"
-        "sys.stderr.write('\\nRSS=%d' % resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+        "hwm = next(ln for ln in open('/proc/self/status') if ln.startswith('VmHWM:'))\n"
+        "sys.stderr.write('\\nRSS=%d' % int(hwm.split()[1]))\n"
         "sys.exit(rc)\n"
     )
     p = subprocess.run(
