@@ -22,9 +22,7 @@ from torch import nn
 from analysis._functional import LossFn, ParamSpace, ParamSpec
 from analysis.batches import Call, batch_mean, count_samples, model_mode, reiterable
 from analysis.distributed import all_reduce_sum, shard
-from analysis.memory import available_bytes, budget_bytes
-
-DEFAULT_CACHE_BUDGET = 2 * 2**30  # bytes, where the free memory cannot be read
+from analysis.memory import budget_bytes
 
 
 def _tensors(obj) -> Iterator[torch.Tensor]:
@@ -89,10 +87,10 @@ class HessianOperator:
         dtype: e.g. ``torch.float64`` for exact-arithmetic checks (None: model's).
         device: e.g. ``"cuda"`` (None: the model's device).
         cache: keep first-order graphs across products: False, True or ``"auto"``.
-        cache_budget: byte limit for ``cache="auto"`` (default: half the free memory:
-            ``MemAvailable`` on a Linux CPU, 2 GiB where it cannot be read; the free device
-            memory on CUDA). The estimate is the memory the first batch's graph adds (each
-            saved storage once, not the weights) times the number of batches. Kept graphs
+        cache_budget: byte limit for ``cache="auto"`` (default: half the free memory on the
+            device, or ``$SAF_MEMORY_BUDGET``: :func:`analysis.memory.budget_bytes`). The
+            estimate is the memory the first batch's graph adds (each saved storage once, not
+            the weights) times the number of batches. Kept graphs
             make a product 0.68× (digits CNN) to 0.69× (resnet18, CIFAR-shaped) of one
             without them, and cost about one product to build, so they pay from the second
             product on (``benchmarks/hvp_scale.py``, ``benchmarks/hessian.py --hvp-forms``).
@@ -261,9 +259,7 @@ class HessianOperator:
     def _budget(self) -> int:
         if self._cache_budget is not None:
             return self._cache_budget
-        if self.device.type == "cuda":
-            return budget_bytes(self.device)
-        return available_bytes() // 2 or DEFAULT_CACHE_BUDGET
+        return budget_bytes(self.device)  # half the free memory, or $SAF_MEMORY_BUDGET
 
     # -- first-order quantities -------------------------------------------
     def loss_and_gradient(self) -> tuple[float, torch.Tensor]:
