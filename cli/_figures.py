@@ -8,6 +8,7 @@ from cli._common import (
     UsageError,
     device,
     nonneg_float,
+    nonneg_int,
     positive_float,
     positive_int,
     threads,
@@ -46,6 +47,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--seeds", type=positive_int, default=3, help="seeds per method (default: 3)")
     p.add_argument("--epochs", type=positive_int, help="epochs per run (default: by mode)")
     p.add_argument("--device", type=device, default="cpu", help="cpu, cuda, cuda:N or auto")
+    p.add_argument(
+        "--track-per-epoch",
+        type=nonneg_int,
+        help="per-step sharpness: lambda_max measurements per epoch in a replay of each run "
+        "(0: off; default 3)",
+    )
     p.add_argument("--threads", type=threads, default=1, help="torch CPU threads (default: 1)")
     p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars"
@@ -82,7 +89,8 @@ def build_settings(args: argparse.Namespace):
         raise UsageError(f"--data-dir is for CIFAR only; {args.data} is embedded")
     over = dict(_DATA_DEFAULTS[args.data], data=args.data, data_dir=args.data_dir, seeds=args.seeds)
     for k in ("model", "epochs", "batch_size", "lr", "analysis_samples",
-              "hessian_every", "surface_points", "surface_span", "interp_points"):  # fmt: skip
+              "hessian_every", "surface_points", "surface_span", "interp_points",
+              "track_per_epoch"):  # fmt: skip
         if getattr(args, k) is not None:
             over[k] = getattr(args, k)
     if args.methods:

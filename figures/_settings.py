@@ -39,6 +39,7 @@ class Settings:
     sweep_lams: tuple[float, ...] = (0.1, 0.3, 1.0, 3.0)
     sweep_lags: tuple[int, ...] = (1, 3)
     sweep_seeds: int = 1
+    track_per_epoch: int = 3
     data_dir: str | None = None
     quick: bool = False
 
@@ -48,6 +49,10 @@ class Settings:
                      "sweep_seeds"):  # fmt: skip
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if not (isinstance(self.track_per_epoch, int) and self.track_per_epoch >= 0):
+            raise ValueError(
+                f"track_per_epoch must be an integer >= 0, got {self.track_per_epoch!r}"
+            )
         if self.surface_points < 2 or self.interp_points < 2:
             raise ValueError("surface_points and interp_points must be >= 2 (a grid needs two)")
         if not all(math.isfinite(v) and v >= 0 for v in self.sweep_lams) or not self.sweep_lams:
@@ -97,7 +102,7 @@ def full_settings(**overrides) -> Settings:
 
 _FLAGS = ("data", "model", "seeds", "epochs", "batch_size", "lr", "analysis_samples",
           "hessian_every", "surface_points", "surface_span", "interp_points", "m_values",
-          "sweep_lams", "methods", "data_dir")  # fmt: skip
+          "sweep_lams", "methods", "data_dir", "track_per_epoch")  # fmt: skip
 
 
 def command_for(s: Settings, out: str) -> str:
@@ -130,11 +135,15 @@ def say(msg: str) -> None:
     print(f"saf figures [{time.perf_counter() - _T0[0]:6.1f}s]: {msg}", file=sys.stderr, flush=True)
 
 
+ADDED_LATER = {"track_per_epoch": 3}
+"""Settings added after results folders existed: their value in a folder that lacks them."""
+
+
 def check_settings(out: Path, s: Settings) -> None:
     """Refuse to mix results of different settings in one folder; record the settings."""
     path = out / "settings.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = {**ADDED_LATER, **json.loads(path.read_text())}  # older folders lack them
         new = json.loads(json.dumps(s.key()))
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:

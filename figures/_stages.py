@@ -21,7 +21,7 @@ from analysis import (
     sam_sharpness,
 )
 from analysis.io import atomic_write_json, atomic_write_text
-from figures import recipes
+from figures import _tracking, recipes
 from figures._controls import mean_ce, smoothing_for_ce, temperature_matched
 from figures._results import (
     CURVE_COLUMNS,
@@ -340,14 +340,22 @@ def temperature_controls(s: Settings, out: Path, runs: dict, device: str) -> pd.
         say(f"[control] {label(base)} at {label(target)}'s final CE (temperature)")
         for seed in range(s.seeds):
             ce = mean_ce(_final_model(runs[target, seed], device), data)
-            model, t = temperature_matched(_final_model(runs[base, seed], device), data, ce)
-            lam = hessian_eigenvalues(model, LOSS, data, tol=ANALYSIS.tol).values[0]
-            sharp = sam_sharpness(model, LOSS, data, rho=ANALYSIS.sam_rho).value
-            rows.append((base, target, seed, t, mean_ce(model, data), float(lam), sharp))
+            model = _final_model(runs[base, seed], device)
+            rows.append((base, target, seed, *_tempered(model, data, ce)))
     cols = ["base", "target", "seed", "temperature", "checkpoint_ce", *CONTROL_MEASURES]
     df = pd.DataFrame(rows, columns=cols)
     _csv(df, path)
     return df
+
+
+def _tempered(model: nn.Module, data, ce: float) -> tuple[float, float, float, float]:
+    """``(T, training CE, lambda_max, SAM sharpness)`` of ``model`` with its last layer divided
+    by the T that gives training CE ``ce`` (:func:`figures._controls.temperature_matched`),
+    measured as in the curves (:data:`ANALYSIS`)."""
+    scaled, t = temperature_matched(model, data, ce)
+    lam = hessian_eigenvalues(scaled, LOSS, data, tol=ANALYSIS.tol).values[0]
+    sharp = sam_sharpness(scaled, LOSS, data, rho=ANALYSIS.sam_rho).value
+    return t, mean_ce(scaled, data), float(lam), sharp
 
 
 # -- 4. surfaces -------------------------------------------------------------------------
@@ -406,14 +414,26 @@ def _last(run_dir: Path) -> Path:
 
 def sweep(s: Settings, out: Path, curves: pd.DataFrame, device: str, progress: bool):
     """SAF for each (lambda, lag): final training CE, SAM sharpness, lambda_max and test
-    accuracy, and SGD's and SAM's measures where their training CE was that final CE (a
-    stronger SAF stops at a higher loss, so it is judged against the baselines there).
+    accuracy, judged like the main runs against SGD and SAM at that final CE (a stronger SAF
+    stops at a higher loss, so it is judged against the baselines there), two ways:
+
+    * **same CE** (:func:`_sweep_matched`): the reference's measure where its training CE
+      was the sweep run's final CE, interpolated between the two checkpoints around it, where
+      its Hessian is measured too (:func:`_sweep_references`);
+    * **temperature-matched** (:func:`_sweep_tempered`): the same seed's final SGD (SAM)
+      model with its last layer rescaled to the sweep run's final CE.
+
+    Cost beyond the sweep runs' own analysis: at most 2 Hessians per sweep run for each SGD
+    and SAM run (the checkpoints around its final CE; fewer where the levels share a bracket
+    or the checkpoint was measured already), and 2 Hessians and 2 SAM sharpness values per
+    sweep run for the tempered models. All are cached (per checkpoint, and per sweep run in
+    ``analysis/sweep/<run>.tempered.csv``), so a rerun computes only what is missing.
 
     Every checkpoint of a sweep run is analysed like the main runs (:func:`analyse_run`);
     the trajectories are kept in ``analysis/sweep_curves.csv``.
     """
     path = out / "analysis" / "sweep.csv"
-    if path.is_file() and "sgd_lambda_max_same_ce" in pd.read_csv(path, nrows=0).columns:
+    if path.is_file() and set(SWEEP_NEWEST) <= set(pd.read_csv(path, nrows=0).columns):
         return pd.read_csv(path)
     data = _data(s, "train", s.analysis_samples, device, batch_size=s.batch_size)
     grid = [
@@ -421,41 +441,111 @@ def sweep(s: Settings, out: Path, curves: pd.DataFrame, device: str, progress: b
     ]
     rows, parts = [], []
     for i, (lam, lag, seed) in enumerate(grid, 1):
-        run_dir = out / "sweep" / f"saf-lam{lam:g}-lag{lag}-s{seed}"
-        say(f"[sweep {i}/{len(grid)}] {run_dir.name}")
-        if not _finished(run_dir, s.epochs):
-            cfg = train_config(s, "saf", seed, run_dir, device, progress, lam=lam, lag=lag)
-            train(cfg, resume=(run_dir / "state.pt").is_file())
-        df = analyse_run(s, run_dir, data, out / "analysis" / "sweep", device, progress)
-        parts.append(df.assign(method=f"lam{lam:g}-lag{lag}", seed=seed)[list(CURVE_COLUMNS)])
-        final = df[df["epoch"] == s.epochs]
-        acc = float(read_metrics(run_dir)["test_acc"].iloc[-1])
-        rows.append({"lam": lam, "lag": lag, "seed": seed, "test_acc": acc,
-                     **dict(zip(final["metric"], final["value"], strict=True))})  # fmt: skip
+        say(f"[sweep {i}/{len(grid)}] {_sweep_dir(out, lam, lag, seed).name}")
+        row, df = _sweep_run(s, out, lam, lag, seed, data, device, progress)
+        rows.append(row)
+        parts.append(df)
+    _csv(pd.concat(parts, ignore_index=True), out / "analysis" / "sweep_curves.csv")
     table = pd.DataFrame(rows)
-    runs = pd.concat(parts, ignore_index=True)
-    _csv(runs, out / "analysis" / "sweep_curves.csv")
-    table = _sweep_matched(table, curves[curves["method"].isin(["sgd", "sam"])])
+    refs = _sweep_references(s, out, curves, table["checkpoint_ce"], data, device, progress)
+    table = _sweep_tempered(s, out, _sweep_matched(table, refs), data, device)
     _csv(table, path)
     return table
 
 
 SWEEP_MEASURES = ["sam_sharpness", "lambda_max"]
+SWEEP_NEWEST = ["sgd_lambda_max_same_ce_paired", "sgd_tempered_lambda_max"]  # else: recompute
+
+
+def _sweep_dir(out: Path, lam: float, lag: int, seed: int) -> Path:
+    return out / "sweep" / f"saf-lam{lam:g}-lag{lag}-s{seed}"
+
+
+def _sweep_run(s: Settings, out: Path, lam, lag, seed, data, device, progress):
+    """Train (or reuse) one sweep run and analyse it: ``(its final row, its curves)``."""
+    run_dir = _sweep_dir(out, lam, lag, seed)
+    if not _finished(run_dir, s.epochs):
+        cfg = train_config(s, "saf", seed, run_dir, device, progress, lam=lam, lag=lag)
+        train(cfg, resume=(run_dir / "state.pt").is_file())
+    df = analyse_run(s, run_dir, data, out / "analysis" / "sweep", device, progress)
+    final = df[df["epoch"] == s.epochs]
+    acc = float(read_metrics(run_dir)["test_acc"].iloc[-1])
+    row = {"lam": lam, "lag": lag, "seed": seed, "test_acc": acc,
+           **dict(zip(final["metric"], final["value"], strict=True))}  # fmt: skip
+    return row, df.assign(method=f"lam{lam:g}-lag{lag}", seed=seed)[list(CURVE_COLUMNS)]
+
+
+def _sweep_references(s: Settings, out: Path, curves, levels, data, device, progress):
+    """SGD's and SAM's curves with their Hessians also at both checkpoints around each of
+    ``levels`` (:func:`_hessian_of` at the main matched levels and these, so each run's
+    Hessian file keeps every epoch it had; only the new checkpoints are computed)."""
+    main = matched_levels(curves[curves["method"] != LS])
+    parts = []
+    for ref in [m for m in ("sgd", "sam") if m in s.methods]:
+        say(f"[sweep] {label(ref)}'s Hessians around the sweep runs' final training CEs")
+        for seed in range(s.seeds):
+            c = curves[(curves["method"] == ref) & (curves["seed"] == seed)]
+            run_dir = out / "runs" / run_name(ref, seed)
+            h = _hessian_of(s, run_dir, c, [*main, *levels], data, out / "analysis", device,
+                            progress)  # fmt: skip
+            parts += [c[~c["metric"].isin(HESSIAN)], h.assign(method=ref, seed=seed)]
+    return pd.concat(parts, ignore_index=True)[list(CURVE_COLUMNS)] if parts else curves[:0]
 
 
 def _sweep_matched(table: pd.DataFrame, refs: pd.DataFrame) -> pd.DataFrame:
-    """``sgd_<measure>_same_ce`` and ``sam_<measure>_same_ce`` columns: SGD's and SAM's
-    measures (mean over their seeds) where their training CE equalled this sweep run's final
-    CE (:func:`figures._results.matched_loss`; NaN where no seed was ever at that loss)."""
+    """``<ref>_<measure>_same_ce`` (mean over the reference's seeds) and
+    ``<ref>_<measure>_same_ce_paired`` (the sweep run's own seed) for ref SGD and SAM: the
+    reference's measure where its training CE equalled this sweep run's final CE
+    (:func:`figures._results.matched_loss`; NaN where no seed was ever at that loss)."""
     for ref in ("sgd", "sam"):
         r = refs[refs["method"] == ref]
         for k in SWEEP_MEASURES:
-            col = []
-            for level in table["checkpoint_ce"]:
-                m = matched_loss(r, [k], [float(level)]) if len(r) else pd.DataFrame()
-                col.append(float(m["value"].mean()) if len(m) else np.nan)
-            table[f"{ref}_{k}_same_ce"] = col
+            at = [_at_ce(r, k, float(level)) for level in table["checkpoint_ce"]]
+            table[f"{ref}_{k}_same_ce"] = [float(a.mean()) if len(a) else np.nan for a in at]
+            table[f"{ref}_{k}_same_ce_paired"] = [
+                float(a.get(seed, np.nan)) for a, seed in zip(at, table["seed"], strict=True)
+            ]
     return table
+
+
+def _at_ce(ref: pd.DataFrame, k: str, level: float) -> pd.Series:
+    """The reference's runs' ``k`` at training CE ``level``, indexed by seed."""
+    m = matched_loss(ref, [k], [level]) if len(ref) else pd.DataFrame(columns=["seed", "value"])
+    return m.set_index("seed")["value"]
+
+
+def _sweep_tempered(s: Settings, out: Path, table: pd.DataFrame, data, device) -> pd.DataFrame:
+    """``<ref>_temperature``, ``<ref>_tempered_<measure>`` and ``<measure>_over_<ref>_tempered``
+    for ref SGD and SAM: the same seed's final reference model with its last layer rescaled
+    to this sweep run's final training CE (:func:`_tempered`); NaN where the reference has no
+    such seed or no temperature reaches that CE."""
+    per_run = [_tempered_refs(s, out, r, data, device) for r in table.itertuples()]
+    for ref in ("sgd", "sam"):
+        got = [p.get(ref, {}) for p in per_run]
+        table[f"{ref}_temperature"] = [g.get("temperature", np.nan) for g in got]
+        for k in SWEEP_MEASURES:
+            table[f"{ref}_tempered_{k}"] = [g.get(k, np.nan) for g in got]
+            table[f"{k}_over_{ref}_tempered"] = table[k] / table[f"{ref}_tempered_{k}"]
+    return table
+
+
+def _tempered_refs(s: Settings, out: Path, row, data, device) -> dict:
+    """``{ref: {temperature, checkpoint_ce, lambda_max, sam_sharpness}}`` of SGD and SAM
+    tempered to one sweep run's final CE (cached in ``analysis/sweep/<run>.tempered.csv``)."""
+    run_dir = _sweep_dir(out, row.lam, row.lag, row.seed)
+    path = out / "analysis" / "sweep" / f"{run_dir.name}.tempered.csv"
+    if not path.is_file():
+        ce = mean_ce(_final_model(run_dir, device), data)
+        rows = []
+        for ref in [m for m in ("sgd", "sam") if m in s.methods and row.seed < s.seeds]:
+            model = _final_model(out / "runs" / run_name(ref, row.seed), device)
+            try:
+                rows.append((ref, *_tempered(model, data, ce)))
+            except ValueError as e:
+                say(f"[sweep] {label(ref)} tempered to {run_dir.name}'s final CE: none ({e})")
+        cols = ["base", "temperature", "checkpoint_ce", *CONTROL_MEASURES]
+        _csv(pd.DataFrame(rows, columns=cols), path)
+    return {r["base"]: r for r in pd.read_csv(path).to_dict("records")}
 
 
 # -- 5. outputs --------------------------------------------------------------------------
@@ -513,6 +603,12 @@ CAPTIONS = {
         "that CE, geometric mean and min-max over seeds. Hessians are measured at both "
         "checkpoints around each level."
     ),
+    "sharpness_per_step": (
+        "Each main run replayed with the sharpness monitor (bitwise the same run): Hessian "
+        "lambda_max on the probe set; thin: each seed, thick: geometric mean over seeds; dashed: "
+        "the momentum-SGD stability threshold 2(1+beta)/eta at the step's learning rate; dotted "
+        "(SAM): SAM's edge, median over seeds; dash-dot: the trajectory loss starts."
+    ),
     "fig2_surfaces_2d": "Seed 0 only, no band: one random filter-normalized plane shared by all.",
     "surface_slices_1d": "Seed 0 only, no band: the centre lines of the 2D surfaces.",
     "interpolation": "Seed 0 only, no band: the segment between two final models and beyond.",
@@ -522,6 +618,16 @@ CAPTIONS = {
         "SGD and SAM: mean ± 1 sd over the main seeds (dashed lines and shaded bands)."
     ),
 }
+
+
+def _trajectory_start(runs: dict) -> dict:
+    """``{method: first step of the trajectory loss}`` for SAF and MESA (from seed 0's run)."""
+    out = {}
+    for (method, _), run_dir in runs.items():
+        if method in ("saf", "mesa") and method not in out:
+            hp = read_run(run_dir)["hparams"]
+            out[method] = hp["start_epoch"] * hp["steps_per_epoch"]
+    return out
 
 
 def _sections(made: dict) -> list[Section]:
@@ -536,7 +642,18 @@ def _sections(made: dict) -> list[Section]:
 
 
 def write_outputs(
-    s, out: Path, runs, curves, msharp, surfaces, interp, sweep, device, temperature, command
+    s,
+    out: Path,
+    runs,
+    curves,
+    msharp,
+    surfaces,
+    interp,
+    sweep,
+    device,
+    temperature,
+    command,
+    track=None,
 ) -> Path:
     """All figures, the tables and ``index.html`` (the verdict first)."""
     figs = out / "figures"
@@ -564,6 +681,10 @@ def write_outputs(
         f"Interpolation {label(a)} -> {label(b)}": recipes.interpolation(interp, figs, a, b),
         "m-sharpness of the final models": recipes.m_sharpness(msharp, figs),
     }
+    if track is not None and len(track):
+        made["Sharpness per step against the stability threshold"] = _tracking.sharpness_per_step(
+            track, figs, _trajectory_start(runs)
+        )
     if len(sweep):
         made["Where SAF flattens: lambda and lag sweep"] = recipes.sweep(sweep, curves, figs)
     table, _ = recipes.table3(runs_table(s, runs), out / "tables")
@@ -587,6 +708,7 @@ def write_outputs(
         + matched_findings(matched, main)
         + epoch_average_findings(curves)
         + (sweep_findings(sweep, final) if len(sweep) else [])
+        + (_tracking.tracking_findings(track) if track is not None else [])
         + [SPEED_NOTE]
     )
     atomic_write_text(out / "tables" / "findings.md", "".join(f"- {n}\n" for n in notes))

@@ -5,7 +5,9 @@ and an interrupted run resumes):
 
 1. **train** every method x seed (finished runs are skipped, unfinished ones resume), and
    the label-smoothing control: SGD per seed with the smoothing whose CE floor is SAF's
-   final CE (``runs/sgd_ls-s<k>``, analysed like the others as method ``sgd_ls``);
+   final CE (``runs/sgd_ls-s<k>``, analysed like the others as method ``sgd_ls``); then
+   **track**: each main run replayed with the sharpness monitor, :math:`\lambda_{\max}`
+   a few times per epoch beside the optimizer's threshold (:mod:`figures._tracking`);
 2. **analyse** checkpoints: training cross-entropy, SAM sharpness (:math:`\rho=0.05`) and
    adaptive sharpness (:math:`\rho=0.5`) every epoch, Hessian :math:`\lambda_{\max}` and
    trace every ``hessian_every`` epochs, with
@@ -25,7 +27,7 @@ and an interrupted run resumes):
    intervals and Holm-adjusted p-values (:mod:`figures._verdict`).
 
 Layout of ``out``: ``settings.json``, ``runs/<method>-s<seed>/`` (trainer runs),
-``analysis/``, ``surfaces/``, ``figures/``, ``tables/``, ``index.html``.
+``tracking/``, ``analysis/``, ``surfaces/``, ``figures/``, ``tables/``, ``index.html``.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import torch
 from PIL import Image
 
 from analysis.io import atomic_write_with
-from figures import _stages
+from figures import _stages, _tracking
 from figures._settings import Settings, check_settings, command_for, restart_clock, say
 
 
@@ -66,6 +68,7 @@ def run_pipeline(
     check_settings(out, s)
     runs = _stages.train_all(s, out, device, progress)
     smoothed = _stages.smoothing_runs(s, out, runs, device, progress)
+    track = _tracking.track_all(s, out, runs, _config(s, device, progress), progress)
     curves = _stages.analyse_all(s, out, {**runs, **smoothed}, device, progress)
     temperature = _stages.temperature_controls(s, out, runs, device)
     msharp = _stages.m_sharpness_all(s, out, runs, device, progress)
@@ -75,7 +78,25 @@ def run_pipeline(
     say("writing figures, tables and the report")
     command = command or command_for(s, str(out))
     return _stages.write_outputs(
-        s, out, runs, curves, msharp, surfaces, interp, sweep, device, temperature, command
+        s,
+        out,
+        runs,
+        curves,
+        msharp,
+        surfaces,
+        interp,
+        sweep,
+        device,
+        temperature,
+        command,
+        track,
+    )
+
+
+def _config(s: Settings, device: str, progress: bool):
+    """A run's own trainer config, for the per-step replays."""
+    return lambda method, seed, run_dir, **over: _stages.train_config(
+        s, method, seed, run_dir, device, progress, **over
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -27,6 +28,7 @@ FIGURES = [
     "saf_sweep",
     "verdict",
     "matched_sensitivity",
+    "sharpness_per_step",
 ]
 
 
@@ -94,6 +96,34 @@ def test_controls_and_verdict(study):
     page = (study / "index.html").read_text()
     assert page.index("Verdict") < page.index("Table 3") < page.index("What the numbers say")
     assert "saf figures --out" in page and "version" in page
+
+
+def test_per_step_tracking_is_the_run_and_ends_at_its_final_hessian(study):
+    """Each replay is bitwise its run; the threshold is 2(1+beta)/eta at the row's learning
+    rate; the last row (the last step) is the final checkpoint's lambda_max on the probe."""
+    import torch
+
+    from analysis import hessian_eigenvalues, load_checkpoint
+    from saf import list_checkpoints, load_dataset, model_from_run, read_run
+
+    rows = {p.stem: pd.read_csv(p) for p in (study / "tracking").glob("*.csv")}
+    assert sorted(rows) == sorted(
+        f"{m}-s{k}" for m in ("sgd", "sam", "saf", "mesa") for k in (0, 1)
+    )
+    assert not list((study / "tracking").glob("*.replay"))  # replay folders removed
+    for name, t in rows.items():
+        assert t["replay_equal"].all(), name
+        with np.errstate(divide="ignore"):  # the cosine schedule's last step has eta = 0
+            limit = 2 * 1.9 / t["lr"].to_numpy()
+        assert t["threshold"].to_numpy() == pytest.approx(limit, rel=1e-12)
+        assert list(t["step"]) == list(range(4, 25, 4))  # 12 steps per epoch, 3 per epoch
+        assert t["sam_edge"].notna().all() == name.startswith("sam")
+    run_dir = study / "runs" / "saf-s1"
+    model = load_checkpoint(model_from_run(read_run(run_dir)), list_checkpoints(run_dir)[-1][1])
+    x, y, _ = load_dataset("digits", "train").get_batch(torch.arange(256))
+    ref = hessian_eigenvalues(model.eval(), torch.nn.CrossEntropyLoss(), [(x, y)], tol=1e-6)
+    assert rows["saf-s1"]["lambda_1"].iloc[-1] == pytest.approx(float(ref.values[0]), rel=2e-3)
+    assert "Per-step sharpness" in (study / "tables" / "findings.md").read_text()
 
 
 def test_store_memory_matches_closed_form(study):
