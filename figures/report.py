@@ -18,6 +18,7 @@ import pandas as pd
 from analysis.io import atomic_write_text
 from figures._results import check_curves, epoch_at_loss, matched_loss, mean_std
 from figures._save import label, method_order, save_table
+from figures._stats import paired_ratio
 
 FINAL_METRICS = ("test_acc", "train_ce", "checkpoint_ce", "sam_sharpness", "adaptive_sharpness",
                  "lambda_max", "trace")  # fmt: skip
@@ -121,7 +122,9 @@ def epoch_average_findings(curves: pd.DataFrame) -> list[str]:
 def sweep_findings(sweep: pd.DataFrame, final: pd.DataFrame) -> list[str]:
     """Per measure: SAF's range over the sweep against SGD's and SAM's final values, and
     (with ``sgd_<measure>_same_ce`` columns) SAF's final value over SGD's at the same
-    training CE, beside SAM's ratio at those losses."""
+    training CE, beside SAM's ratio at those losses; with the ``..._paired`` and
+    ``<ref>_tempered_<measure>`` columns, the same seed's ratios instead, and over SGD and SAM
+    tempered to each run's final CE (:func:`_sweep_paired`)."""
     f = final.set_index("method")
     out = []
     for k, what in (("sam_sharpness", "SAM sharpness"), ("lambda_max", "lambda_max")):
@@ -129,7 +132,9 @@ def sweep_findings(sweep: pd.DataFrame, final: pd.DataFrame) -> list[str]:
             continue
         refs = "; ".join(f"{m} {f.loc[m, f'{k}_mean']:.3g}" for m in ("SGD", "SAM") if m in f.index)
         out.append(f"Sweep, final {what} of SAF: {_sweep_range(sweep, k)}; {refs}")
-        if f"sgd_{k}_same_ce" in sweep:
+        if f"sgd_{k}_same_ce_paired" in sweep and f"sgd_tempered_{k}" in sweep:
+            out += _sweep_paired(sweep, k, what)
+        elif f"sgd_{k}_same_ce" in sweep:
             r = sweep.assign(ratio=sweep[k] / sweep[f"sgd_{k}_same_ce"])
             sam = ""
             if f"sam_{k}_same_ce" in sweep:
@@ -141,6 +146,38 @@ def sweep_findings(sweep: pd.DataFrame, final: pd.DataFrame) -> list[str]:
                 f"to {ce.max():.3g}): {_sweep_range(r, 'ratio', '.2f')}{sam}"
             )
     return out
+
+
+def _sweep_paired(sweep: pd.DataFrame, k: str, what: str) -> list[str]:
+    """SAF's final ``k`` over the same seed's SGD (SAM) at the same training CE, and over its
+    final model tempered to that CE, per (lambda, lag) (:func:`_paired_cells`)."""
+    ce = sweep["checkpoint_ce"]
+    out = [
+        f"Sweep, SAF's final {what} over the same seed's SGD (SAM) where its training CE was "
+        f"SAF's final CE ({ce.min():.3g} to {ce.max():.3g}; Hessians at the checkpoints "
+        f"around it). SGD: {_paired_cells(sweep, k, f'sgd_{k}_same_ce_paired')}. SAM: "
+        f"{_paired_cells(sweep, k, f'sam_{k}_same_ce_paired')}"
+    ]
+    out.append(
+        f"Sweep, SAF's final {what} over the same seed's final SGD (SAM) model tempered to "
+        f"SAF's final CE. SGD: {_paired_cells(sweep, k, f'sgd_tempered_{k}')}. SAM: "
+        f"{_paired_cells(sweep, k, f'sam_tempered_{k}')}"
+    )
+    return out
+
+
+def _paired_cells(sweep: pd.DataFrame, num: str, den: str) -> str:
+    """Per (lambda, lag): ``num`` over ``den`` paired by seed (:func:`figures._stats.
+    paired_ratio`), "r [95% CI] (n seeds)" where two seeds or more pair, else "r"."""
+    if den not in sweep:
+        return "n/a"
+    parts = []
+    for (lam, lag), g in sweep.groupby(["lam", "lag"]):
+        r = paired_ratio(g[num], g[den])
+        cell = "n/a" if r.n == 0 else f"{r.ratio:.2f}"
+        cell += f" [{r.lo:.2f}, {r.hi:.2f}] ({r.n} seeds)" if r.n >= 2 else ""
+        parts.append(f"lambda {lam:g} lag {lag}: {cell}")
+    return "; ".join(parts)
 
 
 def _sweep_range(sweep: pd.DataFrame, k: str, fmt: str = ".3g") -> str:

@@ -205,6 +205,41 @@ def test_sweep_judged_at_the_same_training_ce(tmp_path):
     assert {p.suffix for p in paths} == {".png", ".pdf"}
 
 
+@pytest.mark.filterwarnings("ignore:Precision loss")  # equal ratios: sd ~ 1e-17
+def test_sweep_paired_by_seed_and_against_tempered_references():
+    """Seed s of SGD follows (1 + s) times the power law: the paired column is that seed's
+    value, the mean column the mean over seeds; SAF at half its seed's SGD and a quarter of
+    the tempered SGD gives paired ratios 0.5 and 0.25 with zero-width intervals."""
+    from figures._stages import _sweep_matched
+    from figures.report import sweep_findings
+
+    c = _curves(seeds=(0, 1))
+    refs = c[c.method.isin(["sgd", "sam"])].copy()
+    scaled = refs.metric != "checkpoint_ce"
+    refs.loc[scaled, "value"] *= 1 + refs.loc[scaled, "seed"]
+    table = pd.DataFrame(
+        [(lam, 1, s, 0.9, ce) for lam, ce in ((0.1, 0.01), (1.0, 0.1)) for s in (0, 1)],
+        columns=["lam", "lag", "seed", "test_acc", "checkpoint_ce"],
+    )
+    a, b = LAWS["sgd"]
+    law = a * table["checkpoint_ce"] ** b
+    table["lambda_max"] = 0.5 * (1 + table["seed"]) * law
+    table["sam_sharpness"] = table["lambda_max"]
+    t = _sweep_matched(table, refs)
+    assert t["sgd_lambda_max_same_ce_paired"].to_numpy() == pytest.approx(
+        ((1 + t["seed"]) * law).to_numpy(), rel=1e-10
+    )
+    assert t["sgd_lambda_max_same_ce"].to_numpy() == pytest.approx(1.5 * law, rel=1e-10)
+    for ref in ("sgd", "sam"):
+        for k in ("lambda_max", "sam_sharpness"):
+            t[f"{ref}_tempered_{k}"] = 4 * t[k]
+    final = pd.DataFrame({"method": ["SGD", "SAM"], "lambda_max_mean": [1.0, 0.5],
+                          "sam_sharpness_mean": [1.0, 0.5]})  # fmt: skip
+    text = " ".join(sweep_findings(t, final))
+    assert "SGD: lambda 0.1 lag 1: 0.50 [0.50, 0.50] (2 seeds); lambda 1 lag 1: 0.50" in text
+    assert "tempered to SAF's final CE. SGD: lambda 0.1 lag 1: 0.25 [0.25, 0.25] (2 seeds)" in text
+
+
 def test_levels_span_and_bracketing_checkpoints():
     from figures._results import bracketing_epochs, matched_levels
 
