@@ -167,6 +167,7 @@ class HessianOperator:
         self.n_matvecs = 0
         self._cache_mode, self._cache_budget = cache, cache_budget
         self._graph: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._first_order: torch.Tensor | None = None  # [loss, gradient] from the graph
 
     @property
     def cached(self) -> bool:
@@ -245,16 +246,17 @@ class HessianOperator:
                 and saved[0] * len(self.batches) > self._budget()
             ):
                 raise _OverBudget
-            return g
+            return torch.cat([loss.reshape(1), g])  # the loss rides along for loss_and_gradient
 
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                g = self._mean(gradient_graph, theta, distributed=False)
+                total = self._mean(gradient_graph, theta, distributed=False)
         except _OverBudget:
             self._cache_mode = False
             return None
         self.cache_bytes = saved[0]
-        return theta, g
+        self._first_order = total.detach().to(torch.float64)  # this rank's share
+        return theta, total[1:]
 
     def _budget(self) -> int:
         if self._cache_budget is not None:
@@ -263,7 +265,16 @@ class HessianOperator:
 
     # -- first-order quantities -------------------------------------------
     def loss_and_gradient(self) -> tuple[float, torch.Tensor]:
-        """Mean loss and its flat gradient at the current weights (one pass)."""
+        """Mean loss and its flat gradient at the current weights (one pass).
+
+        When products keep graphs (``cache``), the graph is built here if it is not yet, and
+        the loss and gradient are the ones it computed: no pass of their own.
+        """
+        if self._cache_mode and self._graph is None:
+            self._graph = self._build_graph()
+        if self._graph is not None:
+            total = all_reduce_sum(self._first_order.clone(), self.distributed)
+            return float(total[0]), total[1:].to(self.dtype)
 
         def loss_grad(theta, loss):
             (g,) = torch.autograd.grad(loss, theta)

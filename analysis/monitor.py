@@ -91,6 +91,10 @@ class SharpnessMonitor:
         optimizer: the training optimizer: its learning rate and thresholds go in the rows.
         curvature: ``"hessian"``, ``"ggn"`` or ``"fisher"`` (:func:`curvature_operator`).
         tol, max_iter: Lanczos' relative tolerance and product limit (:func:`lanczos`).
+        warm_max_iter: products per warm-started measurement at most: a budget for frequent
+            measurement (the first, cold one runs to ``tol``). Each Ritz value is then a lower
+            bound on :math:`\lambda_1` that the next measurement refines, as restarted
+            Lanczos does (``lambda_converged`` says whether ``tol`` was reached).
         trace_matvecs: Hutch++ products per trace (the same probes each time).
         rho: radius of ``"sam_sharpness"``.
         warm: start Lanczos from the previous Ritz vectors (False: cold every time).
@@ -120,6 +124,7 @@ class SharpnessMonitor:
         curvature: str = "hessian",
         tol: float = 1e-3,
         max_iter: int | None = None,
+        warm_max_iter: int | None = None,
         trace_matvecs: int = 30,
         rho: float = 0.05,
         warm: bool = True,
@@ -132,6 +137,7 @@ class SharpnessMonitor:
         self.model, self.loss_fn, self.every, self.k = model, loss_fn, every, k
         self.csv, self.optimizer, self.curvature = csv, optimizer, curvature
         self.tol, self.max_iter, self.warm, self.seed = tol, max_iter, warm, seed
+        self.warm_max_iter = warm_max_iter
         self.trace_matvecs, self.rho, self.params = trace_matvecs, rho, params
         self.operator_kwargs = {"cache": "auto", **operator_kwargs}
         with untouched(model):  # a shuffling DataLoader draws from the global generator
@@ -157,8 +163,11 @@ class SharpnessMonitor:
         return row
 
     def _measure(self, step: int, epoch: int | None) -> dict[str, Any]:
+        kwargs = self.operator_kwargs
+        if set(self.measures) <= {"sam_sharpness"}:  # no products: a kept graph would not pay
+            kwargs = {**kwargs, "cache": False}
         op = curvature_operator(self.curvature, self.model, self.loss_fn, self.probe,
-                                self.params, **self.operator_kwargs)  # fmt: skip
+                                self.params, **kwargs)  # fmt: skip
         loss, g = op.loss_and_gradient()
         row: dict[str, Any] = {"step": step, "epoch": epoch, "loss": loss,
                                "grad_norm": float(g.norm())}  # fmt: skip
@@ -185,7 +194,8 @@ class SharpnessMonitor:
         """Top-``k`` Lanczos pairs, warm-started from this measure's previous vectors."""
         prev = self._vectors.get(key)
         v0 = warm_start_vector(prev, self.seed) if self.warm and prev is not None else None
-        r = lanczos(op, k, tol=self.tol, max_iter=self.max_iter, seed=self.seed, v0=v0)
+        budget = self.warm_max_iter if v0 is not None and self.warm_max_iter else self.max_iter
+        r = lanczos(op, k, tol=self.tol, max_iter=budget, seed=self.seed, v0=v0)
         self._vectors[key] = r.vectors
         return r
 

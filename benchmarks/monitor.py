@@ -37,28 +37,36 @@ def _data(n: int, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run(model_name: str, size: int, batch: int, probe: int, steps: int, every: int,
-        tol: float) -> dict:  # fmt: skip
+        tol: float, max_iter: int | None = None, device: str = "cpu") -> dict:  # fmt: skip
     """Train ``steps`` steps with the monitor; return the timings and products."""
     torch.manual_seed(0)
-    model = build_model(model_name, 10, (3, size, size))
+    model = build_model(model_name, 10, (3, size, size)).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    X, Y = _data(probe, size, 1)
+    X, Y = (t.to(device) for t in _data(probe, size, 1))
     probe_batches = [(X[i : i + batch], Y[i : i + batch]) for i in range(0, probe, batch)]
-    monitor = SharpnessMonitor(model, F.cross_entropy, probe_batches, every, optimizer=opt, tol=tol)
+    monitor = SharpnessMonitor(model, F.cross_entropy, probe_batches, every, optimizer=opt, tol=tol,
+                               warm_max_iter=max_iter)  # fmt: skip
     step_s = []
     _report(monitor(0))  # cold: no previous vectors
     for step in range(1, steps + 1):
-        x, y = _data(batch, size, 100 + step)
+        x, y = (t.to(device) for t in _data(batch, size, 100 + step))
         model.train()
+        _sync(device)
         t = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         F.cross_entropy(model(x), y).backward()
         opt.step()
+        _sync(device)
         step_s.append(time.perf_counter() - t)
         _report(monitor(step))
     cold = SharpnessMonitor(model, F.cross_entropy, probe_batches, every, warm=False, tol=tol)
     last = cold.measure(monitor.rows[-1]["step"])
     return _summary(monitor.rows, last, statistics.median(step_s), every)
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def _report(row: dict | None) -> None:
@@ -84,6 +92,7 @@ def _summary(rows: list[dict], cold_last: dict, step_s: float, every: int) -> di
         "warm_matvecs": [r["lambda_matvecs"] for r in warm],
         "overhead": overhead,
         "cold_overhead_at_last_step": cold_last["seconds"] / (every * step_s),
+        "last_relative_error": rows[-1]["lambda_1"] / cold_last["lambda_1"] - 1,
     }
 
 
@@ -96,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--every", type=int, default=50)
     p.add_argument("--tol", type=float, default=1e-3)
+    p.add_argument(
+        "--max-iter",
+        type=int,
+        default=None,
+        help="products per warm measurement at most (a budget; default: until tol)",
+    )
+    p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="an mlp on 8x8 inputs, 4 steps")
     p.add_argument("--json", default=None, help="write the results here")
@@ -105,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.quick:
         res = run("mlp", 8, 16, 32, 4, 2, a.tol)
     else:
-        res = run(a.model, a.size, a.batch, a.probe, a.steps, a.every, a.tol)
+        res = run(a.model, a.size, a.batch, a.probe, a.steps, a.every, a.tol, a.max_iter, a.device)
     print(f"training step (median): {res['step_seconds']:.3f} s")
     for m in res["measurements"]:
         print(
@@ -118,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         f"cold at the last step: {c['lambda_matvecs']} products, {c['seconds']:.2f} s, "
         f"lambda_1 {c['lambda_1']:.4g}"
     )
+    print(f"last warm lambda_1 / cold lambda_1 - 1: {res['last_relative_error']:+.2e}")
     print("warm overhead per interval: " + ", ".join(f"{o:.3f}" for o in res["overhead"])
           + f"; cold would be {res['cold_overhead_at_last_step']:.3f}")  # fmt: skip
     if a.json:

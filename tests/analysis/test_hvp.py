@@ -137,6 +137,26 @@ def test_loss_and_gradient_and_scipy_interop():
     )
 
 
+def test_loss_and_gradient_come_from_the_kept_graph_with_no_pass_of_their_own():
+    """With ``cache``, the loss and gradient are the graph's (one forward per batch in all,
+    products included) and equal the one-big-batch backward."""
+    model, data = mlp(), batches()
+    calls = []
+    model.register_forward_hook(lambda *_: calls.append(1))
+    H = HessianOperator(model, CE, data, cache=True)
+    loss, g = H.loss_and_gradient()
+    v = torch.randn(H.n_params, dtype=H.dtype)
+    Hv = H @ v
+    assert H.cached and len(calls) == len(data)
+    X, Y = torch.cat([x for x, _ in data]), torch.cat([y for _, y in data])
+    model.zero_grad()
+    ref = CE(model(X), Y)
+    ref.backward()
+    assert loss == pytest.approx(float(ref), rel=1e-12)
+    torch.testing.assert_close(g, torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+    torch.testing.assert_close(Hv, dense_hessian(model, CE, data).to(Hv.dtype) @ v)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
