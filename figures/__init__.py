@@ -15,6 +15,7 @@ from figures._controls import (
     temperature_matched,
     with_temperature,
 )
+from figures._gap import gap_correlations, gap_points
 from figures._results import (
     Grid,
     at_loss,
@@ -30,10 +31,19 @@ from figures._results import (
     metric_curves,
 )
 from figures._settings import Settings, command_for, full_settings, quick_settings, say
-from figures._stats import PairedRatio, holm, paired_ratio, seeds_for_power
+from figures._stats import (
+    Correlation,
+    PairedRatio,
+    holm,
+    paired_ratio,
+    seeds_for_power,
+    spearman,
+    spearman_ci,
+)
 from figures._verdict import verdict_display, verdict_table
 from figures.pipeline import export_reference, run_pipeline
 from figures.recipes import (
+    flatness_vs_gap,
     hessian,
     interpolation,
     m_sharpness,
@@ -51,6 +61,7 @@ from figures.report import Section, final_metrics, findings, matched_metrics, wr
 
 __all__ = [
     # recipes (one per figure)
+    "flatness_vs_gap",
     "hessian",
     "interpolation",
     "m_sharpness",
@@ -91,6 +102,12 @@ __all__ = [
     "seeds_for_power",
     "verdict_display",
     "verdict_table",
+    # flatness against the generalization gap
+    "Correlation",
+    "gap_correlations",
+    "gap_points",
+    "spearman",
+    "spearman_ci",
     # report
     "Section",
     "final_metrics",

@@ -21,7 +21,7 @@ from analysis import (
     sam_sharpness,
 )
 from analysis.io import atomic_write_json, atomic_write_text
-from figures import _tracking, recipes
+from figures import _gap, _tracking, recipes
 from figures._controls import mean_ce, smoothing_for_ce, temperature_matched
 from figures._results import (
     CURVE_COLUMNS,
@@ -613,9 +613,17 @@ CAPTIONS = {
     "surface_slices_1d": "Seed 0 only, no band: the centre lines of the 2D surfaces.",
     "interpolation": "Seed 0 only, no band: the segment between two final models and beyond.",
     "m_sharpness": "Final models; line: mean over seeds, band: ± 1 sd (linear y axis).",
+    "flatness_vs_gap": (
+        "One point per final model (hollow: the label-smoothing control, left out of the "
+        "titled rho); title: Spearman rho over the methods' runs, 95% bootstrap interval "
+        "resampling whole seeds; gap: test CE minus training CE, eval mode, last checkpoint."
+    ),
     "saf_sweep": (
         "SAF runs: mean over the sweep's seeds (error bars ± 1 sd when more than one seed); "
-        "SGD and SAM: mean ± 1 sd over the main seeds (dashed lines and shaded bands)."
+        "SGD and SAM: mean ± 1 sd over the main seeds (dashed lines and shaded bands). Lower "
+        "row: at each run's final CE, SGD's and SAM's measures interpolated between the two "
+        "checkpoints around it (Hessians measured there); grey: over the same seed's final SGD "
+        "model tempered to that CE."
     ),
 }
 
@@ -687,6 +695,10 @@ def write_outputs(
         )
     if len(sweep):
         made["Where SAF flattens: lambda and lag sweep"] = recipes.sweep(sweep, curves, figs)
+        save_table(sweep, out / "tables" / "sweep")
+    points, gap = _gap.gap_points(curves), _gap.gap_correlations(curves)
+    save_table(gap, out / "tables" / "flatness_vs_gap")
+    made["Flatness against the generalization gap"] = recipes.flatness_vs_gap(points, gap, figs)
     table, _ = recipes.table3(runs_table(s, runs), out / "tables")
     final = write_final_table(curves, out / "tables")
     matched = matched_metrics(main, levels=levels or None)
@@ -708,6 +720,7 @@ def write_outputs(
         + matched_findings(matched, main)
         + epoch_average_findings(curves)
         + (sweep_findings(sweep, final) if len(sweep) else [])
+        + _gap.gap_findings(gap, points)
         + (_tracking.tracking_findings(track) if track is not None else [])
         + [SPEED_NOTE]
     )

@@ -329,7 +329,9 @@ def sweep(
     A second row, when ``table`` has ``sgd_<measure>_same_ce`` columns, divides each SAF
     run's final measure by SGD's where SGD's training CE equalled that run's final CE
     (1 = as sharp as SGD at the same loss), and shows SAM's ratio at those losses: a
-    stronger SAF that stops at a higher loss is not credited for stopping there.
+    stronger SAF that stops at a higher loss is not credited for stopping there. With
+    ``sgd_tempered_<measure>`` columns it also shows SAF over the same seed's final SGD
+    model tempered to that run's final CE.
 
     Args:
         table: rows ``lam, lag, seed, sam_sharpness, lambda_max, test_acc`` (optionally
@@ -352,6 +354,11 @@ def sweep(
             for i, (lag, g) in enumerate(mean_std(sam, ["lag", "lam"]).groupby("lag")):
                 ax.plot(g["lam"], g["mean"], color=color("sam"), ls=(":", "-.")[i % 2],
                         marker="x+"[i % 2], label=f"SAM at those CEs (lag {lag} runs)")  # fmt: skip
+        if f"sgd_tempered_{k}" in table:  # SAF over the same seed's SGD tempered to its CE
+            tempered = table.assign(value=table[k] / table[f"sgd_tempered_{k}"])
+            for i, (lag, g) in enumerate(mean_std(tempered, ["lag", "lam"]).groupby("lag")):
+                ax.plot(g["lam"], g["mean"], color="0.4", ls=(":", "-.")[i % 2],
+                        marker="dv"[i % 2], label=f"SAF / tempered SGD (lag {lag})")  # fmt: skip
         ax.set_title("each SAF run at its final training CE", fontsize=10)
     for ax in axes[1][len(matched) :] if matched else []:
         ax.axis("off")
@@ -565,3 +572,35 @@ def _level_ratio(at: pd.DataFrame, method: str, level: float):
     b = one.xs("sgd") if "sgd" in one.index else one.iloc[:0]
     common = sorted(set(a.index) & set(b.index))
     return paired_ratio(a.loc[common].to_numpy(), b.loc[common].to_numpy())
+
+
+def flatness_vs_gap(
+    points: pd.DataFrame, table: pd.DataFrame, out: PathLike, name: str = "flatness_vs_gap"
+) -> list[Path]:
+    """Each final flatness measure against the generalization gap, one point per run
+    (colour: method), titled with Spearman's rho [95% CI] over the methods'
+    runs (:func:`figures._gap.gap_correlations`).
+
+    Args:
+        points: :func:`figures._gap.gap_points` (``method, seed, <measure>..., gap``).
+        table: :func:`figures._gap.gap_correlations`'s rows.
+    """
+    measures = list(dict.fromkeys(table["measure"]))
+    fig, axes = plt.subplots(1, len(measures), figsize=(4 * len(measures), 3.4), squeeze=False)
+    rho = table.drop_duplicates("measure").set_index("measure")  # the first set: the methods
+    for ax, k in zip(axes[0], measures, strict=True):
+        for m in method_order(points["method"]):
+            p = points[points["method"] == m]
+            face = "none" if m == "sgd_ls" else color(m)  # hollow: not in the titled rho
+            ax.scatter(p[k], p["gap"], edgecolors=color(m), facecolors=face, s=18, label=label(m))
+        if _log_worthy(points[k]):
+            ax.set_xscale("log")
+        r = rho.loc[k]
+        ax.set_title(f"Spearman {r.spearman:+.2f} [{r.lo:+.2f}, {r.hi:+.2f}]", fontsize=9)
+        ax.set_xlabel(f"final {k}")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("test CE - training CE")
+    axes[0][0].legend(fontsize=8)
+    fig.suptitle("Flatness against the generalization gap (final models, every seed)", fontsize=10)
+    fig.tight_layout()
+    return save_figure(fig, Path(out) / name)
