@@ -8,7 +8,6 @@ import importlib
 import math
 import os
 import re
-import stat
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 from analysis import LOSSES, loss_function
 from analysis.losses import IGNORE_INDEX, TokenCrossEntropy
 from saf import DATASETS, data_batches
+from saf.runs import regular_file
 
 EXIT_OK = 0
 EXIT_USAGE = 2
@@ -116,14 +116,14 @@ def regular_run_json(folder: Path) -> None:
     """
     path = Path(folder) / "run.json"
     try:
-        mode = os.stat(path).st_mode
+        regular_file(path)  # the one check, here with the command line's message
     except OSError:  # absent (or unreadable: the reader names it)
         return
-    if not stat.S_ISREG(mode):
+    except ValueError:
         raise UsageError(
             f"{path} is not a regular file (a FIFO, device or socket); put the run's "
             "run.json there or remove it"
-        )
+        ) from None
 
 
 def writable_dir(path: str | Path) -> Path:

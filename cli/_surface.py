@@ -30,7 +30,7 @@ from analysis import (
 )
 from analysis.batches import forward, split, to
 from analysis.distributed import init_from_env
-from analysis.io import exclusive
+from analysis.io import checkpoint_step, exclusive
 from cli._common import (
     EXIT_OK,
     UsageError,
@@ -332,7 +332,11 @@ def _draw(args, main: _Source, others: list[_Source], loss_fn, ys, out: Path) ->
 
 
 def _stem(args, r: _Source) -> str:
-    return f"{r.name}_e{r.epoch}_{args.directions}_{args.dim}d"
+    """``NAME_e<epoch>_<directions>_<dim>d``; ``_step<N>`` for a checkpoint whose name gives a
+    step but no epoch (a Trainer ``checkpoint-N/``); neither for one that gives neither."""
+    step = checkpoint_step(r.ckpt) if r.epoch is None else None
+    at = f"e{r.epoch}_" if r.epoch is not None else f"step{step}_" if step is not None else ""
+    return f"{r.name}_{at}{args.directions}_{args.dim}d"
 
 
 def _check_name_lengths(args, sources: list[_Source]) -> None:

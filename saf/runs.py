@@ -21,6 +21,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import stat
 import sys
 from pathlib import Path
@@ -52,12 +53,19 @@ RUN_JSON_MAX_BYTES = 1 << 20
 """The largest ``run.json`` read (ours are about 2 KB)."""
 
 
-def _read_json(path: Path) -> Any:
-    """A small JSON file, refused (ValueError) when it is not a regular file (a FIFO would
-    block the reader), larger than :data:`RUN_JSON_MAX_BYTES`, or nested too deeply."""
-    st = path.stat()  # FileNotFoundError: the caller says what is missing
+def regular_file(path: str | Path) -> os.stat_result:
+    """``path``'s stat, refused (ValueError) when it is not a regular file: a FIFO would
+    block its reader forever, a device never end. OSError (absent, unreadable) passes on."""
+    st = os.stat(path)
     if not stat.S_ISREG(st.st_mode):
         raise ValueError("not a regular file")
+    return st
+
+
+def _read_json(path: Path) -> Any:
+    """A small JSON file, refused (ValueError) when it is not a regular file
+    (:func:`regular_file`), larger than :data:`RUN_JSON_MAX_BYTES`, or nested too deeply."""
+    st = regular_file(path)  # FileNotFoundError: the caller says what is missing
     if st.st_size > RUN_JSON_MAX_BYTES:
         raise ValueError(f"{st.st_size} bytes, more than a run description's {RUN_JSON_MAX_BYTES}")
     try:

@@ -162,3 +162,20 @@ def test_target_se_from_the_command_line(tmp_path, runs, capsys):
     assert s.metadata["target_se"] == 0.05
     assert main([*cmd[:-2], "--target-se", "0", "--out", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_trainer_checkpoint_folders_name_their_step(tmp_path, capsys):
+    """A Trainer ``checkpoint-N/`` has a step but no epoch: the files carry ``_stepN_``."""
+    from tests.reliability._factory import tiny_mlp
+
+    root = tmp_path / "trainer"
+    for step in (500, 1000):
+        (root / f"checkpoint-{step}").mkdir(parents=True)
+        torch.manual_seed(step)
+        torch.save(tiny_mlp().state_dict(), root / f"checkpoint-{step}" / "pytorch_model.bin")
+    own = ["--model", "tests.reliability._factory:tiny_mlp", "--data", "digits", "--no-plots"]
+    assert main(_surface_cmd(root, tmp_path / "o", *own)) == 0  # the last: checkpoint-1000
+    assert main(_surface_cmd(root / "checkpoint-500", tmp_path / "o", *own)) == 0
+    names = sorted(p.name for p in (tmp_path / "o").glob("*.npz"))
+    assert names == ["checkpoint-500_step500_random_2d.npz", "trainer_step1000_random_2d.npz"]
+    assert "None" not in capsys.readouterr().out
