@@ -1,4 +1,4 @@
-"""The ``saf`` command: ``train``, ``analyze``, ``surface`` and ``figures``.
+"""The ``saf`` command: ``train``, ``analyze``, ``surface``, ``figures`` and ``eos``.
 
 The top layer: the only package that sees every other one. Each subcommand lives in its
 own module (``cli._train``, ...) exposing ``add_parser(subparsers)`` and ``run(args)``.
@@ -33,7 +33,7 @@ if _BACKEND is not None:
     except ValueError:
         _BAD_BACKEND = _BACKEND
 
-from cli import _analyze, _figures, _surface, _train  # noqa: E402
+from cli import _analyze, _eos, _figures, _surface, _train  # noqa: E402
 from cli._common import (  # noqa: E402
     EXIT_OK,
     EXIT_SKIPPED,
@@ -44,13 +44,14 @@ from cli._common import (  # noqa: E402
 
 __all__ = ["EXIT_OK", "EXIT_SKIPPED", "EXIT_USAGE", "UsageError", "build_parser", "main"]
 
-SUBCOMMANDS = (_train, _analyze, _surface, _figures)
+SUBCOMMANDS = (_train, _analyze, _surface, _figures, _eos)
 
 EPILOG = """examples:
   saf train --method saf --epochs 20 --out runs/saf-s0
   saf analyze runs/saf-s0 --metrics lambda_max,trace,m_sharpness
   saf surface runs/saf-s0 --dim 2 --grid -1:1:21 --out surfaces/saf
   saf figures --quick --out results/quick
+  saf eos --out results/eos
 """
 
 

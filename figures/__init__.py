@@ -41,6 +41,7 @@ from figures._stats import (
     spearman_ci,
 )
 from figures._verdict import verdict_display, verdict_table
+from figures.eos import edge_of_stability
 from figures.pipeline import export_reference, run_pipeline
 from figures.recipes import (
     flatness_vs_gap,
@@ -108,6 +109,8 @@ __all__ = [
     "gap_points",
     "spearman",
     "spearman_ci",
+    # reference study: the edge of stability
+    "edge_of_stability",
     # report
     "Section",
     "final_metrics",
