@@ -615,8 +615,9 @@ CAPTIONS = {
     "m_sharpness": "Final models; line: mean over seeds, band: ± 1 sd (linear y axis).",
     "flatness_vs_gap": (
         "One point per final model (hollow: the label-smoothing control, left out of the "
-        "titled rho); title: Spearman rho over the methods' runs, 95% bootstrap interval "
-        "resampling whole seeds; gap: test CE minus training CE, eval mode, last checkpoint."
+        "titled rho); title: Spearman rho over the methods' runs, pooled and within seeds "
+        "(less each seed's mean), 95% bootstrap interval resampling whole seeds; gap: test CE "
+        "minus training CE, eval mode, last checkpoint."
     ),
     "saf_sweep": (
         "SAF runs: mean over the sweep's seeds (error bars ± 1 sd when more than one seed); "

@@ -578,8 +578,8 @@ def flatness_vs_gap(
     points: pd.DataFrame, table: pd.DataFrame, out: PathLike, name: str = "flatness_vs_gap"
 ) -> list[Path]:
     """Each final flatness measure against the generalization gap, one point per run
-    (colour: method), titled with Spearman's rho [95% CI] over the methods'
-    runs (:func:`figures._gap.gap_correlations`).
+    (colour: method), titled with Spearman's rho [95% CI] over the methods' runs, pooled and
+    within seeds (:func:`figures._gap.gap_correlations`).
 
     Args:
         points: :func:`figures._gap.gap_points` (``method, seed, <measure>..., gap``).
@@ -588,6 +588,7 @@ def flatness_vs_gap(
     measures = list(dict.fromkeys(table["measure"]))
     fig, axes = plt.subplots(1, len(measures), figsize=(4 * len(measures), 3.4), squeeze=False)
     rho = table.drop_duplicates("measure").set_index("measure")  # the first set: the methods
+    within = table[table["runs"].str.contains("within")].set_index("measure")
     for ax, k in zip(axes[0], measures, strict=True):
         for m in method_order(points["method"]):
             p = points[points["method"] == m]
@@ -595,8 +596,9 @@ def flatness_vs_gap(
             ax.scatter(p[k], p["gap"], edgecolors=color(m), facecolors=face, s=18, label=label(m))
         if _log_worthy(points[k]):
             ax.set_xscale("log")
-        r = rho.loc[k]
-        ax.set_title(f"Spearman {r.spearman:+.2f} [{r.lo:+.2f}, {r.hi:+.2f}]", fontsize=9)
+        title = f"Spearman, pooled {_rho_ci(rho.loc[k])}"
+        title += f"\nwithin seeds {_rho_ci(within.loc[k])}" if k in within.index else ""
+        ax.set_title(title, fontsize=9)
         ax.set_xlabel(f"final {k}")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("test CE - training CE")
@@ -604,3 +606,7 @@ def flatness_vs_gap(
     fig.suptitle("Flatness against the generalization gap (final models, every seed)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, Path(out) / name)
+
+
+def _rho_ci(r) -> str:
+    return f"{r.spearman:+.2f} [{r.lo:+.2f}, {r.hi:+.2f}]"

@@ -11,7 +11,7 @@ import pytest
 from scipy import stats
 
 from figures import recipes
-from figures._gap import COLUMNS, gap_correlations, gap_findings, gap_points
+from figures._gap import COLUMNS, WITHIN, gap_correlations, gap_findings, gap_points
 from figures._stats import spearman, spearman_ci
 
 
@@ -97,7 +97,7 @@ def test_flatness_vs_gap_table_findings_and_figure(tmp_path):
     p = gap_points(c)
     assert len(p) == 40 and p["gap"].to_numpy() == pytest.approx(0.01 * p["lambda_max"])
     t = gap_correlations(c, n_boot=500)
-    assert list(t.columns) == COLUMNS and len(t) == 6
+    assert list(t.columns) == COLUMNS and len(t) == 9
     r = t.set_index(["runs", "measure"])
     assert r.loc[("methods", "lambda_max"), ["spearman", "lo", "hi"]].tolist() == [1, 1, 1]
     assert r.loc[("methods", "trace"), "spearman"] == -1.0
@@ -110,3 +110,21 @@ def test_flatness_vs_gap_table_findings_and_figure(tmp_path):
     assert "distinct resamples" not in text  # 8 seeds are plenty
     paths = recipes.flatness_vs_gap(p, t, tmp_path)
     assert {q.suffix for q in paths} == {".png", ".pdf"}
+
+
+def test_within_seeds_removes_a_shared_seed_effect():
+    """The gap rises with lambda_max inside every seed, but the seeds with the larger gaps
+    have the smaller lambda_max: pooled, rho is negative; within seeds it is +1."""
+    rows = []  # dyadic values: the centring is exact, so equal values stay tied
+    for s in range(8):
+        for k, method in enumerate(["sgd", "sam", "saf", "mesa"]):
+            lam = 10.0 + k - 3 * s  # a later seed is flatter ...
+            vals = {"lambda_max": lam, "trace": lam, "sam_sharpness": lam,
+                    "checkpoint_ce": 0.25, "test_loss": 0.25 + k / 64 + s / 8}  # fmt: skip
+            rows += [(method, s, 6, m, v) for m, v in vals.items()]  # ... with a larger gap
+    c = pd.DataFrame(rows, columns=["method", "seed", "epoch", "metric", "value"])
+    r = gap_correlations(c, n_boot=300).set_index(["runs", "measure"])
+    assert r.loc[("methods", "lambda_max"), "spearman"] < -0.8
+    assert r.loc[(WITHIN, "lambda_max"), ["spearman", "lo", "hi"]].tolist() == [1, 1, 1]
+    text = " ".join(gap_findings(r.reset_index(), gap_points(c)))
+    assert "less its seed's mean over the methods" in text
