@@ -28,6 +28,7 @@ from analysis import load_state_dict
 from analysis.io import atomic_write_text
 from figures._save import color, label, method_order, plt, save_figure
 from figures._settings import Settings, say
+from figures._stats import paired_ratio
 from saf import list_checkpoints, load_dataset, steps_per_epoch, train
 
 COLUMNS = ["method", "seed", "step", "epoch", "lr", "loss", "lambda_1", "threshold",
@@ -147,10 +148,29 @@ def tracking_findings(track: pd.DataFrame) -> list[str]:
         "Measurements with lambda_max at >= 90% of 2(1+beta)/eta (mean over seeds): "
         + "; ".join(near),
     ]
+    lines += _paired_lines(t)
     if "replay_equal" in t and not t["replay_equal"].all():
         bad = sorted({f"{m}-s{k}" for m, k in t[~t["replay_equal"]][["method", "seed"]].values})
         lines.append(f"Replays not bitwise equal to their runs: {', '.join(bad)}")
     return lines
+
+
+def _paired_lines(t: pd.DataFrame) -> list[str]:
+    """Each method's peak and trajectory-mean lambda_max over SGD's, seed by seed (the
+    geometric mean of the per-seed ratios, 95% t interval; :func:`figures._stats.paired_ratio`)."""
+    if "sgd" not in set(t["method"]):
+        return []
+    out = []
+    for name, stat in (("peak", "max"), ("mean over the measured steps", "mean")):
+        per = t.groupby(["method", "seed"])["lambda_1"].agg(stat).unstack("method")
+        cells = []
+        for m in method_order(per.columns):
+            if m != "sgd":
+                r = paired_ratio(per[m], per["sgd"])
+                cells.append(f"{label(m)} {r.ratio:.2f} [{r.lo:.2f}, {r.hi:.2f}]")
+        out.append(f"Per-step lambda_max, {name}, over SGD's (paired seeds, 95% CI; at each "
+                   f"method's own training CE, not matched): " + "; ".join(cells))  # fmt: skip
+    return out
 
 
 def _gmean(v: pd.Series) -> float:
