@@ -17,8 +17,8 @@ def add_parser(subparsers) -> None:
         help="progressive sharpening and the edge of stability under full-batch GD and SAM",
         description="Train a tanh MLP on 1,000 digits with full-batch gradient descent at "
         "several learning rates, SAM and cross-entropy, measuring lambda_max every 20 steps "
-        "against 2/lr (SAM: its edge); write OUT/eos.csv, OUT/eos_summary.csv, "
-        "OUT/figures/edge_of_stability.png and OUT/findings.md (about 6 minutes on CPU).",
+        "against 2/lr (SAM: its edge); write OUT/eos.csv, OUT/tables/eos_summary.csv, "
+        "OUT/figures/edge_of_stability.png and OUT/findings.md (about 5 minutes on CPU).",
     )
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--quick", action="store_true", help="tiny settings (seconds; for tests)")

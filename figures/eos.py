@@ -68,9 +68,11 @@ class EosSettings:
     width: int = 200
     runs: tuple[EosRun, ...] = (
         EosRun(0.08, 3000),
+        EosRun(0.06, 3000),
         EosRun(0.04, 3000),
-        EosRun(0.02, 3000),
+        EosRun(0.02, 6000),
         EosRun(0.04, 3000, rho=0.05),
+        EosRun(0.04, 3000, rho=0.01),
         EosRun(0.2, 1500, loss="ce"),
     )
     every: int = 20
@@ -158,30 +160,58 @@ def edge_ratio(df: pd.DataFrame) -> pd.Series:
 
 
 def run_summary(df: pd.DataFrame) -> dict:
-    """One run's measured facts: the first step at >= 90% of its edge, and after it the
-    median and largest λ_max/edge, the share of measurements above the edge and how often
-    the loss rose between measurements (the edge's non-monotone descent)."""
-    ratio = edge_ratio(df)
-    at = ratio >= REACHED
-    first = int(df["step"][at].iloc[0]) if at.any() else None
-    after = df["step"] >= first if first is not None else df["step"] < 0
-    rises = int((df["loss"].diff()[after] > 0).sum())
-    last = df.iloc[-1]
-    return {
+    """One run's measured facts: λ_max at init, peak and end, its trend over the last tenth
+    of the run (per 100 steps), the first step at >= 90% of its edge, the statistics after it
+    (:func:`_after_edge`) and a one-phrase ``verdict``."""
+    last, lam = df.iloc[-1], df["lambda_1"]
+    r = {
         "run": df["run"].iloc[0], "optimizer": df["optimizer"].iloc[0],
         "loss_fn": df["loss_fn"].iloc[0], "lr": float(last["lr"]), "rho": float(df["rho"].iloc[0]),
         "two_over_lr": float(last["threshold"]), "steps": int(last["step"]),
         "diverged": bool(last["step"] < last["planned_steps"] or not math.isfinite(last["loss"])),
-        "lambda_0": float(df["lambda_1"].iloc[0]), "lambda_peak": float(df["lambda_1"].max()),
+        "lambda_0": float(lam.iloc[0]), "lambda_peak": float(lam.max()),
         "lambda_last": float(last["lambda_1"]),
-        "edge_last": float(last["lambda_1"] / ratio.iloc[-1]),
-        "step_at_edge": first,
-        "median_ratio_after": float(ratio[after].median()) if first is not None else math.nan,
-        "max_ratio_after": float(ratio[after].max()) if first is not None else math.nan,
-        "share_above_after": float((ratio[after] > 1).mean()) if first is not None else math.nan,
-        "loss_rises_after": rises, "loss_0": float(df["loss"].iloc[0]),
-        "loss_last": float(last["loss"]),
+        "lambda_trend_end": _trend_end(df),
+        "edge_last": float(last["lambda_1"] / edge_ratio(df).iloc[-1]),
+        **_after_edge(df), "loss_0": float(df["loss"].iloc[0]), "loss_last": float(last["loss"]),
     }  # fmt: skip
+    return {**r, "verdict": _verdict(r)}
+
+
+def _trend_end(df: pd.DataFrame) -> float:
+    """λ_max's change per 100 steps over the last tenth of the measurements (at least two)."""
+    tail = df.tail(max(2, len(df) // 10))
+    span = max(int(tail["step"].iloc[-1] - tail["step"].iloc[0]), 1)
+    return float(100 * (tail["lambda_1"].iloc[-1] - tail["lambda_1"].iloc[0]) / span)
+
+
+def _after_edge(df: pd.DataFrame) -> dict:
+    """From the first measurement at >= 90% of the edge on: the median and largest
+    λ_max/edge, the share above the edge, and how often the loss rose between measurements
+    (the edge's non-monotone descent)."""
+    ratio = edge_ratio(df)
+    at = ratio >= REACHED
+    if not at.any():
+        return {"step_at_edge": None, "median_ratio_after": math.nan, "max_ratio_after": math.nan,
+                "share_above_after": math.nan, "loss_rises_after": 0}  # fmt: skip
+    first = int(df["step"][at].iloc[0])
+    after = df["step"] >= first
+    return {"step_at_edge": first, "median_ratio_after": float(ratio[after].median()),
+            "max_ratio_after": float(ratio[after].max()),
+            "share_above_after": float((ratio[after] > 1).mean()),
+            "loss_rises_after": int((df["loss"].diff()[after] > 0).sum())}  # fmt: skip
+
+
+def _verdict(r: dict) -> str:
+    """``at the edge`` (median λ_max/edge within 10% of 1 after reaching it), ``still
+    sharpening`` or ``no edge: λ_max fell`` (never reached), ``diverged`` or ``off the edge``."""
+    if r["diverged"]:
+        return "diverged"
+    if r["step_at_edge"] is not None:
+        return "at the edge" if abs(r["median_ratio_after"] - 1) <= 0.1 else "off the edge"
+    if r["lambda_trend_end"] > 0:
+        return "still sharpening"
+    return "no edge: λ_max fell" if r["lambda_last"] < 0.9 * r["lambda_peak"] else "below the edge"
 
 
 def summary_table(df: pd.DataFrame) -> pd.DataFrame:
@@ -208,9 +238,11 @@ def _sentence(r) -> str:
     if r.diverged:
         head += f"**Diverged** before step {r.steps + 1}. "
     if pd.isna(r.step_at_edge):
-        return head + (f"**Does not reach** {edge}: λ_max peaked at "
-                       f"{r.lambda_peak / r.two_over_lr:.0%} of 2/η.")  # fmt: skip
-    head += (f"Reached {REACHED:.0%} of {edge} at step {int(r.step_at_edge)}; from then on "
+        return head + (f"**Does not reach** {edge} ({r.verdict}): λ_max peaked at "
+                       f"{r.lambda_peak / r.two_over_lr:.0%} of 2/η and moved "
+                       f"{r.lambda_trend_end:+.2g} per 100 steps in the last tenth.")  # fmt: skip
+    head += (f"**{r.verdict.capitalize()}**: reached {REACHED:.0%} of {edge} at step "
+             f"{int(r.step_at_edge)}; from then on "
              f"λ_max/edge has median {r.median_ratio_after:.3f}, max {r.max_ratio_after:.3f}, "
              f"{r.share_above_after:.0%} of measurements above the edge; the loss rose between "
              f"measurements {r.loss_rises_after} times.")  # fmt: skip
@@ -224,17 +256,16 @@ def plot_study(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
     """λ_max per step against each run's edge (top) and the training loss (bottom): GD on
     the square loss per η, SAM beside GD at its η, and GD on cross-entropy."""
     panels = [("gd", "mse", "GD, square loss"),
-              ("sam", "mse", "SAM (ρ={rho:g}) vs GD, square loss"),
+              ("sam", "mse", "SAM vs GD, square loss"),
               ("gd", "ce", "GD, cross-entropy")]  # fmt: skip
     fig, axes = plt.subplots(2, 3, figsize=(14, 6.5), sharex="col", height_ratios=(2, 1))
     for col, (opt, loss, title) in enumerate(panels):
         runs = df[(df["optimizer"] == opt) & (df["loss_fn"] == loss)]
         for i, (_, g) in enumerate(runs.groupby("run", sort=False)):
-            _draw_run(axes[0, col], axes[1, col], g, f"C{i}" if opt == "gd" else "C3")
-            rho = float(g["rho"].iloc[0])
+            _draw_run(axes[0, col], axes[1, col], g, f"C{i}" if opt == "gd" else f"C{i + 4}")
         if opt == "sam":
             _draw_gd_beside(axes[0, col], axes[1, col], df, runs)
-        axes[0, col].set_title(title.format(rho=rho) if len(runs) else title)
+        axes[0, col].set_title(title)
         axes[0, col].set_ylabel("λ_max (full batch)")
         axes[1, col].set(yscale="log", xlabel="step", ylabel="training loss")
         axes[0, col].legend(fontsize=7)
@@ -246,29 +277,34 @@ def plot_study(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
 
 def _draw_run(ax, ax_loss, g: pd.DataFrame, color: str) -> None:
     lr = float(g["lr"].iloc[0])
-    ax.plot(g["step"], g["lambda_1"], color=color, lw=1.2, label=f"λ_max, η={lr:g}")
-    if g["optimizer"].iloc[0] == "sam":
-        ax.plot(g["step"], g["sam_edge"], color=color, ls="--", lw=1, label="SAM-edge")
-        ax.axhline(2 / lr, color="0.4", ls=":", lw=1, label=f"2/η = {2 / lr:g}")
+    rho = float(g["rho"].iloc[0])
+    name = f"λ_max, η={lr:g}" + (f", ρ={rho:g}" if rho else "")
+    ax.plot(g["step"], g["lambda_1"], color=color, lw=1.2, label=name)
+    if rho:
+        ax.plot(g["step"], g["sam_edge"], color=color, ls="--", lw=1, label=f"SAM-edge, ρ={rho:g}")
     else:
         ax.axhline(2 / lr, color=color, ls="--", lw=1, label=f"2/η = {2 / lr:g}")
     ax_loss.plot(g["step"], g["loss"], color=color, lw=1)
 
 
 def _draw_gd_beside(ax, ax_loss, df: pd.DataFrame, sam: pd.DataFrame) -> None:
-    """GD at SAM's η, in grey, for comparison."""
+    """GD at SAM's η and its 2/η, in grey, for comparison."""
     lrs = set(sam["lr"])
     gd = df[(df["optimizer"] == "gd") & (df["loss_fn"] == "mse") & df["lr"].isin(lrs)]
     for _, g in gd.groupby("run", sort=False):
-        ax.plot(g["step"], g["lambda_1"], color="0.6", lw=1, label=f"GD, η={g['lr'].iloc[0]:g}")
+        lr = float(g["lr"].iloc[0])
+        ax.plot(g["step"], g["lambda_1"], color="0.6", lw=1, label=f"GD, η={lr:g}")
+        ax.axhline(2 / lr, color="0.4", ls=":", lw=1, label=f"2/η = {2 / lr:g}")
         ax_loss.plot(g["step"], g["loss"], color="0.6", lw=1)
 
 
 def edge_of_stability(
     out: str | os.PathLike, quick: bool = False, device: str = "cpu", progress: bool = True
 ) -> Path:
-    r"""Run the edge-of-stability study; write ``eos.csv``, ``eos_summary.{csv,md}``,
-    ``figures/edge_of_stability.{png,pdf}`` and ``findings.md`` under ``out``.
+    r"""Run the edge-of-stability study; write ``eos.csv`` (every measurement),
+    ``tables/eos_summary.{csv,md}`` (:func:`run_summary` per run),
+    ``figures/edge_of_stability.{png,pdf}`` (:func:`plot_study`) and ``findings.md`` under
+    ``out`` (:func:`figures.export_reference` copies the figure and tables).
 
     Deterministic (seeded initialisation, full batches, seeded Lanczos starts). ``quick``:
     200 digits, width 32, a few dozen steps (seconds; for tests). Progress lines go to stderr.
@@ -291,10 +327,11 @@ def edge_of_stability(
     df = pd.concat(frames, ignore_index=True)
     columns = ["run", "optimizer", "loss_fn", "lr", "rho", "step", "loss", "grad_norm",
                "lambda_1", "threshold", "sam_edge", "matvecs", "lambda_converged"]  # fmt: skip
-    (out / "figures").mkdir(parents=True, exist_ok=True)
+    for sub in ("figures", "tables"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "eos.csv", df[columns].to_csv(index=False, lineterminator="\n"))
     summary = summary_table(df)
-    save_table(summary, out / "eos_summary")
+    save_table(summary, out / "tables" / "eos_summary")
     plot_study(df, out / "figures" / "edge_of_stability")
     atomic_write_text(out / "findings.md", findings_text(summary))
     log(f"done: {out / 'findings.md'}")

@@ -86,8 +86,14 @@ def test_run_summary_on_a_known_trajectory():
     assert s["step_at_edge"] == 20 and not s["diverged"]
     assert s["median_ratio_after"] == pytest.approx(1.0)  # median of .9, 1.04, .98, 1.02
     assert s["max_ratio_after"] == pytest.approx(1.04) and s["share_above_after"] == 0.5
-    assert s["loss_rises_after"] == 1
-    assert run_summary(df.assign(lambda_1=10.0))["step_at_edge"] is None
+    assert s["loss_rises_after"] == 1 and s["verdict"] == "at the edge"
+    flat = run_summary(df.assign(lambda_1=10.0))
+    assert flat["step_at_edge"] is None and flat["verdict"] == "below the edge"
+    rising = run_summary(df.assign(lambda_1=[10.0, 11, 12, 13, 14, 15]))
+    assert (
+        rising["lambda_trend_end"] == pytest.approx(10.0)
+        and rising["verdict"] == "still sharpening"
+    )
 
 
 def test_quick_command_end_to_end(tmp_path, capsys):
@@ -98,7 +104,7 @@ def test_quick_command_end_to_end(tmp_path, capsys):
     sam = df[df["optimizer"] == "sam"]
     assert (sam["sam_edge"] < sam["threshold"]).all()  # SAM's edge lies below 2/lr
     assert (tmp_path / "figures" / "edge_of_stability.png").stat().st_size > 10_000
-    summary = pd.read_csv(tmp_path / "eos_summary.csv")
+    summary = pd.read_csv(tmp_path / "tables" / "eos_summary.csv")
     text = (tmp_path / "findings.md").read_text()
     assert all(f"**{run}**" in text for run in summary["run"])
 
