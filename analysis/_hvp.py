@@ -234,7 +234,7 @@ class HessianOperator:
             if ptr not in seen:
                 seen.add(ptr)
                 saved[0] += t.untyped_storage().nbytes()
-            return t
+            return t.detach()  # not t: a saved output holding its own grad_fn is a cycle
 
         def gradient_graph(theta, loss):
             (g,) = torch.autograd.grad(loss, theta, create_graph=True)

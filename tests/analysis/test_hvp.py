@@ -1,5 +1,7 @@
 """HessianOperator against the dense torch.func.hessian oracle (float64)."""
 
+import gc
+
 import pytest
 import torch
 from torch import nn
@@ -36,6 +38,23 @@ def test_cached_graphs_give_the_same_products():
             plain.n_params, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)
         )
         torch.testing.assert_close(cached.matvec(v), plain.matvec(v), rtol=1e-10, atol=1e-12)
+
+
+def test_a_dropped_cached_operator_frees_its_graph():
+    # ops that save their output (tanh, log_softmax) must not keep it in a reference cycle
+    model, data = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double(), batches()
+    gc.collect()
+    before = _graph_tensors()
+    for _ in range(3):
+        H = HessianOperator(model, CE, data, cache=True)
+        H.matvec(torch.ones(H.n_params, dtype=torch.float64))
+        del H
+    gc.collect()
+    assert _graph_tensors() == before
+
+
+def _graph_tensors() -> int:
+    return sum(1 for t in gc.get_objects() if torch.is_tensor(t) and t.grad_fn is not None)
 
 
 def test_auto_cache_falls_back_when_over_budget():
