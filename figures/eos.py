@@ -283,7 +283,7 @@ def _draw_run(ax, ax_loss, g: pd.DataFrame, color: str) -> None:
     if rho:
         ax.plot(g["step"], g["sam_edge"], color=color, ls="--", lw=1, label=f"SAM-edge, ρ={rho:g}")
     else:
-        ax.axhline(2 / lr, color=color, ls="--", lw=1, label=f"2/η = {2 / lr:g}")
+        ax.axhline(2 / lr, color=color, ls="--", lw=1, label=f"2/η = {2 / lr:.4g}")
     ax_loss.plot(g["step"], g["loss"], color=color, lw=1)
 
 
@@ -294,7 +294,7 @@ def _draw_gd_beside(ax, ax_loss, df: pd.DataFrame, sam: pd.DataFrame) -> None:
     for _, g in gd.groupby("run", sort=False):
         lr = float(g["lr"].iloc[0])
         ax.plot(g["step"], g["lambda_1"], color="0.6", lw=1, label=f"GD, η={lr:g}")
-        ax.axhline(2 / lr, color="0.4", ls=":", lw=1, label=f"2/η = {2 / lr:g}")
+        ax.axhline(2 / lr, color="0.4", ls=":", lw=1, label=f"2/η = {2 / lr:.4g}")
         ax_loss.plot(g["step"], g["loss"], color="0.6", lw=1)
 
 
