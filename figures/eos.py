@@ -219,9 +219,13 @@ def summary_table(df: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame([run_summary(g) for _, g in df.groupby("run", sort=False)])
 
 
-def findings_text(summary: pd.DataFrame) -> str:
+def _setting(s: EosSettings) -> str:
+    return f"{s.n_samples:,} digits, tanh MLP {s.width}-{s.width}, full batch, seed {s.seed}"
+
+
+def findings_text(summary: pd.DataFrame, s: EosSettings) -> str:
     """``findings.md``: each run's measured facts in words, and whether it reproduces."""
-    lines = ["# Edge of stability: findings", "",
+    lines = ["# Edge of stability: findings", "", _setting(s) + ".",
              f"λ_max measured on the full training set; \"at the edge\" from the first "
              f"measurement with λ_max ≥ {REACHED:.0%} of the run's edge (2/η for GD, the "
              "SAM-edge for SAM), statistics over the measurements from then on.", ""]  # fmt: skip
@@ -252,7 +256,7 @@ def _sentence(r) -> str:
     return head
 
 
-def plot_study(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
+def plot_study(df: pd.DataFrame, stem: str | os.PathLike, s: EosSettings) -> list[Path]:
     """λ_max per step against each run's edge (top) and the training loss (bottom): GD on
     the square loss per η, SAM beside GD at its η, and GD on cross-entropy."""
     panels = [("gd", "mse", "GD, square loss"),
@@ -269,8 +273,8 @@ def plot_study(df: pd.DataFrame, stem: str | os.PathLike) -> list[Path]:
         axes[0, col].set_ylabel("λ_max (full batch)")
         axes[1, col].set(yscale="log", xlabel="step", ylabel="training loss")
         axes[0, col].legend(fontsize=7)
-    fig.suptitle("Progressive sharpening and the edge of stability (Cohen et al. 2021), "
-                 "1,000 digits, tanh MLP 200-200")  # fmt: skip
+    fig.suptitle("Progressive sharpening and the edge of stability (Cohen et al. 2021): "
+                 + _setting(s))  # fmt: skip
     fig.tight_layout()
     return save_figure(fig, stem)
 
@@ -332,7 +336,7 @@ def edge_of_stability(
     atomic_write_text(out / "eos.csv", df[columns].to_csv(index=False, lineterminator="\n"))
     summary = summary_table(df)
     save_table(summary, out / "tables" / "eos_summary")
-    plot_study(df, out / "figures" / "edge_of_stability")
-    atomic_write_text(out / "findings.md", findings_text(summary))
+    plot_study(df, out / "figures" / "edge_of_stability", s)
+    atomic_write_text(out / "findings.md", findings_text(summary, s))
     log(f"done: {out / 'findings.md'}")
     return out / "findings.md"
