@@ -39,7 +39,7 @@ import torch
 from PIL import Image
 
 from analysis.io import atomic_write_with
-from figures import _stages, _tracking
+from figures import _outputs, _stages, _tracking
 from figures._settings import Settings, check_settings, command_for, restart_clock, say
 
 
@@ -77,7 +77,7 @@ def run_pipeline(
     sweep = _stages.sweep(s, out, curves, device, progress)
     say("writing figures, tables and the report")
     command = command or command_for(s, str(out))
-    return _stages.write_outputs(
+    return _outputs.write_outputs(
         s,
         out,
         runs,
